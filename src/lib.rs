@@ -1,0 +1,41 @@
+//! `presence`: a lightweight presence tracker over UDP.
+//!
+//! Devices send small heartbeat datagrams at a fixed interval; the server
+//! keeps who is online in a table ordered by expiry time and notices a silent
+//! device at its deadline. Operators ask it for one device, a summary or a
+//! paged list of who is online.
+//!
+//! # Code map
+//!
+//! - [`wire`] (`no_std`, no allocator): the v1 frame format, encoding into and
+//!   decoding from caller buffers. The only module a device needs.
+//! - `table` (pure): [`table::PresenceTable`], devices indexed by id and
+//!   ordered by deadline; a sweep pops only the due entries.
+//! - `tracker` (pure): [`tracker::Tracker`], the protocol engine. It takes
+//!   datagrams and the current time as arguments and returns replies and
+//!   online/offline transitions as values; it never reads a clock or touches
+//!   a socket.
+//! - `server`: the one loop that owns the socket and the clock. It sleeps
+//!   exactly until the engine's next deadline.
+//! - `client`: [`client::Client`] (status queries) and [`client::Sender`]
+//!   (heartbeats), used by the CLI, the examples and the tests.
+//!
+//! Without the default `std` feature the crate is `#![no_std]` and holds only
+//! [`wire`].
+//!
+//! # Encoding a heartbeat on a device
+//!
+//! ```
+//! use presence::wire::{self, Heartbeat, Message};
+//!
+//! let mut buf = [0u8; 64];
+//! let hb = Heartbeat { device: "sensor-00042", boot: 7, seq: 1, interval_ms: 10_000, flags: 0, payload: &[] };
+//! let len = wire::encode(&Message::Heartbeat(hb), &mut buf).unwrap();
+//! assert!(len <= 32);
+//! assert_eq!(wire::decode(&buf[..len]), Ok(Message::Heartbeat(hb)));
+//! ```
+#![cfg_attr(not(feature = "std"), no_std)]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod wire;

@@ -1,0 +1,502 @@
+use super::*;
+use proptest::prelude::*;
+
+fn hex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn encoded(message: &Message<'_>) -> Vec<u8> {
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let len = encode(message, &mut buf).expect("encodes");
+    buf[..len].to_vec()
+}
+
+/// The device record used by the status vectors (PROTOCOL.md, "Test vectors").
+fn vector_info() -> DeviceInfo<'static> {
+    DeviceInfo {
+        device: "d1",
+        online: true,
+        addr: Addr::V4([127, 0, 0, 1], 5000),
+        last_seen_ago_ms: 10,
+        last_seen_unix_ms: 1_700_000_000_000,
+        expires_in_ms: 20_000,
+        ttl_ms: 30_000,
+        interval_ms: 10_000,
+        boot: 7,
+        seq: 8,
+        heartbeats: 8,
+        flaps: 0,
+        payload: b"ok",
+    }
+}
+
+/// Checks one test vector both ways: the encoder produces exactly these
+/// bytes and the decoder turns them back into the same message.
+fn check_vector(message: Message<'_>, vector: &str) {
+    let bytes = hex(vector);
+    assert_eq!(
+        hex_string(&encoded(&message)),
+        vector,
+        "encoding of {message:?}"
+    );
+    assert_eq!(decode(&bytes), Ok(message));
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// These hex strings are the ones in PROTOCOL.md. They were derived from the
+// byte-level description there (by an independent varint encoder), not by
+// running this crate's encoder.
+#[test]
+fn test_vectors() {
+    check_vector(
+        Message::Heartbeat(Heartbeat {
+            device: "sensor-00042",
+            boot: 1000,
+            seq: 1,
+            interval_ms: 10_000,
+            flags: 0,
+            payload: &[],
+        }),
+        "01000c73656e736f722d3030303432e80701904e0000",
+    );
+    check_vector(
+        Message::Heartbeat(Heartbeat {
+            device: "d1",
+            boot: 0x1234_5678,
+            seq: 300,
+            interval_ms: 0,
+            flags: FLAG_ACK,
+            payload: &[0x5a],
+        }),
+        "0100026431f8acd19101ac020001015a",
+    );
+    check_vector(
+        Message::Leave(Leave {
+            device: "d1",
+            boot: 7,
+            seq: 8,
+        }),
+        "01010264310708",
+    );
+    check_vector(
+        Message::Query(Query {
+            request: 1,
+            kind: QueryKind::Device("d1"),
+        }),
+        "01020100026431",
+    );
+    check_vector(
+        Message::Query(Query {
+            request: 42,
+            kind: QueryKind::Summary,
+        }),
+        "01022a01",
+    );
+    check_vector(
+        Message::Query(Query {
+            request: 2,
+            kind: QueryKind::List {
+                after: Some("d1"),
+                limit: 10,
+            },
+        }),
+        "01020202010264310a",
+    );
+    check_vector(
+        Message::Status(Status {
+            request: 3,
+            body: StatusBody::UnknownDevice,
+        }),
+        "01030301",
+    );
+    let mut counter_buf = [0u8; 16];
+    let mut counters = RecordWriter::new(&mut counter_buf);
+    counters.push(&Counter { code: 5, count: 2 }).unwrap();
+    check_vector(
+        Message::Status(Status {
+            request: 42,
+            body: StatusBody::Summary(Summary {
+                online: 1,
+                known: 2,
+                uptime_ms: 1000,
+                heartbeats: 3,
+                leaves: 0,
+                queries: 1,
+                expirations: 0,
+                counters: counters.finish(),
+            }),
+        }),
+        "01032a020102e80703000100020502",
+    );
+    check_vector(
+        Message::Status(Status {
+            request: 4,
+            body: StatusBody::Device(vector_info()),
+        }),
+        "0103040002643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b",
+    );
+    let mut entry_buf = [0u8; 128];
+    let mut entries = RecordWriter::new(&mut entry_buf);
+    entries.push(&vector_info()).unwrap();
+    check_vector(
+        Message::Status(Status {
+            request: 9,
+            body: StatusBody::Page(Page {
+                next_cursor: None,
+                entries: entries.finish(),
+            }),
+        }),
+        "01030903002102643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b",
+    );
+    check_vector(
+        Message::Ack(Ack {
+            boot: 7,
+            seq: 8,
+            interval_ms: 10_000,
+            ttl_ms: 30_000,
+        }),
+        "01040708904eb0ea01",
+    );
+    check_vector(
+        Message::Error(ErrorReply {
+            code: ErrorCode::UnsupportedVersion,
+            supported_version: 1,
+        }),
+        "01050001",
+    );
+}
+
+#[test]
+fn heartbeat_with_12_byte_id_fits_32_bytes_even_with_largest_numbers() {
+    let hb = Heartbeat {
+        device: "abcdefghijkl",
+        boot: u32::MAX,
+        seq: u32::MAX,
+        interval_ms: u32::MAX,
+        flags: KNOWN_FLAGS,
+        payload: &[],
+    };
+    assert_eq!(encoded(&Message::Heartbeat(hb)).len(), 32);
+}
+
+#[test]
+fn each_decode_error_has_its_reason() {
+    let good = hex("01010264310708"); // a Leave
+    assert_eq!(decode(&[]), Err(Error::Truncated));
+    assert_eq!(decode(&good[..good.len() - 1]), Err(Error::Truncated));
+    assert_eq!(decode(&good[..1]), Err(Error::Truncated));
+    let mut trailing = good.clone();
+    trailing.push(0);
+    assert_eq!(decode(&trailing), Err(Error::TrailingBytes));
+    let mut v2 = good.clone();
+    v2[0] = 2;
+    assert_eq!(decode(&v2), Err(Error::UnsupportedVersion(2)));
+    let mut kind = good.clone();
+    kind[1] = 6;
+    assert_eq!(decode(&kind), Err(Error::UnknownKind));
+    kind[1] = 0x80; // a multi-byte varint is never a v1 kind
+    assert_eq!(decode(&kind), Err(Error::UnknownKind));
+    assert_eq!(decode(&[0u8; MAX_DATAGRAM + 1]), Err(Error::Oversized));
+    // Empty id, and an id of 65 bytes.
+    assert_eq!(decode(&hex("0101000708")), Err(Error::BadDeviceId));
+    let mut long = vec![1, 1, 65];
+    long.extend([b'a'; 65]);
+    long.extend([7, 8]);
+    assert_eq!(decode(&long), Err(Error::BadDeviceId));
+    // Invalid UTF-8 in the id.
+    assert_eq!(decode(&hex("010102ffff0708")), Err(Error::Malformed));
+    // A payload of 65 bytes.
+    let mut hb = vec![1, 0, 1, b'd', 1, 1, 0, 0, 65];
+    hb.extend([0u8; 65]);
+    assert_eq!(decode(&hb), Err(Error::PayloadTooLong));
+    // A bad nested enum tag (QueryKind 3).
+    assert_eq!(decode(&hex("01020103")), Err(Error::Malformed));
+    // A page whose record is cut short inside its byte string.
+    assert_eq!(decode(&hex("0103090300020264")), Err(Error::Malformed));
+}
+
+#[test]
+fn encode_refuses_what_decode_would_drop() {
+    let mut buf = [0u8; 64];
+    let hb = |device, payload| {
+        Message::Heartbeat(Heartbeat {
+            device,
+            boot: 1,
+            seq: 1,
+            interval_ms: 0,
+            flags: 0,
+            payload,
+        })
+    };
+    assert_eq!(encode(&hb("", &[]), &mut buf), Err(Error::BadDeviceId));
+    assert_eq!(
+        encode(&hb("d", &[0; MAX_PAYLOAD_LEN + 1]), &mut buf),
+        Err(Error::PayloadTooLong)
+    );
+    assert_eq!(
+        encode(&hb("d", &[]), &mut buf[..4]),
+        Err(Error::BufferTooSmall)
+    );
+    assert_eq!(encode(&hb("d", &[]), &mut []), Err(Error::BufferTooSmall));
+}
+
+#[test]
+fn drop_reason_codes_round_trip() {
+    for reason in DropReason::ALL {
+        assert_eq!(DropReason::from_code(reason.code()), Some(reason));
+    }
+    assert_eq!(DropReason::from_code(0), None);
+}
+
+// ---- property tests ----
+
+fn id() -> impl Strategy<Value = String> {
+    // Ids of 1..=64 bytes, including multi-byte UTF-8.
+    "[a-z0-9é☃-]{1,16}".prop_filter("id length", |s| !s.is_empty() && s.len() <= MAX_ID_LEN)
+}
+
+fn payload() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..=MAX_PAYLOAD_LEN)
+}
+
+fn addr() -> impl Strategy<Value = Addr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, p)| Addr::V4(ip, p)),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, p)| Addr::V6(ip, p)),
+    ]
+}
+
+/// Owned parts of a [`DeviceInfo`], so strategies can produce them.
+#[derive(Debug, Clone)]
+struct OwnedInfo {
+    device: String,
+    payload: Vec<u8>,
+    online: bool,
+    addr: Addr,
+    numbers: (u64, u64, u64, u32, u32, u32, u32, u64, u32),
+}
+
+impl OwnedInfo {
+    fn borrow(&self) -> DeviceInfo<'_> {
+        let (ago, unix, expires, ttl, interval, boot, seq, heartbeats, flaps) = self.numbers;
+        DeviceInfo {
+            device: &self.device,
+            online: self.online,
+            addr: self.addr,
+            last_seen_ago_ms: ago,
+            last_seen_unix_ms: unix,
+            expires_in_ms: expires,
+            ttl_ms: ttl,
+            interval_ms: interval,
+            boot,
+            seq,
+            heartbeats,
+            flaps,
+            payload: &self.payload,
+        }
+    }
+}
+
+fn info() -> impl Strategy<Value = OwnedInfo> {
+    (
+        id(),
+        payload(),
+        any::<bool>(),
+        addr(),
+        any::<(u64, u64, u64, u32, u32, u32, u32, u64, u32)>(),
+    )
+        .prop_map(|(device, payload, online, addr, numbers)| OwnedInfo {
+            device,
+            payload,
+            online,
+            addr,
+            numbers,
+        })
+}
+
+/// An owned message of any kind.
+#[derive(Debug, Clone)]
+enum Owned {
+    Heartbeat(String, u32, u32, u32, u8, Vec<u8>),
+    Leave(String, u32, u32),
+    QueryDevice(u32, String),
+    QuerySummary(u32),
+    QueryList(u32, Option<String>, u16),
+    StatusDevice(u32, OwnedInfo),
+    StatusUnknown(u32),
+    StatusSummary(u32, [u64; 7], Vec<(u16, u64)>),
+    StatusPage(u32, Option<String>, Vec<OwnedInfo>),
+    Ack(u32, u32, u32, u32),
+    Error(u8),
+}
+
+fn owned() -> impl Strategy<Value = Owned> {
+    prop_oneof![
+        (
+            id(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u8>(),
+            payload()
+        )
+            .prop_map(|(d, b, s, i, f, p)| Owned::Heartbeat(d, b, s, i, f, p)),
+        (id(), any::<u32>(), any::<u32>()).prop_map(|(d, b, s)| Owned::Leave(d, b, s)),
+        (any::<u32>(), id()).prop_map(|(r, d)| Owned::QueryDevice(r, d)),
+        any::<u32>().prop_map(Owned::QuerySummary),
+        (any::<u32>(), proptest::option::of(id()), any::<u16>())
+            .prop_map(|(r, a, l)| Owned::QueryList(r, a, l)),
+        (any::<u32>(), info()).prop_map(|(r, i)| Owned::StatusDevice(r, i)),
+        any::<u32>().prop_map(Owned::StatusUnknown),
+        (
+            any::<u32>(),
+            any::<[u64; 7]>(),
+            proptest::collection::vec(any::<(u16, u64)>(), 0..10)
+        )
+            .prop_map(|(r, n, c)| Owned::StatusSummary(r, n, c)),
+        (
+            any::<u32>(),
+            proptest::option::of(id()),
+            proptest::collection::vec(info(), 0..5)
+        )
+            .prop_map(|(r, c, e)| Owned::StatusPage(r, c, e)),
+        any::<(u32, u32, u32, u32)>().prop_map(|(b, s, i, t)| Owned::Ack(b, s, i, t)),
+        any::<u8>().prop_map(Owned::Error),
+    ]
+}
+
+/// Builds the borrowed message for `owned`, using `scratch` for records.
+fn with_message<R>(owned: &Owned, f: impl FnOnce(Message<'_>) -> R) -> R {
+    let mut scratch = [0u8; 4096];
+    let message = match owned {
+        Owned::Heartbeat(d, b, s, i, fl, p) => Message::Heartbeat(Heartbeat {
+            device: d,
+            boot: *b,
+            seq: *s,
+            interval_ms: *i,
+            flags: *fl,
+            payload: p,
+        }),
+        Owned::Leave(d, b, s) => Message::Leave(Leave {
+            device: d,
+            boot: *b,
+            seq: *s,
+        }),
+        Owned::QueryDevice(r, d) => Message::Query(Query {
+            request: *r,
+            kind: QueryKind::Device(d),
+        }),
+        Owned::QuerySummary(r) => Message::Query(Query {
+            request: *r,
+            kind: QueryKind::Summary,
+        }),
+        Owned::QueryList(r, a, l) => Message::Query(Query {
+            request: *r,
+            kind: QueryKind::List {
+                after: a.as_deref(),
+                limit: *l,
+            },
+        }),
+        Owned::StatusDevice(r, i) => Message::Status(Status {
+            request: *r,
+            body: StatusBody::Device(i.borrow()),
+        }),
+        Owned::StatusUnknown(r) => Message::Status(Status {
+            request: *r,
+            body: StatusBody::UnknownDevice,
+        }),
+        Owned::StatusSummary(r, n, c) => {
+            let mut w = RecordWriter::new(&mut scratch);
+            for &(code, count) in c {
+                w.push(&Counter { code, count }).unwrap();
+            }
+            Message::Status(Status {
+                request: *r,
+                body: StatusBody::Summary(Summary {
+                    online: n[0],
+                    known: n[1],
+                    uptime_ms: n[2],
+                    heartbeats: n[3],
+                    leaves: n[4],
+                    queries: n[5],
+                    expirations: n[6],
+                    counters: w.finish(),
+                }),
+            })
+        }
+        Owned::StatusPage(r, c, e) => {
+            let mut w = RecordWriter::new(&mut scratch);
+            for i in e {
+                w.push(&i.borrow()).unwrap();
+            }
+            Message::Status(Status {
+                request: *r,
+                body: StatusBody::Page(Page {
+                    next_cursor: c.as_deref(),
+                    entries: w.finish(),
+                }),
+            })
+        }
+        Owned::Ack(b, s, i, t) => Message::Ack(Ack {
+            boot: *b,
+            seq: *s,
+            interval_ms: *i,
+            ttl_ms: *t,
+        }),
+        Owned::Error(v) => Message::Error(ErrorReply {
+            code: ErrorCode::UnsupportedVersion,
+            supported_version: *v,
+        }),
+    };
+    f(message)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_kind_round_trips(owned in owned()) {
+        with_message(&owned, |message| {
+            let bytes = encoded(&message);
+            prop_assert!(bytes.len() <= MAX_DATAGRAM);
+            prop_assert_eq!(bytes[0], VERSION);
+            prop_assert_eq!(decode(&bytes), Ok(message));
+            if let Message::Status(Status { body: StatusBody::Page(page), .. }) = decode(&bytes).unwrap() {
+                let infos: Vec<_> = page.entries.iter().collect::<Result<_, _>>().unwrap();
+                let Owned::StatusPage(_, _, expected) = &owned else { unreachable!() };
+                prop_assert_eq!(infos, expected.iter().map(OwnedInfo::borrow).collect::<Vec<_>>());
+            }
+            // Every strict prefix is refused; it never decodes to something else.
+            for cut in 0..bytes.len() {
+                prop_assert!(decode(&bytes[..cut]).is_err());
+            }
+            Ok(())
+        })?;
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1400)) {
+        let _ = decode(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_bytes_after_a_valid_header_never_panic(
+        kind in 0u8..8,
+        body in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        let mut bytes = vec![VERSION, kind];
+        bytes.extend(body);
+        if let Ok(message) = decode(&bytes) {
+            // Whatever decodes must be valid and re-encode to at most as many bytes
+            // (postcard tolerates non-canonical varints on input).
+            prop_assert!(message.validate().is_ok());
+            prop_assert!(encoded(&message).len() <= bytes.len());
+        }
+    }
+}
