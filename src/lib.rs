@@ -38,4 +38,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "std")]
+pub mod table;
 pub mod wire;
