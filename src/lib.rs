@@ -40,4 +40,6 @@
 
 #[cfg(feature = "std")]
 pub mod table;
+#[cfg(feature = "std")]
+pub mod tracker;
 pub mod wire;

@@ -1,0 +1,482 @@
+//! The protocol engine: validates datagrams, applies them to the
+//! [`PresenceTable`], builds replies, and reports online/offline transitions.
+//!
+//! Sans-IO, in the manner of quinn-proto: the caller passes in the time and
+//! the bytes, and gets back a reply to send and [`Event`]s to publish. The
+//! engine never reads a clock, touches a socket or logs, so tests drive it
+//! with simulated time.
+//!
+//! The caller's loop is:
+//! 1. wait for a datagram, but no longer than until [`Tracker::poll_timeout`];
+//! 2. on a datagram, call [`Tracker::handle`] and send the reply it wrote, if any;
+//! 3. on a timeout, call [`Tracker::handle_timeout`];
+//! 4. drain [`Tracker::poll_event`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable};
+use crate::wire::{
+    self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Heartbeat, Leave, Message,
+    Page, Query, QueryKind, RecordWriter, Status, StatusBody, Summary,
+};
+
+/// How the engine turns declared intervals into TTLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// TTL of a device that declares no interval.
+    pub timeout: Duration,
+    /// A device that declares an interval is offline after this many missed heartbeats.
+    pub misses: u32,
+    /// No device gets a TTL below this (protects against tiny declared intervals).
+    pub min_ttl: Duration,
+    /// No device gets a TTL above this (protects against huge declared intervals).
+    pub max_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeout: Duration::from_secs(30),
+            misses: 3,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Config {
+    /// The TTL for a device that declared `interval` (zero = none):
+    /// `misses × interval` clamped to `[min_ttl, max_ttl]`, or `timeout`.
+    pub fn ttl(&self, interval: Duration) -> Duration {
+        if interval.is_zero() {
+            self.timeout
+        } else {
+            interval
+                .saturating_mul(self.misses)
+                .clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
+        }
+    }
+
+    /// The interval the server expects from a device that declared
+    /// `interval`: the declared one, or `timeout / misses` if none.
+    pub fn expected_interval(&self, interval: Duration) -> Duration {
+        if interval.is_zero() {
+            self.timeout / self.misses.max(1)
+        } else {
+            interval
+        }
+    }
+}
+
+/// What happened to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// First heartbeat, or the first after being offline.
+    Online,
+    /// Expired or left.
+    Offline(OfflineReason),
+}
+
+impl EventKind {
+    /// `"online"` or `"offline"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Online => "online",
+            EventKind::Offline(_) => "offline",
+        }
+    }
+}
+
+/// A transition, reported as a value for the caller to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The device.
+    pub device: DeviceId,
+    /// What happened.
+    pub kind: EventKind,
+    /// When the engine noticed it (the `now` it was given).
+    pub at: Instant,
+    /// For an expiry, the deadline that passed; `at - deadline` is the detection delay.
+    pub deadline: Option<Instant>,
+    /// The device's last known address.
+    pub addr: SocketAddr,
+}
+
+/// What the engine has counted since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Leaves accepted.
+    pub leaves: u64,
+    /// Queries answered.
+    pub queries: u64,
+    /// Devices that expired.
+    pub expirations: u64,
+    /// Dropped datagrams, indexed by `DropReason::code() - 1`.
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Counters {
+    /// Datagrams dropped for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[usize::from(reason.code()) - 1]
+    }
+
+    /// Datagrams dropped for any reason.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    fn count_drop(&mut self, reason: DropReason) {
+        self.drops[usize::from(reason.code()) - 1] += 1;
+    }
+}
+
+/// What [`Tracker::handle`] did with a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handled {
+    /// Applied; no reply.
+    Done,
+    /// Applied; the first `n` bytes of the reply buffer are to be sent back to the source.
+    Reply(usize),
+    /// Counted and dropped; nothing changed but the counter. Some drops still
+    /// get a reply (an unsupported version gets an `Error` frame), as `reply` says.
+    Dropped {
+        /// Why.
+        reason: DropReason,
+        /// Bytes of the reply buffer to send back, if any.
+        reply: Option<usize>,
+    },
+}
+
+/// Bytes a `Page` reply needs besides its entries: version, kind, request
+/// id (varint u32, ≤ 5), body tag, cursor option tag, cursor (length + ≤ 64
+/// bytes), and the entries' length prefix (≤ 2 bytes below 16 KiB).
+const PAGE_OVERHEAD: usize = 1 + 1 + 5 + 1 + 1 + (1 + wire::MAX_ID_LEN) + 2;
+
+/// The protocol engine. One per server; see the module docs for the loop.
+#[derive(Debug)]
+pub struct Tracker {
+    /// TTL rules.
+    config: Config,
+    /// Who is online.
+    table: PresenceTable,
+    /// What has been counted.
+    counters: Counters,
+    /// The `now` the engine was created at; uptime counts from here.
+    started: Instant,
+    /// The wall time at `started`; wall times for display are derived from it,
+    /// so the engine never reads the wall clock.
+    started_wall: SystemTime,
+    /// Transitions not yet taken by `poll_event`.
+    events: VecDeque<Event>,
+    /// Scratch space for the entries of a `Page` reply.
+    page_scratch: Box<[u8]>,
+}
+
+impl Tracker {
+    /// A new engine whose clocks read `now` and `wall` at creation.
+    pub fn new(config: Config, now: Instant, wall: SystemTime) -> Self {
+        Tracker {
+            config,
+            table: PresenceTable::new(),
+            counters: Counters::default(),
+            started: now,
+            started_wall: wall,
+            events: VecDeque::new(),
+            page_scratch: vec![0; wire::MAX_DATAGRAM].into_boxed_slice(),
+        }
+    }
+
+    /// The TTL rules in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The table, for inspection.
+    pub fn table(&self) -> &PresenceTable {
+        &self.table
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// The wall time corresponding to the monotonic instant `at`.
+    pub fn wall_time(&self, at: Instant) -> SystemTime {
+        match at.checked_duration_since(self.started) {
+            Some(after) => self.started_wall + after,
+            None => self.started_wall - self.started.duration_since(at),
+        }
+    }
+
+    /// When [`Tracker::handle_timeout`] must next be called: the earliest
+    /// device deadline, or `None` if no device is online.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.table.next_deadline()
+    }
+
+    /// Expires every device whose deadline is `<= now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let events = &mut self.events;
+        let counters = &mut self.counters;
+        self.table.expire(now, |id, entry| {
+            counters.expirations += 1;
+            events.push_back(Event {
+                device: id.clone(),
+                kind: EventKind::Offline(OfflineReason::Expired),
+                at: now,
+                deadline: Some(entry.last_seen + entry.ttl),
+                addr: entry.addr,
+            });
+        });
+    }
+
+    /// The next transition to publish, oldest first.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Handles one datagram from `from` received at `now`. A reply, if any,
+    /// is written to the start of `reply`, which must hold at least
+    /// [`wire::MAX_DATAGRAM`] bytes.
+    ///
+    /// Devices due at `now` are expired first, so the result does not
+    /// depend on how promptly the caller calls `handle_timeout`.
+    pub fn handle(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+    ) -> Handled {
+        self.handle_timeout(now);
+        let message = match wire::decode(datagram) {
+            Ok(message) => message,
+            Err(error) => {
+                let reason = DropReason::from(error);
+                self.counters.count_drop(reason);
+                let reply = match error {
+                    wire::Error::UnsupportedVersion(_) => unsupported_version(datagram, reply),
+                    _ => None,
+                };
+                return Handled::Dropped { reason, reply };
+            }
+        };
+        match message {
+            Message::Heartbeat(hb) => self.heartbeat(now, from, hb, reply),
+            Message::Leave(leave) => self.leave(now, leave),
+            Message::Query(query) => self.query(now, query, reply),
+            Message::Status(_) | Message::Ack(_) | Message::Error(_) => {
+                self.counters.count_drop(DropReason::UnexpectedKind);
+                Handled::Dropped {
+                    reason: DropReason::UnexpectedKind,
+                    reply: None,
+                }
+            }
+        }
+    }
+
+    fn heartbeat(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        hb: Heartbeat<'_>,
+        reply: &mut [u8],
+    ) -> Handled {
+        let interval = Duration::from_millis(hb.interval_ms.into());
+        let ttl = self.config.ttl(interval);
+        let beat = Beat {
+            addr: from,
+            boot: hb.boot,
+            seq: hb.seq,
+            interval,
+            ttl,
+            payload: hb.payload,
+        };
+        self.counters.heartbeats += 1;
+        if self.table.beat(now, hb.device, beat) {
+            self.events.push_back(Event {
+                device: hb.device.into(),
+                kind: EventKind::Online,
+                at: now,
+                deadline: None,
+                addr: from,
+            });
+        }
+        if hb.flags & wire::FLAG_ACK == 0 {
+            return Handled::Done;
+        }
+        let ack = Message::Ack(Ack {
+            boot: hb.boot,
+            seq: hb.seq,
+            interval_ms: millis_u32(self.config.expected_interval(interval)),
+            ttl_ms: millis_u32(ttl),
+        });
+        encode_reply(&ack, reply)
+    }
+
+    fn leave(&mut self, now: Instant, leave: Leave<'_>) -> Handled {
+        self.counters.leaves += 1;
+        if let Some(entry) = self.table.leave(leave.device) {
+            self.events.push_back(Event {
+                device: leave.device.into(),
+                kind: EventKind::Offline(OfflineReason::Left),
+                at: now,
+                deadline: None,
+                addr: entry.addr,
+            });
+        }
+        Handled::Done
+    }
+
+    fn query(&mut self, now: Instant, query: Query<'_>, reply: &mut [u8]) -> Handled {
+        self.counters.queries += 1;
+        let mut counter_buf = [0u8; DropReason::ALL.len() * 16];
+        let body = match query.kind {
+            QueryKind::Device(device) => match self.table.get(device) {
+                Some(entry) => StatusBody::Device(self.device_info(now, device, entry)),
+                None => StatusBody::UnknownDevice,
+            },
+            QueryKind::Summary => {
+                let mut counters = RecordWriter::new(&mut counter_buf);
+                for reason in DropReason::ALL {
+                    let count = self.counters.drops(reason);
+                    if count > 0 {
+                        // Cannot fail: the buffer holds every reason at its largest.
+                        let _ = counters.push(&Counter {
+                            code: reason.code(),
+                            count,
+                        });
+                    }
+                }
+                StatusBody::Summary(Summary {
+                    online: self.table.online_count() as u64,
+                    known: self.table.known_count() as u64,
+                    uptime_ms: millis_u64(now.saturating_duration_since(self.started)),
+                    heartbeats: self.counters.heartbeats,
+                    leaves: self.counters.leaves,
+                    queries: self.counters.queries,
+                    expirations: self.counters.expirations,
+                    counters: counters.finish(),
+                })
+            }
+            QueryKind::List { after, limit } => {
+                let limit = if limit == 0 {
+                    usize::MAX
+                } else {
+                    usize::from(limit)
+                };
+                let budget = wire::MAX_DATAGRAM - PAGE_OVERHEAD;
+                let mut entries = RecordWriter::new(&mut self.page_scratch[..budget]);
+                let mut online = self.table.online_after(after).peekable();
+                let mut last: Option<&DeviceId> = None;
+                while let Some((id, entry)) = online.peek() {
+                    if entries.count() == limit {
+                        break;
+                    }
+                    let info = device_info(self.started, self.started_wall, now, id, entry);
+                    if entries.push(&info).is_err() {
+                        break;
+                    }
+                    last = Some(id);
+                    online.next();
+                }
+                let more = online.peek().is_some();
+                StatusBody::Page(Page {
+                    next_cursor: if more { last.map(|id| &**id) } else { None },
+                    entries: entries.finish(),
+                })
+            }
+        };
+        let status = Message::Status(Status {
+            request: query.request,
+            body,
+        });
+        encode_reply(&status, reply)
+    }
+
+    fn device_info<'e>(&self, now: Instant, device: &'e str, entry: &'e Entry) -> DeviceInfo<'e> {
+        device_info(self.started, self.started_wall, now, device, entry)
+    }
+}
+
+/// The reply record for one device, with times relative to `now`.
+fn device_info<'e>(
+    started: Instant,
+    started_wall: SystemTime,
+    now: Instant,
+    device: &'e str,
+    entry: &'e Entry,
+) -> DeviceInfo<'e> {
+    let last_seen_wall = started_wall + entry.last_seen.saturating_duration_since(started);
+    DeviceInfo {
+        device,
+        online: entry.is_online(),
+        addr: entry.addr.into(),
+        last_seen_ago_ms: millis_u64(now.saturating_duration_since(entry.last_seen)),
+        last_seen_unix_ms: millis_u64(
+            last_seen_wall
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default(),
+        ),
+        expires_in_ms: entry.deadline.map_or(0, |deadline| {
+            millis_u64(deadline.saturating_duration_since(now))
+        }),
+        ttl_ms: millis_u32(entry.ttl),
+        interval_ms: millis_u32(entry.interval),
+        boot: entry.boot,
+        seq: entry.seq,
+        heartbeats: entry.heartbeats,
+        flaps: entry.flaps,
+        payload: &entry.payload,
+    }
+}
+
+/// Versions above ours that a future `presence` might speak. A datagram
+/// claiming one of them gets an `Error` reply; anything else is garbage.
+const FUTURE_VERSIONS: std::ops::RangeInclusive<u8> = (wire::VERSION + 1)..=15;
+
+/// An `Error` reply for a datagram that looks like a heartbeat or query of a
+/// newer version: its version byte is in [`FUTURE_VERSIONS`] and its kind
+/// byte is 0 (heartbeat) or 2 (query), the kinds whose senders wait for
+/// replies. The reply is never larger than the datagram (no amplification).
+/// Garbage that fails these checks gets nothing.
+fn unsupported_version(datagram: &[u8], reply: &mut [u8]) -> Option<usize> {
+    let looks_like_a_frame =
+        matches!(datagram, [version, 0 | 2, ..] if FUTURE_VERSIONS.contains(version));
+    if !looks_like_a_frame {
+        return None;
+    }
+    let error = Message::Error(ErrorReply {
+        code: ErrorCode::UnsupportedVersion,
+        supported_version: wire::VERSION,
+    });
+    wire::encode(&error, reply)
+        .ok()
+        .filter(|len| *len <= datagram.len())
+}
+
+fn encode_reply(message: &Message<'_>, reply: &mut [u8]) -> Handled {
+    match wire::encode(message, reply) {
+        Ok(len) => Handled::Reply(len),
+        // Every reply the engine builds fits MAX_DATAGRAM by construction; a
+        // short caller buffer is the caller's bug, and we send nothing.
+        Err(_) => Handled::Done,
+    }
+}
+
+fn millis_u64(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,507 @@
+//! Engine tests in simulated time: `now` is a base instant plus offsets.
+
+use super::*;
+use crate::wire::{Addr, MAX_DATAGRAM};
+
+const DEVICE_ADDR: SocketAddr = SocketAddr::new(
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
+    4000,
+);
+
+struct Sim {
+    tracker: Tracker,
+    t0: Instant,
+    now: Instant,
+    reply: Vec<u8>,
+}
+
+impl Sim {
+    fn new(config: Config) -> Self {
+        let t0 = Instant::now();
+        Sim {
+            tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            t0,
+            now: t0,
+            reply: vec![0; MAX_DATAGRAM],
+        }
+    }
+
+    fn at(&mut self, ms: u64) {
+        self.now = self.t0 + Duration::from_millis(ms);
+    }
+
+    fn send_bytes(&mut self, bytes: &[u8]) -> Handled {
+        self.tracker
+            .handle(self.now, DEVICE_ADDR, bytes, &mut self.reply)
+    }
+
+    fn send(&mut self, message: Message<'_>) -> Handled {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let len = wire::encode(&message, &mut buf).unwrap();
+        self.send_bytes(&buf[..len])
+    }
+
+    fn beat(&mut self, device: &str, seq: u32, interval_ms: u32, flags: u8) -> Handled {
+        self.send(Message::Heartbeat(Heartbeat {
+            device,
+            boot: 1,
+            seq,
+            interval_ms,
+            flags,
+            payload: b"bat=97",
+        }))
+    }
+
+    fn reply(&self, handled: Handled) -> Message<'_> {
+        match handled {
+            Handled::Reply(len) => wire::decode(&self.reply[..len]).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    fn query(&mut self, request: u32, kind: QueryKind<'_>) -> Handled {
+        self.send(Message::Query(Query { request, kind }))
+    }
+
+    fn events(&mut self) -> Vec<(String, EventKind)> {
+        std::iter::from_fn(|| self.tracker.poll_event())
+            .map(|e| (e.device.to_string(), e.kind))
+            .collect()
+    }
+
+    fn timeout(&mut self) -> Vec<(String, EventKind)> {
+        self.tracker.handle_timeout(self.now);
+        self.events()
+    }
+}
+
+fn online(d: &str) -> (String, EventKind) {
+    (d.to_string(), EventKind::Online)
+}
+
+fn offline(d: &str, reason: OfflineReason) -> (String, EventKind) {
+    (d.to_string(), EventKind::Offline(reason))
+}
+
+#[test]
+fn ttl_is_misses_times_the_declared_interval_clamped() {
+    let config = Config {
+        timeout: Duration::from_secs(45),
+        misses: 3,
+        min_ttl: Duration::from_secs(2),
+        max_ttl: Duration::from_secs(600),
+    };
+    let mut sim = Sim::new(config);
+    let cases = [
+        (10_000, 10_000, 30_000),        // 3 × 10 s
+        (100, 100, 2_000),               // 3 × 0.1 s, raised to min_ttl
+        (3_600_000, 3_600_000, 600_000), // 3 h, cut to max_ttl
+        (0, 15_000, 45_000),             // no interval: timeout, and timeout / misses expected
+    ];
+    for (seq, (declared, expected_interval, ttl)) in (1..).zip(cases) {
+        let handled = sim.beat("d", seq, declared, wire::FLAG_ACK);
+        assert_eq!(
+            sim.reply(handled),
+            Message::Ack(Ack {
+                boot: 1,
+                seq,
+                interval_ms: expected_interval,
+                ttl_ms: ttl,
+            }),
+            "declared {declared} ms"
+        );
+        assert_eq!(
+            sim.tracker.poll_timeout(),
+            Some(sim.now + Duration::from_millis(ttl.into()))
+        );
+    }
+}
+
+#[test]
+fn no_ack_unless_asked() {
+    let mut sim = Sim::new(Config::default());
+    assert_eq!(sim.beat("d", 1, 1000, 0), Handled::Done);
+}
+
+#[test]
+fn offline_exactly_at_the_deadline_not_before() {
+    let mut sim = Sim::new(Config::default()); // interval 1 s × 3 misses = 3 s
+    sim.beat("d", 1, 1000, 0);
+    assert_eq!(sim.events(), [online("d")]);
+    sim.at(2000);
+    sim.beat("d", 2, 1000, 0); // deadline moves to 5000 ms
+    assert_eq!(sim.events(), []);
+    let deadline = sim.t0 + Duration::from_millis(5000);
+    assert_eq!(sim.tracker.poll_timeout(), Some(deadline));
+    sim.now = deadline - Duration::from_nanos(1);
+    assert_eq!(sim.timeout(), []);
+    assert!(sim.tracker.table().get("d").unwrap().is_online());
+    sim.now = deadline;
+    sim.tracker.handle_timeout(sim.now);
+    let event = sim.tracker.poll_event().unwrap();
+    assert_eq!(event.kind, EventKind::Offline(OfflineReason::Expired));
+    assert_eq!(
+        (event.at, event.deadline, event.addr),
+        (deadline, Some(deadline), DEVICE_ADDR)
+    );
+    assert_eq!(sim.tracker.poll_timeout(), None);
+    assert_eq!(sim.tracker.counters().expirations, 1);
+}
+
+#[test]
+fn leave_takes_the_device_offline_at_once() {
+    let mut sim = Sim::new(Config::default());
+    sim.beat("d", 1, 1000, 0);
+    sim.at(10);
+    sim.send(Message::Leave(Leave {
+        device: "d",
+        boot: 1,
+        seq: 2,
+    }));
+    assert_eq!(
+        sim.events(),
+        [online("d"), offline("d", OfflineReason::Left)]
+    );
+    assert_eq!(sim.tracker.poll_timeout(), None);
+    sim.at(100_000);
+    assert_eq!(
+        sim.timeout(),
+        [],
+        "a device that left does not expire again"
+    );
+    assert_eq!(sim.tracker.counters().leaves, 1);
+}
+
+#[test]
+fn back_online_after_expiry_counts_a_flap() {
+    let mut sim = Sim::new(Config::default());
+    sim.beat("d", 1, 1000, 0);
+    sim.at(3000);
+    assert_eq!(
+        sim.timeout(),
+        [online("d"), offline("d", OfflineReason::Expired)]
+    );
+    sim.at(4000);
+    sim.beat("d", 2, 1000, 0);
+    assert_eq!(sim.events(), [online("d")]);
+    // A heartbeat that arrives after the deadline, before any sweep ran,
+    // is still seen as offline-then-online.
+    sim.at(9000);
+    sim.beat("d", 3, 1000, 0);
+    assert_eq!(
+        sim.events(),
+        [offline("d", OfflineReason::Expired), online("d")]
+    );
+    let handled = sim.query(7, QueryKind::Device("d"));
+    let Message::Status(Status {
+        request: 7,
+        body: StatusBody::Device(info),
+    }) = sim.reply(handled)
+    else {
+        panic!("expected a device status");
+    };
+    assert_eq!(
+        (info.flaps, info.heartbeats, info.seq, info.online),
+        (2, 3, 3, true)
+    );
+    assert_eq!(info.expires_in_ms, 3000);
+    assert_eq!(info.addr, Addr::from(DEVICE_ADDR));
+    assert_eq!(info.payload, b"bat=97");
+    assert_eq!(info.last_seen_unix_ms, 1_800_000_009_000);
+}
+
+#[test]
+fn unknown_and_offline_devices_are_told_apart() {
+    let mut sim = Sim::new(Config::default());
+    let handled = sim.query(1, QueryKind::Device("nobody"));
+    assert!(matches!(
+        sim.reply(handled),
+        Message::Status(Status {
+            request: 1,
+            body: StatusBody::UnknownDevice
+        })
+    ));
+    sim.beat("d", 1, 1000, 0);
+    sim.at(5000);
+    let handled = sim.query(2, QueryKind::Device("d"));
+    let Message::Status(Status {
+        body: StatusBody::Device(info),
+        ..
+    }) = sim.reply(handled)
+    else {
+        panic!("expected a device status")
+    };
+    assert!(!info.online);
+    assert_eq!((info.expires_in_ms, info.last_seen_ago_ms), (0, 5000));
+}
+
+#[test]
+fn summary_counts_everything() {
+    let mut sim = Sim::new(Config::default());
+    sim.beat("a", 1, 1000, 0);
+    sim.beat("b", 1, 5000, 0);
+    sim.send_bytes(b"garbage");
+    sim.send_bytes(&[]);
+    sim.at(3500);
+    let handled = sim.query(9, QueryKind::Summary);
+    let Message::Status(Status {
+        body: StatusBody::Summary(summary),
+        ..
+    }) = sim.reply(handled)
+    else {
+        panic!("expected a summary")
+    };
+    assert_eq!(
+        (
+            summary.online,
+            summary.known,
+            summary.uptime_ms,
+            summary.heartbeats,
+            summary.expirations,
+            summary.queries
+        ),
+        (1, 2, 3500, 2, 1, 1)
+    );
+    let counters: Vec<Counter> = summary.counters.iter().map(Result::unwrap).collect();
+    assert_eq!(
+        counters,
+        [
+            Counter {
+                code: DropReason::Truncated.code(),
+                count: 1
+            },
+            Counter {
+                code: DropReason::UnsupportedVersion.code(),
+                count: 1
+            },
+        ]
+    );
+}
+
+#[test]
+fn bad_datagrams_change_nothing_but_the_drop_counters() {
+    let mut sim = Sim::new(Config::default());
+    sim.beat("d", 1, 1000, 0);
+    sim.events();
+    let before = format!("{:?}", sim.tracker.table().get("d"));
+    let mut good = [0u8; 64];
+    let len = wire::encode(
+        &Message::Heartbeat(Heartbeat {
+            device: "d",
+            boot: 1,
+            seq: 2,
+            interval_ms: 50_000,
+            flags: wire::FLAG_ACK,
+            payload: b"x",
+        }),
+        &mut good,
+    )
+    .unwrap();
+    let good = &good[..len];
+    let mut trailing = good.to_vec();
+    trailing.push(0);
+    let mut version = good.to_vec();
+    version[0] = 9;
+    let mut kind = good.to_vec();
+    kind[1] = 0x7f;
+    let ack = {
+        let mut buf = [0u8; 32];
+        let n = wire::encode(
+            &Message::Ack(Ack {
+                boot: 1,
+                seq: 1,
+                interval_ms: 1,
+                ttl_ms: 1,
+            }),
+            &mut buf,
+        )
+        .unwrap();
+        buf[..n].to_vec()
+    };
+    let cases: Vec<(Vec<u8>, DropReason)> = vec![
+        (good[..len - 2].to_vec(), DropReason::Truncated),
+        (trailing, DropReason::TrailingBytes),
+        (vec![1; MAX_DATAGRAM + 1], DropReason::Oversized),
+        (version, DropReason::UnsupportedVersion),
+        (kind, DropReason::UnknownKind),
+        (vec![1, 0, 0, 1, 1, 0, 0, 0], DropReason::BadDeviceId),
+        (
+            vec![1, 0, 2, 0xc3, 0x28, 1, 1, 0, 0, 0],
+            DropReason::Malformed,
+        ),
+        (ack, DropReason::UnexpectedKind),
+    ];
+    for (bytes, reason) in &cases {
+        let handled = sim.send_bytes(bytes);
+        match handled {
+            Handled::Dropped { reason: got, reply } => {
+                assert_eq!(got, *reason, "{bytes:02x?}");
+                if let Some(n) = reply {
+                    assert_eq!(*reason, DropReason::UnsupportedVersion);
+                    assert!(n <= bytes.len(), "a reply never exceeds its request");
+                    assert!(matches!(
+                        wire::decode(&sim.reply[..n]),
+                        Ok(Message::Error(_))
+                    ));
+                }
+            }
+            other => panic!("{bytes:02x?} was not dropped: {other:?}"),
+        }
+        assert_eq!(sim.tracker.counters().drops(*reason), 1);
+    }
+    // Only a plausible newer frame gets an Error reply; garbage gets nothing.
+    assert!(matches!(
+        sim.send_bytes(&[2, 0, 1, b'd', 0, 0, 0, 0, 0]),
+        Handled::Dropped { reply: Some(4), .. }
+    ));
+    for garbage in [
+        &b"garbage"[..],
+        &[2, 0, 1],
+        &[0, 0, 1, b'd', 0, 0, 0, 0, 0],
+        &[2, 1, 1, b'd', 0, 0, 0, 0],
+    ] {
+        assert!(
+            matches!(
+                sim.send_bytes(garbage),
+                Handled::Dropped { reply: None, .. }
+            ),
+            "{garbage:02x?}"
+        );
+    }
+    let cases_len = cases.len() + 5;
+    assert_eq!(sim.tracker.counters().total_drops(), cases_len as u64);
+    assert_eq!(sim.tracker.counters().heartbeats, 1);
+    assert_eq!(format!("{:?}", sim.tracker.table().get("d")), before);
+    assert_eq!(sim.events(), []);
+}
+
+/// Walks the whole online list page by page, calling `between` before each
+/// page after the first. Returns the ids in the order they were listed.
+fn walk_list(
+    sim: &mut Sim,
+    limit: u16,
+    mut between: impl FnMut(&mut Sim, usize, &str),
+) -> Vec<String> {
+    let mut listed = Vec::new();
+    let mut cursor: Option<String> = None;
+    for page_no in 0.. {
+        if let Some(c) = &cursor {
+            between(sim, page_no, c);
+        }
+        let handled = sim.query(
+            page_no as u32,
+            QueryKind::List {
+                after: cursor.as_deref(),
+                limit,
+            },
+        );
+        let Handled::Reply(len) = handled else {
+            panic!("no reply")
+        };
+        assert!(len <= MAX_DATAGRAM);
+        let Message::Status(Status {
+            body: StatusBody::Page(page),
+            ..
+        }) = sim.reply(handled)
+        else {
+            panic!("expected a page")
+        };
+        let ids: Vec<String> = page
+            .entries
+            .iter()
+            .map(|e| e.unwrap().device.to_string())
+            .collect();
+        if limit > 0 {
+            assert!(ids.len() <= usize::from(limit));
+        }
+        listed.extend(ids);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+        assert!(page_no < 1000, "paging does not end");
+    }
+    listed
+}
+
+#[test]
+fn paging_lists_every_device_once_in_id_order() {
+    let mut sim = Sim::new(Config::default());
+    let ids: Vec<String> = (0..200)
+        .map(|i| format!("device-with-a-long-name-{i:04}"))
+        .collect();
+    for id in &ids {
+        sim.send(Message::Heartbeat(Heartbeat {
+            device: id,
+            boot: 1,
+            seq: 1,
+            interval_ms: 1000,
+            flags: 0,
+            payload: &[7; wire::MAX_PAYLOAD_LEN],
+        }));
+    }
+    assert_eq!(
+        walk_list(&mut sim, 0, |_, _, _| {}),
+        ids,
+        "as many as fit per page"
+    );
+    assert_eq!(walk_list(&mut sim, 7, |_, _, _| {}), ids, "seven per page");
+}
+
+#[test]
+fn paging_through_a_list_that_changes_between_pages() {
+    let mut sim = Sim::new(Config::default());
+    let id = |i: u32| format!("dev-{i:03}");
+    for i in (0..100).step_by(2) {
+        sim.beat(&id(i), 1, 1000, 0);
+    }
+    let mut left = Vec::new();
+    let mut joined_late = Vec::new();
+    let listed = walk_list(&mut sim, 10, |sim, page_no, cursor| {
+        // Between pages: one device before the cursor and one after it leave,
+        // and two odd-numbered devices join on either side of it.
+        let cursor_no: u32 = cursor[4..].parse().unwrap();
+        for victim in [cursor_no.saturating_sub(4), cursor_no + 6] {
+            sim.send(Message::Leave(Leave {
+                device: &id(victim),
+                boot: 1,
+                seq: 2,
+            }));
+            left.push(id(victim));
+        }
+        for newcomer in [cursor_no.saturating_sub(3), cursor_no + 7] {
+            sim.beat(&id(newcomer), 1, 1000, 0);
+            if newcomer > cursor_no {
+                joined_late.push(id(newcomer));
+            }
+        }
+        sim.at(page_no as u64); // time moves, nothing expires
+    });
+    let mut sorted = listed.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(
+        sorted, listed,
+        "strictly increasing: no device listed twice"
+    );
+    for i in (0..100).step_by(2) {
+        let device = id(i);
+        if !left.contains(&device) {
+            assert!(
+                listed.contains(&device),
+                "{device} stayed online but was skipped"
+            );
+        }
+    }
+    for device in &joined_late {
+        if !left.contains(device) {
+            assert!(
+                listed.contains(device),
+                "{device} joined ahead of the cursor but was skipped"
+            );
+        }
+    }
+    for device in &listed {
+        assert!(sim.tracker.table().get(device).is_some());
+    }
+}
