@@ -39,6 +39,10 @@
 #![warn(missing_docs)]
 
 #[cfg(feature = "std")]
+pub mod client;
+#[cfg(feature = "std")]
+pub mod server;
+#[cfg(feature = "std")]
 pub mod table;
 #[cfg(feature = "std")]
 pub mod tracker;

@@ -1,1 +1,538 @@
-fn main() {}
+//! The `presence` binary: parses flags, sets up logging, and calls the library.
+
+use std::fs::OpenOptions;
+use std::io::{self, BufWriter, IsTerminal, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use presence::client::{Client, DeviceReport, Sender, SummaryReport};
+use presence::server::{self, EventLog, Stop};
+use presence::tracker::{Config, Tracker};
+
+/// Exit code for errors (bad flags, no reply, ...). 1 is kept for "offline".
+const EXIT_ERROR: u8 = 2;
+
+/// A lightweight presence tracker over UDP.
+#[derive(Debug, Parser)]
+#[command(name = "presence", version, about)]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "PRESENCE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the tracker.
+    Serve(ServeArgs),
+    /// Send heartbeats as a device would (Ctrl-C sends a Leave).
+    Beat(BeatArgs),
+    /// Ask a server for a summary, one device, or the online list.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; [::]:PORT listens on IPv6 and IPv4.
+    #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_BIND")]
+    bind: SocketAddr,
+    /// TTL of devices that declare no interval.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "PRESENCE_TIMEOUT")]
+    timeout: Duration,
+    /// A device is offline after this many missed intervals.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_MISSES")]
+    misses: u32,
+    /// Smallest TTL given to a device that declares an interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, env = "PRESENCE_MIN_TTL")]
+    min_ttl: Duration,
+    /// Largest TTL given to a device that declares an interval.
+    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "PRESENCE_MAX_TTL")]
+    max_ttl: Duration,
+    /// Socket receive buffer to ask for (SO_RCVBUF), e.g. 8MiB, 512KiB, 262144.
+    #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "PRESENCE_RECV_BUFFER")]
+    recv_buffer: usize,
+    /// Write one JSON line per online/offline transition to this file (appended), or - for stdout.
+    #[arg(long, env = "PRESENCE_EVENTS")]
+    events: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct BeatArgs {
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
+    server: String,
+    /// The device id (1 to 64 bytes of UTF-8).
+    #[arg(long)]
+    id: String,
+    /// Time between heartbeats; it is also declared to the server.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    interval: Duration,
+    /// Payload text sent with each heartbeat (at most 64 bytes).
+    #[arg(long, conflicts_with = "payload_hex")]
+    payload: Option<String>,
+    /// Payload as hex, e.g. 01ff (at most 64 bytes).
+    #[arg(long)]
+    payload_hex: Option<String>,
+    /// Stop after this many heartbeats (without a Leave, so the device then expires).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Ask the server to acknowledge each heartbeat, and print the acks.
+    #[arg(long)]
+    ack: bool,
+    /// Boot epoch to send (default: the current Unix time in seconds, new each run).
+    #[arg(long)]
+    boot: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+struct StatusArgs {
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
+    server: String,
+    /// One device: exit 0 if it is online, 1 if offline or unknown.
+    #[arg(conflicts_with = "list")]
+    device: Option<String>,
+    /// List every online device (following pages).
+    #[arg(long)]
+    list: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Give up when no reply comes within this time.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try 10s, 500ms, 1m)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Parses a byte size: a number with an optional K/M/G (powers of 1024) suffix,
+/// written KiB, K or k (and likewise for M and G).
+fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let number: usize = number
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 8MiB or 262144)"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        other => return Err(format!("unknown size unit '{other}' (use KiB, MiB or GiB)")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .filter(|n| *n > 0 && *n <= i32::MAX as usize)
+        .ok_or_else(|| format!("'{s}' is out of range"))
+}
+
+fn resolve(server: &str) -> Result<SocketAddr> {
+    server
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve server address '{server}'"))?
+        .next()
+        .ok_or_else(|| anyhow!("'{server}' resolves to no address"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(io::stderr().is_terminal())
+        .with_writer(io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line: clap's own message without the usage block.
+            let rendered = e.render().to_string();
+            let line = rendered
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{line}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Beat(args) => beat(args),
+        Command::Status(args) => status(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Starts a thread that turns SIGINT/SIGTERM into `on_signal` calls (once).
+fn on_signal(on_signal: impl FnOnce() + Send + 'static) -> Result<()> {
+    let mut signals = Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                tracing::info!(signal, "stopping");
+                on_signal();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode> {
+    if args.min_ttl > args.max_ttl {
+        bail!(
+            "--min-ttl ({}) is larger than --max-ttl ({})",
+            humantime::format_duration(args.min_ttl),
+            humantime::format_duration(args.max_ttl)
+        );
+    }
+    let config = Config {
+        timeout: args.timeout,
+        misses: args.misses,
+        min_ttl: args.min_ttl,
+        max_ttl: args.max_ttl,
+    };
+    let mut events = match args.events.as_deref() {
+        None => EventLog::none(),
+        Some("-") => EventLog::to_writer(Box::new(BufWriter::new(io::stdout()))),
+        Some(path) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open events file '{path}'"))?;
+            EventLog::to_writer(Box::new(BufWriter::new(file)))
+        }
+    };
+    let bound = server::bind(args.bind, Some(args.recv_buffer))
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    if bound.recv_buffer < args.recv_buffer {
+        tracing::warn!(
+            requested = args.recv_buffer,
+            granted = bound.recv_buffer,
+            "the kernel granted a smaller receive buffer than asked; raise net.core.rmem_max to get it"
+        );
+    }
+    tracing::info!(
+        addr = %bound.local_addr,
+        recv_buffer = bound.recv_buffer,
+        timeout = %humantime::format_duration(config.timeout),
+        misses = config.misses,
+        min_ttl = %humantime::format_duration(config.min_ttl),
+        max_ttl = %humantime::format_duration(config.max_ttl),
+        "listening"
+    );
+    let stop = Stop::new(bound.local_addr);
+    let signal_stop = stop.clone();
+    on_signal(move || signal_stop.stop())?;
+    let tracker = Tracker::new(config, Instant::now(), SystemTime::now());
+    let tracker =
+        server::run(&bound.socket, tracker, &stop, &mut events).context("server loop failed")?;
+    let counters = tracker.counters();
+    tracing::info!(
+        online = tracker.table().online_count(),
+        known = tracker.table().known_count(),
+        heartbeats = counters.heartbeats,
+        dropped = counters.total_drops(),
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_hex(s: &str) -> Result<Vec<u8>> {
+    let s = s.trim();
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("--payload-hex must be an even number of hex digits");
+    }
+    Ok((0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0))
+        .collect())
+}
+
+fn beat(args: BeatArgs) -> Result<ExitCode> {
+    let server = resolve(&args.server)?;
+    let boot = match args.boot {
+        Some(boot) => boot,
+        None => SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs() as u32),
+    };
+    let mut sender = Sender::new(server, &args.id, args.interval, boot).context("invalid --id")?;
+    let payload = match (&args.payload, &args.payload_hex) {
+        (Some(text), _) => text.clone().into_bytes(),
+        (None, Some(hex)) => parse_hex(hex)?,
+        (None, None) => Vec::new(),
+    };
+    sender.set_payload(&payload).context("invalid payload")?;
+    let (interrupt_tx, interrupt) = mpsc::channel();
+    on_signal(move || {
+        let _ = interrupt_tx.send(());
+    })?;
+    println!(
+        "beating as '{}' to {server} every {} (boot {boot})",
+        args.id,
+        humantime::format_duration(args.interval)
+    );
+    let started = Instant::now();
+    let mut acked = 0u64;
+    let mut sent = 0u64;
+    let mut next = started;
+    loop {
+        if args.count.is_some_and(|count| sent >= count) {
+            break;
+        }
+        match interrupt.recv_timeout(next.saturating_duration_since(Instant::now())) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                sender.leave().context("cannot send leave")?;
+                println!("sent leave");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        next += args.interval;
+        let (seq, len) = match sender.beat(args.ack) {
+            Ok(sent) => sent,
+            Err(e) => {
+                eprintln!("warning: heartbeat not sent: {e}");
+                continue;
+            }
+        };
+        sent += 1;
+        println!("heartbeat seq={seq} ({len} bytes)");
+        if args.ack {
+            let wait = args.interval.min(Duration::from_secs(1));
+            match sender.wait_ack(seq, wait) {
+                Ok(Some(ack)) => {
+                    acked += 1;
+                    println!(
+                        "ack seq={}: server expects a heartbeat every {}, offline after {} of silence",
+                        ack.seq,
+                        fmt_ms(ack.interval_ms.into()),
+                        fmt_ms(ack.ttl_ms.into())
+                    );
+                }
+                Ok(None) => eprintln!(
+                    "warning: no ack for seq={seq} within {}",
+                    humantime::format_duration(wait)
+                ),
+                Err(e) => eprintln!("warning: no ack for seq={seq}: {e}"),
+            }
+        }
+    }
+    if args.ack && acked == 0 {
+        bail!("the server acknowledged none of {sent} heartbeats");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fmt_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+fn status(args: StatusArgs) -> Result<ExitCode> {
+    let server = resolve(&args.server)?;
+    let mut client = Client::new(server, args.timeout).context("cannot open a socket")?;
+    let mut out = io::stdout().lock();
+    if let Some(device) = &args.device {
+        let report = client
+            .device(device)
+            .with_context(|| format!("status of '{device}' from {server}"))?;
+        let online = report.as_ref().is_some_and(|r| r.online);
+        if args.json {
+            match &report {
+                Some(report) => serde_json::to_writer_pretty(&mut out, report)?,
+                None => serde_json::to_writer_pretty(
+                    &mut out,
+                    &serde_json::json!({ "device": device, "known": false }),
+                )?,
+            }
+            writeln!(out)?;
+        } else {
+            match &report {
+                Some(report) => write_device(&mut out, report)?,
+                None => writeln!(out, "{device}  unknown (the server has not heard from it)")?,
+            }
+        }
+        return Ok(if online {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        });
+    }
+    if args.list {
+        let devices = client
+            .list_all()
+            .with_context(|| format!("online list from {server}"))?;
+        if args.json {
+            serde_json::to_writer_pretty(&mut out, &devices)?;
+            writeln!(out)?;
+        } else {
+            write_list(&mut out, &devices)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let summary = client
+        .summary()
+        .with_context(|| format!("summary from {server}"))?;
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &summary)?;
+        writeln!(out)?;
+    } else {
+        write_summary(&mut out, server, &summary)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_summary(out: &mut impl Write, server: SocketAddr, s: &SummaryReport) -> io::Result<()> {
+    writeln!(
+        out,
+        "server      {server}, up {}",
+        fmt_ms(s.uptime_ms / 1000 * 1000)
+    )?;
+    writeln!(out, "online      {} of {} known devices", s.online, s.known)?;
+    writeln!(
+        out,
+        "received    {} heartbeats, {} leaves, {} queries",
+        s.heartbeats, s.leaves, s.queries
+    )?;
+    writeln!(out, "expired     {}", s.expirations)?;
+    if s.drops.is_empty() {
+        writeln!(out, "dropped     0")?;
+    } else {
+        let reasons: Vec<String> = s
+            .drops
+            .iter()
+            .map(|(reason, n)| format!("{reason} {n}"))
+            .collect();
+        writeln!(
+            out,
+            "dropped     {} ({})",
+            s.total_drops(),
+            reasons.join(", ")
+        )?;
+    }
+    Ok(())
+}
+
+fn payload_text(report: &DeviceReport) -> String {
+    let payload = report.payload();
+    match std::str::from_utf8(&payload) {
+        Ok(text) if !text.chars().any(char::is_control) => {
+            format!("{text:?} (hex {})", report.payload_hex)
+        }
+        _ => format!("hex {}", report.payload_hex),
+    }
+}
+
+fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
+    let last_seen = UNIX_EPOCH + Duration::from_millis(r.last_seen_unix_ms);
+    if r.online {
+        writeln!(
+            out,
+            "{}  online, expires in {}",
+            r.device,
+            fmt_ms(r.expires_in_ms)
+        )?;
+    } else {
+        writeln!(out, "{}  offline", r.device)?;
+    }
+    writeln!(out, "  address     {}", r.address)?;
+    writeln!(
+        out,
+        "  last seen   {} ({} ago)",
+        humantime::format_rfc3339_seconds(last_seen),
+        fmt_ms(r.last_seen_ago_ms)
+    )?;
+    let interval = if r.interval_ms == 0 {
+        "none declared".to_string()
+    } else {
+        fmt_ms(r.interval_ms.into())
+    };
+    writeln!(
+        out,
+        "  interval    {interval}, ttl {}",
+        fmt_ms(r.ttl_ms.into())
+    )?;
+    writeln!(
+        out,
+        "  boot {}  seq {}  heartbeats {}  flaps {}",
+        r.boot, r.seq, r.heartbeats, r.flaps
+    )?;
+    if !r.payload_hex.is_empty() {
+        writeln!(out, "  payload     {}", payload_text(r))?;
+    }
+    Ok(())
+}
+
+fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> {
+    let width = devices
+        .iter()
+        .map(|d| d.device.chars().count())
+        .max()
+        .unwrap_or(6)
+        .max(6);
+    writeln!(
+        out,
+        "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
+        "DEVICE", "ADDRESS", "LAST SEEN", "EXPIRES", "HEARTBEATS"
+    )?;
+    for d in devices {
+        writeln!(
+            out,
+            "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
+            d.device,
+            d.address.to_string(),
+            format!("{}s ago", d.last_seen_ago_ms / 1000),
+            format!("in {}s", d.expires_in_ms.div_ceil(1000)),
+            d.heartbeats
+        )?;
+    }
+    writeln!(out, "{} online", devices.len())
+}

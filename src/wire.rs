@@ -358,7 +358,11 @@ impl From<std::net::SocketAddr> for Addr {
     fn from(a: std::net::SocketAddr) -> Self {
         match a {
             std::net::SocketAddr::V4(a) => Addr::V4(a.ip().octets(), a.port()),
-            std::net::SocketAddr::V6(a) => Addr::V6(a.ip().octets(), a.port()),
+            // A dual-stack socket sees IPv4 peers as ::ffff:a.b.c.d; report them as IPv4.
+            std::net::SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+                Some(v4) => Addr::V4(v4.octets(), a.port()),
+                None => Addr::V6(a.ip().octets(), a.port()),
+            },
         }
     }
 }

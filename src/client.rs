@@ -1,0 +1,443 @@
+//! Talking to a server: [`Client`] asks status queries, [`Sender`] sends a
+//! device's heartbeats. The CLI, the examples and the tests use these.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::wire::{
+    self, Ack, DeviceInfo, DropReason, Heartbeat, Leave, Message, Query, QueryKind, Status,
+    StatusBody,
+};
+
+/// Why a request to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed, e.g. the server's port is closed ("connection refused").
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Nothing came back in time.
+    #[error("no reply from {server} within {}", humantime::format_duration(*timeout))]
+    NoReply {
+        /// Who was asked.
+        server: SocketAddr,
+        /// How long we waited in all.
+        timeout: Duration,
+    },
+    /// The server speaks another protocol version.
+    #[error(
+        "server speaks protocol version {server_version}, this client speaks {}",
+        wire::VERSION
+    )]
+    UnsupportedVersion {
+        /// The version the server said it speaks.
+        server_version: u8,
+    },
+    /// The server sent a reply that does not answer the question.
+    #[error("unexpected reply from the server")]
+    UnexpectedReply,
+    /// A frame could not be built (e.g. an id too long).
+    #[error("invalid request: {0}")]
+    Wire(#[from] wire::Error),
+}
+
+/// A UDP socket connected to `server`, bound to the matching unspecified address.
+fn connect(server: SocketAddr) -> io::Result<UdpSocket> {
+    let local: SocketAddr = match server {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local)?;
+    socket.connect(server)?;
+    Ok(socket)
+}
+
+/// Receives one datagram on a connected socket, waiting until `deadline` at
+/// most; `None` once the deadline has passed.
+fn recv_until(socket: &UdpSocket, deadline: Instant, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        let Some(wait) = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|w| !w.is_zero())
+        else {
+            return Ok(None);
+        };
+        socket.set_read_timeout(Some(wait))?;
+        match socket.recv(buf) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One device as reported by the server, owned and ready for display or JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceReport {
+    /// The device id.
+    pub device: String,
+    /// Whether it is online now.
+    pub online: bool,
+    /// Source address of its last heartbeat.
+    pub address: SocketAddr,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ago_ms: u64,
+    /// Wall time of its last heartbeat, Unix milliseconds.
+    pub last_seen_unix_ms: u64,
+    /// Milliseconds until it expires (0 when offline).
+    pub expires_in_ms: u64,
+    /// Its TTL in milliseconds.
+    pub ttl_ms: u32,
+    /// The interval it declared (0 = none).
+    pub interval_ms: u32,
+    /// Boot epoch of its last heartbeat.
+    pub boot: u32,
+    /// Sequence number of its last heartbeat.
+    pub seq: u32,
+    /// Heartbeats the server accepted from it.
+    pub heartbeats: u64,
+    /// Times it went offline.
+    pub flaps: u32,
+    /// Payload of its last heartbeat, as lowercase hex.
+    pub payload_hex: String,
+}
+
+impl DeviceReport {
+    /// The payload bytes.
+    pub fn payload(&self) -> Vec<u8> {
+        (0..self.payload_hex.len())
+            .step_by(2)
+            .filter_map(|i| u8::from_str_radix(&self.payload_hex[i..i + 2], 16).ok())
+            .collect()
+    }
+}
+
+impl From<&DeviceInfo<'_>> for DeviceReport {
+    fn from(info: &DeviceInfo<'_>) -> Self {
+        DeviceReport {
+            device: info.device.to_owned(),
+            online: info.online,
+            address: info.addr.into(),
+            last_seen_ago_ms: info.last_seen_ago_ms,
+            last_seen_unix_ms: info.last_seen_unix_ms,
+            expires_in_ms: info.expires_in_ms,
+            ttl_ms: info.ttl_ms,
+            interval_ms: info.interval_ms,
+            boot: info.boot,
+            seq: info.seq,
+            heartbeats: info.heartbeats,
+            flaps: info.flaps,
+            payload_hex: info.payload.iter().map(|b| format!("{b:02x}")).collect(),
+        }
+    }
+}
+
+/// The server's summary, owned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SummaryReport {
+    /// Devices online now.
+    pub online: u64,
+    /// Devices known, online or not.
+    pub known: u64,
+    /// Milliseconds since the server started.
+    pub uptime_ms: u64,
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Leaves accepted.
+    pub leaves: u64,
+    /// Queries answered (including this one).
+    pub queries: u64,
+    /// Devices that expired.
+    pub expirations: u64,
+    /// Dropped datagrams by reason name; only reasons with a count appear.
+    pub drops: BTreeMap<String, u64>,
+}
+
+impl SummaryReport {
+    /// Drops for `reason` (0 if none).
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops.get(reason.name()).copied().unwrap_or(0)
+    }
+
+    /// Drops for any reason.
+    pub fn total_drops(&self) -> u64 {
+        self.drops.values().sum()
+    }
+}
+
+/// Asks a server status queries over UDP.
+#[derive(Debug)]
+pub struct Client {
+    /// Connected to the server, so only its datagrams arrive.
+    socket: UdpSocket,
+    /// The server's address.
+    server: SocketAddr,
+    /// How long one request may take in all, retries included.
+    timeout: Duration,
+    /// The next request id; replies with another id are ignored.
+    next_request: u32,
+}
+
+/// A request is sent this many times at most, evenly over the timeout.
+const ATTEMPTS: u32 = 3;
+
+impl Client {
+    /// A client for `server` that gives up on a request after `timeout`.
+    pub fn new(server: SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let socket = connect(server)?;
+        // Start request ids from the clock so two runs are unlikely to reuse one.
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
+        Ok(Client {
+            socket,
+            server,
+            timeout,
+            next_request: seed,
+        })
+    }
+
+    /// Sends a query and returns the status body of the matching reply,
+    /// passed to `answer` while it still borrows the receive buffer.
+    fn ask<R>(
+        &mut self,
+        kind: QueryKind<'_>,
+        answer: impl FnOnce(StatusBody<'_>) -> Result<R, ClientError>,
+    ) -> Result<R, ClientError> {
+        let request = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        let mut out = [0u8; wire::MAX_DATAGRAM];
+        let len = wire::encode(&Message::Query(Query { request, kind }), &mut out)?;
+        let mut buf = [0u8; wire::MAX_DATAGRAM + 1];
+        let started = Instant::now();
+        let give_up = started + self.timeout;
+        for attempt in 1..=ATTEMPTS {
+            self.socket.send(&out[..len])?;
+            let resend_at = (started + self.timeout * attempt / ATTEMPTS).min(give_up);
+            while let Some(n) = recv_until(&self.socket, resend_at, &mut buf)? {
+                match wire::decode(&buf[..n]) {
+                    Ok(Message::Status(Status { request: r, body })) if r == request => {
+                        return answer(body);
+                    }
+                    Ok(Message::Error(error)) => {
+                        return Err(ClientError::UnsupportedVersion {
+                            server_version: error.supported_version,
+                        });
+                    }
+                    // A late reply to an earlier request, or noise: keep waiting.
+                    _ => {}
+                }
+            }
+        }
+        Err(ClientError::NoReply {
+            server: self.server,
+            timeout: self.timeout,
+        })
+    }
+
+    /// The server's summary.
+    pub fn summary(&mut self) -> Result<SummaryReport, ClientError> {
+        self.ask(QueryKind::Summary, |body| match body {
+            StatusBody::Summary(s) => {
+                let mut drops = BTreeMap::new();
+                for counter in s.counters.iter() {
+                    let counter = counter?;
+                    let name = match DropReason::from_code(counter.code) {
+                        Some(reason) => reason.name().to_owned(),
+                        None => format!("code_{}", counter.code),
+                    };
+                    drops.insert(name, counter.count);
+                }
+                Ok(SummaryReport {
+                    online: s.online,
+                    known: s.known,
+                    uptime_ms: s.uptime_ms,
+                    heartbeats: s.heartbeats,
+                    leaves: s.leaves,
+                    queries: s.queries,
+                    expirations: s.expirations,
+                    drops,
+                })
+            }
+            _ => Err(ClientError::UnexpectedReply),
+        })
+    }
+
+    /// One device; `None` if the server does not know it.
+    pub fn device(&mut self, device: &str) -> Result<Option<DeviceReport>, ClientError> {
+        self.ask(QueryKind::Device(device), |body| match body {
+            StatusBody::Device(info) if info.device == device => {
+                Ok(Some(DeviceReport::from(&info)))
+            }
+            StatusBody::UnknownDevice => Ok(None),
+            _ => Err(ClientError::UnexpectedReply),
+        })
+    }
+
+    /// One page of the online list, after `cursor`; returns the devices and
+    /// the cursor of the next page, if there is one. `limit` 0 means as many
+    /// as fit in one datagram.
+    pub fn list_page(
+        &mut self,
+        cursor: Option<&str>,
+        limit: u16,
+    ) -> Result<(Vec<DeviceReport>, Option<String>), ClientError> {
+        self.ask(
+            QueryKind::List {
+                after: cursor,
+                limit,
+            },
+            |body| match body {
+                StatusBody::Page(page) => {
+                    let devices = page
+                        .entries
+                        .iter()
+                        .map(|info| info.map(|info| DeviceReport::from(&info)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((devices, page.next_cursor.map(str::to_owned)))
+                }
+                _ => Err(ClientError::UnexpectedReply),
+            },
+        )
+    }
+
+    /// Every online device, following pages until the last.
+    pub fn list_all(&mut self) -> Result<Vec<DeviceReport>, ClientError> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (devices, next) = self.list_page(cursor.as_deref(), 0)?;
+            all.extend(devices);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => return Ok(all),
+            }
+        }
+    }
+}
+
+/// Sends one device's heartbeats: a fixed boot epoch and an increasing
+/// sequence number, as a device would.
+#[derive(Debug)]
+pub struct Sender {
+    /// Connected to the server.
+    socket: UdpSocket,
+    /// The device id.
+    device: String,
+    /// This run's boot epoch.
+    boot: u32,
+    /// The sequence number of the next heartbeat.
+    seq: u32,
+    /// The declared interval in milliseconds (0 = server default).
+    interval_ms: u32,
+    /// The payload sent with each heartbeat.
+    payload: Vec<u8>,
+}
+
+impl Sender {
+    /// A sender for `device`, declaring `interval` (zero = none), with boot
+    /// epoch `boot`. Fails if the id is not 1..=64 bytes.
+    pub fn new(
+        server: SocketAddr,
+        device: &str,
+        interval: Duration,
+        boot: u32,
+    ) -> Result<Self, ClientError> {
+        if device.is_empty() || device.len() > wire::MAX_ID_LEN {
+            return Err(wire::Error::BadDeviceId.into());
+        }
+        Ok(Sender {
+            socket: connect(server)?,
+            device: device.to_owned(),
+            boot,
+            seq: 1,
+            interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+            payload: Vec::new(),
+        })
+    }
+
+    /// Sets the payload of the following heartbeats.
+    pub fn set_payload(&mut self, payload: &[u8]) -> Result<(), ClientError> {
+        if payload.len() > wire::MAX_PAYLOAD_LEN {
+            return Err(wire::Error::PayloadTooLong.into());
+        }
+        self.payload = payload.to_vec();
+        Ok(())
+    }
+
+    /// This sender's boot epoch.
+    pub fn boot(&self) -> u32 {
+        self.boot
+    }
+
+    /// The local address heartbeats are sent from.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Sends the next heartbeat; returns its sequence number and frame size.
+    pub fn beat(&mut self, ask_ack: bool) -> Result<(u32, usize), ClientError> {
+        let seq = self.seq;
+        let mut buf = [0u8; wire::MAX_DATAGRAM];
+        let len = wire::encode(
+            &Message::Heartbeat(Heartbeat {
+                device: &self.device,
+                boot: self.boot,
+                seq,
+                interval_ms: self.interval_ms,
+                flags: if ask_ack { wire::FLAG_ACK } else { 0 },
+                payload: &self.payload,
+            }),
+            &mut buf,
+        )?;
+        self.seq = self.seq.wrapping_add(1);
+        self.socket.send(&buf[..len])?;
+        Ok((seq, len))
+    }
+
+    /// Waits up to `timeout` for the ack of heartbeat `seq`.
+    pub fn wait_ack(&mut self, seq: u32, timeout: Duration) -> Result<Option<Ack>, ClientError> {
+        let give_up = Instant::now() + timeout;
+        let mut buf = [0u8; wire::MAX_DATAGRAM + 1];
+        while let Some(n) = recv_until(&self.socket, give_up, &mut buf)? {
+            match wire::decode(&buf[..n]) {
+                Ok(Message::Ack(ack)) if ack.seq == seq && ack.boot == self.boot => {
+                    return Ok(Some(ack));
+                }
+                Ok(Message::Error(error)) => {
+                    return Err(ClientError::UnsupportedVersion {
+                        server_version: error.supported_version,
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    /// Tells the server this device is going offline now.
+    pub fn leave(&mut self) -> Result<(), ClientError> {
+        let mut buf = [0u8; wire::MAX_DATAGRAM];
+        let len = wire::encode(
+            &Message::Leave(Leave {
+                device: &self.device,
+                boot: self.boot,
+                seq: self.seq,
+            }),
+            &mut buf,
+        )?;
+        self.socket.send(&buf[..len])?;
+        Ok(())
+    }
+}

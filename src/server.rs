@@ -1,0 +1,255 @@
+//! The server: one loop that owns the socket and the clock and drives the
+//! [`Tracker`].
+//!
+//! The loop asks the engine for its next deadline, sets the socket's read
+//! timeout to the time left until then, and either handles a datagram or,
+//! when the timeout fires, expires what is due. Nothing scans all devices on
+//! a tick, and with no device online the loop blocks until a datagram comes.
+//!
+//! [`run`] takes an already bound socket and a [`Stop`], so tests bind
+//! `127.0.0.1:0` and stop the loop when they are done.
+
+use std::io::{self, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::tracker::{Event, EventKind, Handled, Tracker};
+use crate::wire::{self, DropReason};
+
+/// Receive buffer size: larger than [`wire::MAX_DATAGRAM`] so an oversized
+/// datagram is seen as oversized rather than silently cut to fit.
+const RECV_BUF: usize = 2048;
+
+/// A bound UDP socket and what the kernel granted.
+#[derive(Debug)]
+pub struct Bound {
+    /// The socket, ready for [`run`].
+    pub socket: UdpSocket,
+    /// The address it is bound to (with the real port if 0 was asked).
+    pub local_addr: SocketAddr,
+    /// The receive buffer the kernel actually granted, in bytes (Linux
+    /// reports twice the usable size, and caps requests at `net.core.rmem_max`).
+    pub recv_buffer: usize,
+}
+
+/// Binds a UDP socket for the server. `[::]:port` gives a dual-stack socket
+/// that also receives IPv4. `recv_buffer`, if given, is requested as
+/// SO_RCVBUF; see [`Bound::recv_buffer`] for what was granted.
+pub fn bind(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Bound> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size)?;
+    }
+    socket.bind(&addr.into())?;
+    let granted = socket.recv_buffer_size()?;
+    let socket: UdpSocket = socket.into();
+    let local_addr = socket.local_addr()?;
+    Ok(Bound {
+        socket,
+        local_addr,
+        recv_buffer: granted,
+    })
+}
+
+/// Asks a running [`run`] loop to finish. Cloneable and usable from any
+/// thread (a signal handler thread, a test).
+#[derive(Debug, Clone)]
+pub struct Stop {
+    /// Set once; the loop checks it after every wake-up.
+    requested: Arc<AtomicBool>,
+    /// Where to send the empty datagram that wakes a loop blocked in receive.
+    wake: SocketAddr,
+}
+
+impl Stop {
+    /// A stop signal for a loop receiving on `local_addr`.
+    pub fn new(local_addr: SocketAddr) -> Self {
+        let ip = match local_addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Stop {
+            requested: Arc::new(AtomicBool::new(false)),
+            wake: SocketAddr::new(ip, local_addr.port()),
+        }
+    }
+
+    /// Asks the loop to stop and wakes it with an empty datagram.
+    pub fn stop(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+        let unspecified: SocketAddr = match self.wake {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        // If this fails the loop still stops at its next wake-up.
+        if let Ok(socket) = UdpSocket::bind(unspecified) {
+            let _ = socket.send_to(&[], self.wake);
+        }
+    }
+
+    /// Whether a stop was asked for.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+}
+
+/// Where transitions are published: JSON lines, one per event, and a
+/// tracing record. Flushed after each batch, so a reader sees an event as
+/// soon as the loop has handled it.
+pub struct EventLog {
+    /// The JSON lines destination, if `--events` was given.
+    out: Option<Box<dyn Write + Send>>,
+}
+
+/// One line of the events file.
+#[derive(Serialize)]
+struct EventLine<'a> {
+    /// RFC 3339 wall time, milliseconds.
+    time: String,
+    /// The device id.
+    device: &'a str,
+    /// `online` or `offline`.
+    event: &'static str,
+    /// `expired` or `left`, for offline events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    /// The device's last known address.
+    address: SocketAddr,
+}
+
+impl EventLog {
+    /// Events go to the log only.
+    pub fn none() -> Self {
+        EventLog { out: None }
+    }
+
+    /// Events also go to `out` as JSON lines.
+    pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
+        EventLog { out: Some(out) }
+    }
+
+    /// Publishes one event that happened at wall time `wall`.
+    pub fn record(&mut self, event: &Event, wall: SystemTime) -> io::Result<()> {
+        let reason = match event.kind {
+            EventKind::Online => None,
+            EventKind::Offline(reason) => Some(reason.name()),
+        };
+        let address = SocketAddr::from(wire::Addr::from(event.addr));
+        tracing::info!(device = %event.device, event = event.kind.name(), reason, %address, "transition");
+        let Some(out) = &mut self.out else {
+            return Ok(());
+        };
+        let line = EventLine {
+            time: humantime::format_rfc3339_millis(wall).to_string(),
+            device: &event.device,
+            event: event.kind.name(),
+            reason,
+            address,
+        };
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")
+    }
+
+    /// Flushes the JSON lines destination.
+    pub fn flush(&mut self) -> io::Result<()> {
+        match &mut self.out {
+            Some(out) => out.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Runs the loop on `socket` until `stop` is requested, then flushes the
+/// event log. Returns the engine, so callers can read its final counters.
+///
+/// Receive errors are logged and the loop goes on; only a failure to set the
+/// socket's timeout or to write the event log ends it with an error.
+pub fn run(
+    socket: &UdpSocket,
+    mut tracker: Tracker,
+    stop: &Stop,
+    events: &mut EventLog,
+) -> io::Result<Tracker> {
+    let mut datagram = vec![0u8; RECV_BUF];
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    while !stop.is_requested() {
+        let now = Instant::now();
+        tracker.handle_timeout(now);
+        publish(&mut tracker, events)?;
+        let wait = match tracker.poll_timeout() {
+            None => None,
+            Some(deadline) => match deadline.checked_duration_since(now) {
+                Some(wait) if !wait.is_zero() => Some(wait),
+                _ => continue, // already due: sweep again
+            },
+        };
+        socket.set_read_timeout(wait)?;
+        let (len, from) = match socket.recv_from(&mut datagram) {
+            Ok(received) => received,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "receive failed");
+                continue;
+            }
+        };
+        if stop.is_requested() {
+            break;
+        }
+        match tracker.handle(Instant::now(), from, &datagram[..len], &mut reply) {
+            Handled::Done => {}
+            Handled::Reply(n) => send_reply(socket, &reply[..n], from),
+            Handled::Dropped {
+                reason,
+                reply: answer,
+            } => {
+                log_drop(reason, from, len);
+                if let Some(n) = answer {
+                    send_reply(socket, &reply[..n], from);
+                }
+            }
+        }
+        publish(&mut tracker, events)?;
+    }
+    publish(&mut tracker, events)?;
+    Ok(tracker)
+}
+
+fn publish(tracker: &mut Tracker, events: &mut EventLog) -> io::Result<()> {
+    let mut any = false;
+    while let Some(event) = tracker.poll_event() {
+        events.record(&event, tracker.wall_time(event.at))?;
+        any = true;
+    }
+    if any {
+        events.flush()?;
+    }
+    Ok(())
+}
+
+fn send_reply(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
+    if let Err(e) = socket.send_to(reply, to) {
+        tracing::debug!(error = %e, %to, "reply not sent");
+    }
+}
+
+fn log_drop(reason: DropReason, from: SocketAddr, len: usize) {
+    tracing::debug!(reason = reason.name(), %from, len, "datagram dropped");
+}

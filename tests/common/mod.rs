@@ -1,0 +1,164 @@
+//! Shared harness for the end-to-end tests: starts the real `presence`
+//! binary on 127.0.0.1:0 and waits for things by polling against a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_presence");
+
+/// Generous bound for anything the server should do "at once".
+pub const PROMPTLY: Duration = Duration::from_secs(10);
+
+/// Calls `probe` until it returns `Some`, or panics after `limit`.
+pub fn poll<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running `presence serve`, killed on drop.
+pub struct Server {
+    /// The child process.
+    pub child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The events file (JSON lines).
+    pub events: PathBuf,
+    /// Keeps the events file's directory alive.
+    _dir: tempfile::TempDir,
+    /// Log lines from stderr, as they arrive.
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    /// Starts the server on 127.0.0.1:0 with `extra` flags after the
+    /// harness's own (`--log-format json --events FILE`).
+    pub fn start(extra: &[&str]) -> Server {
+        Server::start_on("127.0.0.1:0", extra)
+    }
+
+    /// Starts the server bound to `bind`, with `extra` flags.
+    pub fn start_on(bind: &str, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let events = dir.path().join("events.jsonl");
+        let mut child = Command::new(BIN)
+            .args(["--log-format", "json", "serve", "--bind", bind, "--events"])
+            .arg(&events)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start presence serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + PROMPTLY;
+        let addr = loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line = log
+                .recv_timeout(wait)
+                .expect("server did not log 'listening' in time");
+            let record: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+            if record["fields"]["message"] == "listening" {
+                break record["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        Server {
+            child,
+            addr,
+            events,
+            _dir: dir,
+            log,
+        }
+    }
+
+    /// The events written so far, parsed.
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.events)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each events line is JSON"))
+            .collect()
+    }
+
+    /// Polls the events file until one matches `device`, `event` (and `reason`).
+    pub fn wait_event(
+        &self,
+        device: &str,
+        event: &str,
+        reason: Option<&str>,
+        limit: Duration,
+    ) -> serde_json::Value {
+        poll(&format!("{event} event of {device}"), limit, || {
+            self.events().into_iter().find(|e| {
+                e["device"] == device
+                    && e["event"] == event
+                    && reason.is_none_or(|r| e["reason"] == r)
+            })
+        })
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: kill(2) with a pid we own and a valid signal number.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill failed");
+        poll("server exit", PROMPTLY, || self.child.try_wait().unwrap())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the CLI with `args` and returns its output, giving up after a while.
+pub fn cli(args: &[&str]) -> Output {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run presence");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the CLI did not finish within 60 s")
+        .unwrap()
+}
+
+/// stdout as text.
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// stderr as text.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
