@@ -1,0 +1,145 @@
+//! A device written against the `no_std` API alone.
+//!
+//! Everything in `firmware` uses `core` and `presence::wire` only: frames are
+//! encoded into a fixed buffer on the device struct, nothing is allocated, and
+//! the network is a two-method trait. `main` is the std "edge" that plugs a
+//! UDP socket into that trait so the example runs on a PC:
+//!
+//! ```text
+//! cargo run --example device -- 127.0.0.1:7787 boiler-7 5
+//! ```
+//! (server address, device id, number of heartbeats; one per second).
+
+mod firmware {
+    use presence::wire::{self, Ack, Heartbeat, Leave, Message};
+
+    /// The radio or network stack of the board: send a frame, maybe receive one.
+    pub trait Link {
+        /// Sends one datagram to the server.
+        fn send(&mut self, frame: &[u8]);
+        /// Returns a received datagram in `buf`, if one is waiting.
+        fn try_recv(&mut self, buf: &mut [u8]) -> Option<usize>;
+    }
+
+    /// A heartbeat frame with a 64-byte id and payload needs at most
+    /// 1 + 1 + 65 + 5 + 5 + 5 + 1 + 65 bytes; 160 leaves room.
+    const FRAME_BUF: usize = 160;
+
+    /// The device's presence state: a few words and one frame buffer.
+    pub struct Device<L: Link> {
+        /// Where frames go.
+        link: L,
+        /// Our id; set at provisioning.
+        id: &'static str,
+        /// Must change on every boot; real firmware keeps a counter in flash.
+        boot: u32,
+        /// The next heartbeat's sequence number.
+        seq: u32,
+        /// How often `tick` is called, declared to the server.
+        interval_ms: u32,
+        /// Frames are encoded here; no allocator needed.
+        frame: [u8; FRAME_BUF],
+    }
+
+    impl<L: Link> Device<L> {
+        /// A device that will beat every `interval_ms`.
+        pub fn new(link: L, id: &'static str, boot: u32, interval_ms: u32) -> Self {
+            Device {
+                link,
+                id,
+                boot,
+                seq: 1,
+                interval_ms,
+                frame: [0; FRAME_BUF],
+            }
+        }
+
+        /// Sends one heartbeat carrying the battery level; asks for an ack
+        /// on the first one so the device learns the server's TTL.
+        pub fn tick(&mut self, battery_percent: u8) -> Result<usize, wire::Error> {
+            let payload = [b'b', battery_percent];
+            let flags = if self.seq == 1 { wire::FLAG_ACK } else { 0 };
+            let hb = Heartbeat {
+                device: self.id,
+                boot: self.boot,
+                seq: self.seq,
+                interval_ms: self.interval_ms,
+                flags,
+                payload: &payload,
+            };
+            let len = wire::encode(&Message::Heartbeat(hb), &mut self.frame)?;
+            self.link.send(&self.frame[..len]);
+            self.seq = self.seq.wrapping_add(1);
+            Ok(len)
+        }
+
+        /// Takes an ack off the link, if the server sent one.
+        pub fn poll_ack(&mut self) -> Option<Ack> {
+            let len = self.link.try_recv(&mut self.frame)?;
+            match wire::decode(&self.frame[..len]) {
+                Ok(Message::Ack(ack)) if ack.boot == self.boot => Some(ack),
+                _ => None,
+            }
+        }
+
+        /// Says goodbye before powering down.
+        pub fn leave(&mut self) -> Result<(), wire::Error> {
+            let leave = Leave {
+                device: self.id,
+                boot: self.boot,
+                seq: self.seq,
+            };
+            let len = wire::encode(&Message::Leave(leave), &mut self.frame)?;
+            self.link.send(&self.frame[..len]);
+            Ok(())
+        }
+    }
+}
+
+use std::net::UdpSocket;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The std edge: a UDP socket connected to the server.
+struct UdpLink(UdpSocket);
+
+impl firmware::Link for UdpLink {
+    fn send(&mut self, frame: &[u8]) {
+        if let Err(e) = self.0.send(frame) {
+            eprintln!("send failed: {e}");
+        }
+    }
+
+    fn try_recv(&mut self, buf: &mut [u8]) -> Option<usize> {
+        self.0.recv(buf).ok()
+    }
+}
+
+fn main() -> std::io::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let server = args.next().unwrap_or_else(|| "127.0.0.1:7787".into());
+    // The firmware keeps its id for its whole life.
+    let id: &'static str = args.next().unwrap_or_else(|| "example-device".into()).leak();
+    let count: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(5);
+
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.connect(&server)?;
+    socket.set_read_timeout(Some(Duration::from_millis(500)))?;
+    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    let mut device = firmware::Device::new(UdpLink(socket), id, boot, 1000);
+    for i in 0..count {
+        let len = device.tick(100 - (i % 100) as u8).expect("valid frame");
+        println!("heartbeat {} ({len} bytes)", i + 1);
+        if i == 0 {
+            match device.poll_ack() {
+                Some(ack) => println!("server: beat every {} ms, offline after {} ms", ack.interval_ms, ack.ttl_ms),
+                None => println!("no ack (is the server running at {server}?)"),
+            }
+        }
+        if i + 1 < count {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    device.leave().expect("valid frame");
+    println!("left");
+    Ok(())
+}
