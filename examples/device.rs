@@ -118,20 +118,28 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let server = args.next().unwrap_or_else(|| "127.0.0.1:7787".into());
     // The firmware keeps its id for its whole life.
-    let id: &'static str = args.next().unwrap_or_else(|| "example-device".into()).leak();
+    let id: &'static str = args
+        .next()
+        .unwrap_or_else(|| "example-device".into())
+        .leak();
     let count: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(5);
 
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(&server)?;
     socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    let boot = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() as u32);
     let mut device = firmware::Device::new(UdpLink(socket), id, boot, 1000);
     for i in 0..count {
         let len = device.tick(100 - (i % 100) as u8).expect("valid frame");
         println!("heartbeat {} ({len} bytes)", i + 1);
         if i == 0 {
             match device.poll_ack() {
-                Some(ack) => println!("server: beat every {} ms, offline after {} ms", ack.interval_ms, ack.ttl_ms),
+                Some(ack) => println!(
+                    "server: beat every {} ms, offline after {} ms",
+                    ack.interval_ms, ack.ttl_ms
+                ),
                 None => println!("no ack (is the server running at {server}?)"),
             }
         }

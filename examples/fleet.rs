@@ -38,10 +38,18 @@ struct Args {
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let socket = UdpSocket::bind(if args.server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    let socket = UdpSocket::bind(if args.server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
     socket.connect(args.server)?;
-    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
-    let ids: Vec<String> = (0..args.devices).map(|i| format!("{}-{i}", args.prefix)).collect();
+    let boot = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs() as u32);
+    let ids: Vec<String> = (0..args.devices)
+        .map(|i| format!("{}-{i}", args.prefix))
+        .collect();
     let interval_ms = u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX);
     let n = u64::from(args.devices.max(1));
     let started = Instant::now();
@@ -75,12 +83,21 @@ fn main() -> std::io::Result<()> {
             }
             sent += 1;
         }
-        let next = Duration::from_nanos((args.interval.as_nanos() * u128::from(sent) / u128::from(n)) as u64);
-        std::thread::sleep(next.saturating_sub(started.elapsed()).min(Duration::from_millis(50)));
+        let next = Duration::from_nanos(
+            (args.interval.as_nanos() * u128::from(sent) / u128::from(n)) as u64,
+        );
+        std::thread::sleep(
+            next.saturating_sub(started.elapsed())
+                .min(Duration::from_millis(50)),
+        );
     }
     if args.leave {
         for device in &ids {
-            let leave = Leave { device, boot, seq: 0 };
+            let leave = Leave {
+                device,
+                boot,
+                seq: 0,
+            };
             let len = wire::encode(&Message::Leave(leave), &mut frame).expect("valid frame");
             let _ = socket.send(&frame[..len]);
         }

@@ -16,9 +16,15 @@ use crate::wire::{
 /// Why a request to the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The socket failed, e.g. the server's port is closed ("connection refused").
-    #[error("{0}")]
+    /// The socket failed.
+    #[error(transparent)]
     Io(#[from] io::Error),
+    /// The server's host said nothing listens on that port (ICMP port unreachable).
+    #[error("nothing is listening on {server} (connection refused)")]
+    Refused {
+        /// Who was asked.
+        server: SocketAddr,
+    },
     /// Nothing came back in time.
     #[error("no reply from {server} within {}", humantime::format_duration(*timeout))]
     NoReply {
@@ -40,7 +46,7 @@ pub enum ClientError {
     #[error("unexpected reply from the server")]
     UnexpectedReply,
     /// A frame could not be built (e.g. an id too long).
-    #[error("invalid request: {0}")]
+    #[error(transparent)]
     Wire(#[from] wire::Error),
 }
 
@@ -211,6 +217,21 @@ impl Client {
     /// Sends a query and returns the status body of the matching reply,
     /// passed to `answer` while it still borrows the receive buffer.
     fn ask<R>(
+        &mut self,
+        kind: QueryKind<'_>,
+        answer: impl FnOnce(StatusBody<'_>) -> Result<R, ClientError>,
+    ) -> Result<R, ClientError> {
+        self.exchange(kind, answer).map_err(|e| match e {
+            ClientError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused => {
+                ClientError::Refused {
+                    server: self.server,
+                }
+            }
+            other => other,
+        })
+    }
+
+    fn exchange<R>(
         &mut self,
         kind: QueryKind<'_>,
         answer: impl FnOnce(StatusBody<'_>) -> Result<R, ClientError>,
