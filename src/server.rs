@@ -1,10 +1,11 @@
 //! The server: one loop that owns the socket and the clock and drives the
 //! [`Tracker`].
 //!
-//! The loop asks the engine for its next deadline, sets the socket's read
-//! timeout to the time left until then, and either handles a datagram or,
-//! when the timeout fires, expires what is due. Nothing scans all devices on
-//! a tick, and with no device online the loop blocks until a datagram comes.
+//! The loop asks the engine for its next deadline, arms a one-shot timer
+//! for it, and waits for either the socket or the timer. It then handles the
+//! datagrams that arrived (a bounded batch) and expires what is due. Nothing
+//! scans all devices on a tick, and with no device online the timer is
+//! disarmed and the loop blocks until a datagram comes.
 //!
 //! [`run`] takes an already bound socket and a [`Stop`], so tests bind
 //! `127.0.0.1:0` and stop the loop when they are done.
@@ -168,61 +169,134 @@ impl EventLog {
     }
 }
 
+/// Datagrams handled per wake-up before the loop checks its timer again.
+const BATCH: usize = 64;
+
+/// A one-shot monotonic timer (Linux timerfd) that the loop polls beside the
+/// socket. Unlike a socket read timeout (SO_RCVTIMEO, jiffy-rounded) or a
+/// poll timeout (the kernel adds slack of 0.1% of the wait), a relative
+/// timerfd fires at its deadline, give or take the scheduler.
+struct Timer {
+    /// The timerfd.
+    fd: rustix::fd::OwnedFd,
+    /// The deadline it is armed for, if any.
+    armed: Option<Instant>,
+}
+
+impl Timer {
+    fn new() -> io::Result<Self> {
+        use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
+        let fd = timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+        )?;
+        Ok(Timer { fd, armed: None })
+    }
+
+    /// Arms the timer for `deadline` (disarms it for `None`), unless it is
+    /// armed for that already. `now` must be the current time.
+    fn arm(&mut self, deadline: Option<Instant>, now: Instant) -> io::Result<()> {
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
+        if deadline == self.armed {
+            return Ok(());
+        }
+        // A zero it_value disarms; a due deadline is armed for 1 ns so it fires at once.
+        let value = match deadline {
+            None => Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            Some(deadline) => {
+                let wait = deadline
+                    .saturating_duration_since(now)
+                    .max(std::time::Duration::from_nanos(1));
+                Timespec {
+                    tv_sec: wait.as_secs().try_into().unwrap_or(i64::MAX),
+                    tv_nsec: wait.subsec_nanos().into(),
+                }
+            }
+        };
+        let spec = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: value,
+        };
+        timerfd_settime(&self.fd, TimerfdTimerFlags::empty(), &spec)?;
+        self.armed = deadline;
+        Ok(())
+    }
+
+    /// Consumes a expiry, if the timer fired; it then counts as disarmed.
+    fn clear(&mut self) {
+        let mut ticks = [0u8; 8];
+        if rustix::io::read(&self.fd, &mut ticks).is_ok() {
+            self.armed = None;
+        }
+    }
+}
+
+/// Blocks until the socket or the timer is readable (or a signal interrupts).
+fn wait(socket: &UdpSocket, timer: &Timer) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, poll};
+    let mut fds = [
+        PollFd::new(socket, PollFlags::IN),
+        PollFd::new(&timer.fd, PollFlags::IN),
+    ];
+    match poll(&mut fds, None) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs the loop on `socket` until `stop` is requested, then flushes the
 /// event log. Returns the engine, so callers can read its final counters.
 ///
-/// Receive errors are logged and the loop goes on; only a failure to set the
-/// socket's timeout or to write the event log ends it with an error.
+/// The socket is switched to non-blocking mode. Receive errors are logged
+/// and the loop goes on; only a failure of the timer, of poll, or of writing
+/// the event log ends it with an error.
 pub fn run(
     socket: &UdpSocket,
     mut tracker: Tracker,
     stop: &Stop,
     events: &mut EventLog,
 ) -> io::Result<Tracker> {
+    socket.set_nonblocking(true)?;
+    let mut timer = Timer::new()?;
     let mut datagram = vec![0u8; RECV_BUF];
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
-    while !stop.is_requested() {
+    'run: while !stop.is_requested() {
         let now = Instant::now();
         tracker.handle_timeout(now);
         publish(&mut tracker, events)?;
-        let wait = match tracker.poll_timeout() {
-            None => None,
-            Some(deadline) => match deadline.checked_duration_since(now) {
-                Some(wait) if !wait.is_zero() => Some(wait),
-                _ => continue, // already due: sweep again
-            },
-        };
-        socket.set_read_timeout(wait)?;
-        let (len, from) = match socket.recv_from(&mut datagram) {
-            Ok(received) => received,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
+        timer.arm(tracker.poll_timeout(), now)?;
+        wait(socket, &timer)?;
+        timer.clear();
+        for _ in 0..BATCH {
+            let (len, from) = match socket.recv_from(&mut datagram) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receive failed");
+                    break;
+                }
+            };
+            if stop.is_requested() {
+                break 'run;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "receive failed");
-                continue;
-            }
-        };
-        if stop.is_requested() {
-            break;
-        }
-        match tracker.handle(Instant::now(), from, &datagram[..len], &mut reply) {
-            Handled::Done => {}
-            Handled::Reply(n) => send_reply(socket, &reply[..n], from),
-            Handled::Dropped {
-                reason,
-                reply: answer,
-            } => {
-                log_drop(reason, from, len);
-                if let Some(n) = answer {
-                    send_reply(socket, &reply[..n], from);
+            match tracker.handle(Instant::now(), from, &datagram[..len], &mut reply) {
+                Handled::Done => {}
+                Handled::Reply(n) => send_reply(socket, &reply[..n], from),
+                Handled::Dropped {
+                    reason,
+                    reply: answer,
+                } => {
+                    log_drop(reason, from, len);
+                    if let Some(n) = answer {
+                        send_reply(socket, &reply[..n], from);
+                    }
                 }
             }
         }
