@@ -6,11 +6,13 @@
 //! UDP socket into that trait so the example runs on a PC:
 //!
 //! ```text
-//! cargo run --example device -- 127.0.0.1:7787 boiler-7 5
+//! cargo run --example device -- 127.0.0.1:7787 boiler-7 5 [DEVICE-KEY-HEX]
 //! ```
-//! (server address, device id, number of heartbeats; one per second).
+//! (server address, device id, number of heartbeats, one per second, and
+//! the device key if the server requires signed heartbeats).
 
 mod firmware {
+    use presence::auth::{self, Key};
     use presence::wire::{self, Ack, Heartbeat, Leave, Message};
 
     /// The radio or network stack of the board: send a frame, maybe receive one.
@@ -22,7 +24,7 @@ mod firmware {
     }
 
     /// A heartbeat frame with a 64-byte id and payload needs at most
-    /// 1 + 1 + 65 + 5 + 5 + 5 + 1 + 65 bytes; 160 leaves room.
+    /// 1 + 1 + 65 + 5 + 5 + 5 + 1 + 65 + 9 bytes; 160 leaves room.
     const FRAME_BUF: usize = 160;
 
     /// The device's presence state: a few words and one frame buffer.
@@ -39,18 +41,21 @@ mod firmware {
         interval_ms: u32,
         /// Frames are encoded here; no allocator needed.
         frame: [u8; FRAME_BUF],
+        /// This device's key (from `presence derive-key`), if the server requires signatures.
+        key: Option<Key>,
     }
 
     impl<L: Link> Device<L> {
         /// A device that will beat every `interval_ms`.
-        pub fn new(link: L, id: &'static str, boot: u32, interval_ms: u32) -> Self {
-            Device {
-                link,
-                id,
-                boot,
-                seq: 1,
-                interval_ms,
-                frame: [0; FRAME_BUF],
+        pub fn new(link: L, id: &'static str, boot: u32, interval_ms: u32, key: Option<Key>) -> Self {
+            Device { link, id, boot, seq: 1, interval_ms, frame: [0; FRAME_BUF], key }
+        }
+
+        /// Encodes into the frame buffer, signing if the device has a key.
+        fn encode(&mut self, message: &Message<'_>) -> Result<usize, wire::Error> {
+            match &self.key {
+                Some(key) => auth::encode_signed(message, key, &mut self.frame),
+                None => wire::encode(message, &mut self.frame),
             }
         }
 
@@ -66,8 +71,9 @@ mod firmware {
                 interval_ms: self.interval_ms,
                 flags,
                 payload: &payload,
+                tag: None,
             };
-            let len = wire::encode(&Message::Heartbeat(hb), &mut self.frame)?;
+            let len = self.encode(&Message::Heartbeat(hb))?;
             self.link.send(&self.frame[..len]);
             self.seq = self.seq.wrapping_add(1);
             Ok(len)
@@ -84,12 +90,8 @@ mod firmware {
 
         /// Says goodbye before powering down.
         pub fn leave(&mut self) -> Result<(), wire::Error> {
-            let leave = Leave {
-                device: self.id,
-                boot: self.boot,
-                seq: self.seq,
-            };
-            let len = wire::encode(&Message::Leave(leave), &mut self.frame)?;
+            let leave = Leave { device: self.id, boot: self.boot, seq: self.seq, tag: None };
+            let len = self.encode(&Message::Leave(leave))?;
             self.link.send(&self.frame[..len]);
             Ok(())
         }
@@ -118,28 +120,24 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     let server = args.next().unwrap_or_else(|| "127.0.0.1:7787".into());
     // The firmware keeps its id for its whole life.
-    let id: &'static str = args
-        .next()
-        .unwrap_or_else(|| "example-device".into())
-        .leak();
+    let id: &'static str = args.next().unwrap_or_else(|| "example-device".into()).leak();
     let count: u32 = args.next().and_then(|n| n.parse().ok()).unwrap_or(5);
+    // Optional: the device key in hex, as printed by `presence derive-key`.
+    let key = args.next().map(|hex| presence::keyfile::parse_hex_key(&hex).expect("a 64-digit hex key"));
 
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.connect(&server)?;
     socket.set_read_timeout(Some(Duration::from_millis(500)))?;
-    let boot = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs() as u32);
-    let mut device = firmware::Device::new(UdpLink(socket), id, boot, 1000);
+    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    let mut device = firmware::Device::new(UdpLink(socket), id, boot, 1000, key);
     for i in 0..count {
         let len = device.tick(100 - (i % 100) as u8).expect("valid frame");
         println!("heartbeat {} ({len} bytes)", i + 1);
         if i == 0 {
             match device.poll_ack() {
-                Some(ack) => println!(
-                    "server: beat every {} ms, offline after {} ms",
-                    ack.interval_ms, ack.ttl_ms
-                ),
+                Some(ack) => {
+                    println!("server: beat every {} ms, offline after {} ms", ack.interval_ms, ack.ttl_ms)
+                }
                 None => println!("no ack (is the server running at {server}?)"),
             }
         }

@@ -11,7 +11,17 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
+use presence::auth::{self, Key};
+use presence::keyfile::KeyFile;
 use presence::wire::{self, Heartbeat, Leave, Message};
+
+/// Encodes `message`, signed with `key` if there is one.
+fn encode(message: &Message<'_>, key: Option<&Key>, buf: &mut [u8]) -> Result<usize, wire::Error> {
+    match key {
+        Some(key) => auth::encode_signed(message, key, buf),
+        None => wire::encode(message, buf),
+    }
+}
 
 /// Simulates many devices sending heartbeats.
 #[derive(Debug, Parser)]
@@ -34,22 +44,30 @@ struct Args {
     /// Send a Leave for every device at the end.
     #[arg(long)]
     leave: bool,
+    /// Sign as every device, deriving each device's key from this master key
+    /// file (a simulator may; a real device holds only its own key).
+    #[arg(long)]
+    key_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
-    let socket = UdpSocket::bind(if args.server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })?;
+    let socket = UdpSocket::bind(if args.server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     socket.connect(args.server)?;
-    let boot = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs() as u32);
-    let ids: Vec<String> = (0..args.devices)
-        .map(|i| format!("{}-{i}", args.prefix))
-        .collect();
+    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    let ids: Vec<String> = (0..args.devices).map(|i| format!("{}-{i}", args.prefix)).collect();
+    let keys: Option<Vec<Key>> = match &args.key_file {
+        None => None,
+        Some(path) => match KeyFile::read(path).map_err(std::io::Error::other)? {
+            KeyFile::Master(master) | KeyFile::Raw(master) => {
+                Some(ids.iter().map(|id| auth::device_key(&master, id)).collect())
+            }
+            other => {
+                return Err(std::io::Error::other(format!("--key-file needs the master key, not {other:?}")));
+            }
+        },
+    };
+    let key = |i: usize| keys.as_ref().map(|keys| &keys[i]);
     let interval_ms = u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX);
     let n = u64::from(args.devices.max(1));
     let started = Instant::now();
@@ -68,44 +86,28 @@ fn main() -> std::io::Result<()> {
         let elapsed = started.elapsed();
         let due = (elapsed.as_nanos() * u128::from(n) / args.interval.as_nanos().max(1)) as u64 + 1;
         while sent < due {
-            let device = &ids[(sent % n) as usize];
-            let hb = Heartbeat {
-                device,
-                boot,
-                seq: (sent / n) as u32 + 1,
-                interval_ms,
-                flags: 0,
-                payload: &[],
-            };
-            let len = wire::encode(&Message::Heartbeat(hb), &mut frame).expect("valid frame");
+            let i = (sent % n) as usize;
+            let seq = (sent / n) as u32 + 1;
+            let hb = Heartbeat { device: &ids[i], boot, seq, interval_ms, flags: 0, payload: &[], tag: None };
+            let len = encode(&Message::Heartbeat(hb), key(i), &mut frame).expect("valid frame");
             if socket.send(&frame[..len]).is_err() {
                 errors += 1;
             }
             sent += 1;
         }
-        let next = Duration::from_nanos(
-            (args.interval.as_nanos() * u128::from(sent) / u128::from(n)) as u64,
-        );
-        std::thread::sleep(
-            next.saturating_sub(started.elapsed())
-                .min(Duration::from_millis(50)),
-        );
+        let next = Duration::from_nanos((args.interval.as_nanos() * u128::from(sent) / u128::from(n)) as u64);
+        std::thread::sleep(next.saturating_sub(started.elapsed()).min(Duration::from_millis(50)));
     }
     if args.leave {
-        for device in &ids {
-            let leave = Leave {
-                device,
-                boot,
-                seq: 0,
-            };
-            let len = wire::encode(&Message::Leave(leave), &mut frame).expect("valid frame");
+        for (i, device) in ids.iter().enumerate() {
+            // One past the highest seq any device used: new to the replay window.
+            let seq = (sent / n) as u32 + 2;
+            let leave = Leave { device, boot, seq, tag: None };
+            let len = encode(&Message::Leave(leave), key(i), &mut frame).expect("valid frame");
             let _ = socket.send(&frame[..len]);
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "sent {sent} heartbeats ({errors} send errors) in {secs:.1} s: {:.0}/s",
-        sent as f64 / secs
-    );
+    println!("sent {sent} heartbeats ({errors} send errors) in {secs:.1} s: {:.0}/s", sent as f64 / secs);
     Ok(())
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::auth::{self, Key};
 use crate::wire::{
-    self, Ack, DeviceInfo, DropReason, Heartbeat, Leave, Message, Query, QueryKind, Status,
-    StatusBody,
+    self, Ack, DeviceInfo, DropReason, Heartbeat, Leave, Message, Query, QueryKind, Status, StatusBody,
 };
 
 /// Why a request to the server failed.
@@ -34,10 +34,7 @@ pub enum ClientError {
         timeout: Duration,
     },
     /// The server speaks another protocol version.
-    #[error(
-        "server speaks protocol version {server_version}, this client speaks {}",
-        wire::VERSION
-    )]
+    #[error("server speaks protocol version {server_version}, this client speaks {}", wire::VERSION)]
     UnsupportedVersion {
         /// The version the server said it speaks.
         server_version: u8,
@@ -45,6 +42,11 @@ pub enum ClientError {
     /// The server sent a reply that does not answer the question.
     #[error("unexpected reply from the server")]
     UnexpectedReply,
+    /// The server needs an operator key for queries from this address.
+    #[error(
+        "the server refused the query: use --key-file with the master or operator key, or query from an address in its --query-allow"
+    )]
+    NotAllowed,
     /// A frame could not be built (e.g. an id too long).
     #[error(transparent)]
     Wire(#[from] wire::Error),
@@ -61,25 +63,60 @@ fn connect(server: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket)
 }
 
+impl From<wire::ErrorReply> for ClientError {
+    fn from(error: wire::ErrorReply) -> Self {
+        match error.code {
+            wire::ErrorCode::UnsupportedVersion => {
+                ClientError::UnsupportedVersion { server_version: error.supported_version }
+            }
+            wire::ErrorCode::NotAllowed => ClientError::NotAllowed,
+            // Queries are always padded to the largest reply, so this means a broken server.
+            wire::ErrorCode::RequestTooSmall { .. } => ClientError::UnexpectedReply,
+        }
+    }
+}
+
+/// Encodes a query padded to [`wire::MAX_DATAGRAM`] bytes, so that no reply
+/// is ever too large for it (the server never replies with more bytes than
+/// it received), and signs it if `key` is given.
+pub fn encode_query(
+    request: u32,
+    kind: QueryKind<'_>,
+    key: Option<&Key>,
+    out: &mut [u8],
+) -> Result<usize, wire::Error> {
+    let zeros = [0u8; wire::MAX_DATAGRAM];
+    let encode = |padding: usize, out: &mut [u8]| {
+        let query = Message::Query(Query { request, kind, padding: &zeros[..padding], tag: None });
+        match key {
+            Some(key) => auth::encode_signed(&query, key, out),
+            None => wire::encode(&query, out),
+        }
+    };
+    let bare = encode(0, out)?;
+    // The padding's length prefix grows from 1 to 2 bytes past 127 bytes.
+    let mut padding = wire::MAX_DATAGRAM.saturating_sub(bare + 1);
+    loop {
+        match encode(padding, out) {
+            Ok(len) if len <= wire::MAX_DATAGRAM => return Ok(len),
+            Ok(len) => padding = padding.saturating_sub(len - wire::MAX_DATAGRAM),
+            Err(wire::Error::Oversized) => padding = padding.saturating_sub(1),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Receives one datagram on a connected socket, waiting until `deadline` at
 /// most; `None` once the deadline has passed.
 fn recv_until(socket: &UdpSocket, deadline: Instant, buf: &mut [u8]) -> io::Result<Option<usize>> {
     loop {
-        let Some(wait) = deadline
-            .checked_duration_since(Instant::now())
-            .filter(|w| !w.is_zero())
-        else {
+        let Some(wait) = deadline.checked_duration_since(Instant::now()).filter(|w| !w.is_zero()) else {
             return Ok(None);
         };
         socket.set_read_timeout(Some(wait))?;
         match socket.recv(buf) {
             Ok(n) => return Ok(Some(n)),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
                 return Ok(None);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -193,6 +230,8 @@ pub struct Client {
     timeout: Duration,
     /// The next request id; replies with another id are ignored.
     next_request: u32,
+    /// Signs queries, if set.
+    operator_key: Option<Key>,
 }
 
 /// A request is sent this many times at most, evenly over the timeout.
@@ -206,12 +245,14 @@ impl Client {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.subsec_nanos() ^ (d.as_secs() as u32));
-        Ok(Client {
-            socket,
-            server,
-            timeout,
-            next_request: seed,
-        })
+        Ok(Client { socket, server, timeout, next_request: seed, operator_key: None })
+    }
+
+    /// Signs queries with the operator key, so the server answers them from
+    /// any source address.
+    pub fn with_operator_key(mut self, key: Key) -> Self {
+        self.operator_key = Some(key);
+        self
     }
 
     /// Sends a query and returns the status body of the matching reply,
@@ -223,9 +264,7 @@ impl Client {
     ) -> Result<R, ClientError> {
         self.exchange(kind, answer).map_err(|e| match e {
             ClientError::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused => {
-                ClientError::Refused {
-                    server: self.server,
-                }
+                ClientError::Refused { server: self.server }
             }
             other => other,
         })
@@ -239,7 +278,7 @@ impl Client {
         let request = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
         let mut out = [0u8; wire::MAX_DATAGRAM];
-        let len = wire::encode(&Message::Query(Query { request, kind }), &mut out)?;
+        let len = encode_query(request, kind, self.operator_key.as_ref(), &mut out)?;
         let mut buf = [0u8; wire::MAX_DATAGRAM + 1];
         let started = Instant::now();
         let give_up = started + self.timeout;
@@ -251,20 +290,13 @@ impl Client {
                     Ok(Message::Status(Status { request: r, body })) if r == request => {
                         return answer(body);
                     }
-                    Ok(Message::Error(error)) => {
-                        return Err(ClientError::UnsupportedVersion {
-                            server_version: error.supported_version,
-                        });
-                    }
+                    Ok(Message::Error(error)) => return Err(error.into()),
                     // A late reply to an earlier request, or noise: keep waiting.
                     _ => {}
                 }
             }
         }
-        Err(ClientError::NoReply {
-            server: self.server,
-            timeout: self.timeout,
-        })
+        Err(ClientError::NoReply { server: self.server, timeout: self.timeout })
     }
 
     /// The server's summary.
@@ -298,9 +330,7 @@ impl Client {
     /// One device; `None` if the server does not know it.
     pub fn device(&mut self, device: &str) -> Result<Option<DeviceReport>, ClientError> {
         self.ask(QueryKind::Device(device), |body| match body {
-            StatusBody::Device(info) if info.device == device => {
-                Ok(Some(DeviceReport::from(&info)))
-            }
+            StatusBody::Device(info) if info.device == device => Ok(Some(DeviceReport::from(&info))),
             StatusBody::UnknownDevice => Ok(None),
             _ => Err(ClientError::UnexpectedReply),
         })
@@ -314,23 +344,17 @@ impl Client {
         cursor: Option<&str>,
         limit: u16,
     ) -> Result<(Vec<DeviceReport>, Option<String>), ClientError> {
-        self.ask(
-            QueryKind::List {
-                after: cursor,
-                limit,
-            },
-            |body| match body {
-                StatusBody::Page(page) => {
-                    let devices = page
-                        .entries
-                        .iter()
-                        .map(|info| info.map(|info| DeviceReport::from(&info)))
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok((devices, page.next_cursor.map(str::to_owned)))
-                }
-                _ => Err(ClientError::UnexpectedReply),
-            },
-        )
+        self.ask(QueryKind::List { after: cursor, limit }, |body| match body {
+            StatusBody::Page(page) => {
+                let devices = page
+                    .entries
+                    .iter()
+                    .map(|info| info.map(|info| DeviceReport::from(&info)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((devices, page.next_cursor.map(str::to_owned)))
+            }
+            _ => Err(ClientError::UnexpectedReply),
+        })
     }
 
     /// Every online device, following pages until the last.
@@ -364,17 +388,14 @@ pub struct Sender {
     interval_ms: u32,
     /// The payload sent with each heartbeat.
     payload: Vec<u8>,
+    /// The device key that signs heartbeats and leaves, if any.
+    key: Option<Key>,
 }
 
 impl Sender {
     /// A sender for `device`, declaring `interval` (zero = none), with boot
     /// epoch `boot`. Fails if the id is not 1..=64 bytes.
-    pub fn new(
-        server: SocketAddr,
-        device: &str,
-        interval: Duration,
-        boot: u32,
-    ) -> Result<Self, ClientError> {
+    pub fn new(server: SocketAddr, device: &str, interval: Duration, boot: u32) -> Result<Self, ClientError> {
         if device.is_empty() || device.len() > wire::MAX_ID_LEN {
             return Err(wire::Error::BadDeviceId.into());
         }
@@ -385,6 +406,41 @@ impl Sender {
             seq: 1,
             interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
             payload: Vec::new(),
+            key: None,
+        })
+    }
+
+    /// Signs heartbeats and leaves with the device's key.
+    pub fn with_key(mut self, key: Key) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Encodes `message`, signed if the sender has a key.
+    fn encode(&self, message: &Message<'_>, buf: &mut [u8]) -> Result<usize, wire::Error> {
+        match &self.key {
+            Some(key) => auth::encode_signed(message, key, buf),
+            None => wire::encode(message, buf),
+        }
+    }
+
+    /// The frame of the next heartbeat, without sending it or advancing
+    /// the sequence number (for tests that capture and replay datagrams).
+    pub fn next_frame(&self, ask_ack: bool) -> Result<Vec<u8>, ClientError> {
+        let mut buf = [0u8; wire::MAX_DATAGRAM];
+        let len = self.encode(&self.heartbeat(self.seq, ask_ack), &mut buf)?;
+        Ok(buf[..len].to_vec())
+    }
+
+    fn heartbeat(&self, seq: u32, ask_ack: bool) -> Message<'_> {
+        Message::Heartbeat(Heartbeat {
+            device: &self.device,
+            boot: self.boot,
+            seq,
+            interval_ms: self.interval_ms,
+            flags: if ask_ack { wire::FLAG_ACK } else { 0 },
+            payload: &self.payload,
+            tag: None,
         })
     }
 
@@ -411,17 +467,7 @@ impl Sender {
     pub fn beat(&mut self, ask_ack: bool) -> Result<(u32, usize), ClientError> {
         let seq = self.seq;
         let mut buf = [0u8; wire::MAX_DATAGRAM];
-        let len = wire::encode(
-            &Message::Heartbeat(Heartbeat {
-                device: &self.device,
-                boot: self.boot,
-                seq,
-                interval_ms: self.interval_ms,
-                flags: if ask_ack { wire::FLAG_ACK } else { 0 },
-                payload: &self.payload,
-            }),
-            &mut buf,
-        )?;
+        let len = self.encode(&self.heartbeat(seq, ask_ack), &mut buf)?;
         self.seq = self.seq.wrapping_add(1);
         self.socket.send(&buf[..len])?;
         Ok((seq, len))
@@ -436,11 +482,7 @@ impl Sender {
                 Ok(Message::Ack(ack)) if ack.seq == seq && ack.boot == self.boot => {
                     return Ok(Some(ack));
                 }
-                Ok(Message::Error(error)) => {
-                    return Err(ClientError::UnsupportedVersion {
-                        server_version: error.supported_version,
-                    });
-                }
+                Ok(Message::Error(error)) => return Err(error.into()),
                 _ => {}
             }
         }
@@ -450,14 +492,8 @@ impl Sender {
     /// Tells the server this device is going offline now.
     pub fn leave(&mut self) -> Result<(), ClientError> {
         let mut buf = [0u8; wire::MAX_DATAGRAM];
-        let len = wire::encode(
-            &Message::Leave(Leave {
-                device: &self.device,
-                boot: self.boot,
-                seq: self.seq,
-            }),
-            &mut buf,
-        )?;
+        let leave = Message::Leave(Leave { device: &self.device, boot: self.boot, seq: self.seq, tag: None });
+        let len = self.encode(&leave, &mut buf)?;
         self.socket.send(&buf[..len])?;
         Ok(())
     }

@@ -8,19 +8,23 @@
 //! # Code map
 //!
 //! - [`wire`] (`no_std`, no allocator): the v1 frame format, encoding into and
-//!   decoding from caller buffers. The only module a device needs.
+//!   decoding from caller buffers. With [`auth`], all a device needs.
+//! - [`auth`] (`no_std`): key derivation and tags (keyed BLAKE3).
 //! - `table` (pure): [`table::PresenceTable`], devices indexed by id and
 //!   ordered by deadline; a sweep pops only the due entries.
 //! - `tracker` (pure): [`tracker::Tracker`], the protocol engine. It takes
 //!   datagrams and the current time as arguments and returns replies and
 //!   online/offline transitions as values; it never reads a clock or touches
 //!   a socket.
+//! - `limit` (pure): per-source query rate limits.
+//! - `keyfile`: reading and writing master, operator and device key files.
 //! - `server`: the one loop that owns the socket and the clock. It sleeps
 //!   exactly until the engine's next deadline.
 //! - `client`: [`client::Client`] (status queries) and [`client::Sender`]
 //!   (heartbeats), used by the CLI, the examples and the tests.
 //!
 //! Without the default `std` feature the crate is `#![no_std]` and holds only
+//! [`auth`] and
 //! [`wire`].
 //!
 //! # Encoding a heartbeat on a device
@@ -29,7 +33,7 @@
 //! use presence::wire::{self, Heartbeat, Message};
 //!
 //! let mut buf = [0u8; 64];
-//! let hb = Heartbeat { device: "sensor-00042", boot: 7, seq: 1, interval_ms: 10_000, flags: 0, payload: &[] };
+//! let hb = Heartbeat { device: "sensor-00042", boot: 7, seq: 1, interval_ms: 10_000, flags: 0, payload: &[], tag: None };
 //! let len = wire::encode(&Message::Heartbeat(hb), &mut buf).unwrap();
 //! assert!(len <= 32);
 //! assert_eq!(wire::decode(&buf[..len]), Ok(Message::Heartbeat(hb)));
@@ -38,8 +42,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod auth;
 #[cfg(feature = "std")]
 pub mod client;
+#[cfg(feature = "std")]
+pub mod keyfile;
+#[cfg(feature = "std")]
+pub mod limit;
 #[cfg(feature = "std")]
 pub mod server;
 #[cfg(feature = "std")]

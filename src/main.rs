@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,9 +13,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use ipnet::IpNet;
+use presence::auth::{self, Key};
 use presence::client::{Client, DeviceReport, Sender, SummaryReport};
+use presence::keyfile::{KeyFile, parse_hex_key, to_hex};
 use presence::server::{self, EventLog, Stop};
-use presence::tracker::{Config, Tracker};
+use presence::tracker::{AuthMode, Config, Keys, Tracker};
 
 /// Exit code for errors (bad flags, no reply, ...). 1 is kept for "offline".
 const EXIT_ERROR: u8 = 2;
@@ -24,13 +28,7 @@ const EXIT_ERROR: u8 = 2;
 #[command(name = "presence", version, about)]
 struct Cli {
     /// Log format on stderr; the level comes from RUST_LOG (default: info).
-    #[arg(
-        long,
-        global = true,
-        value_enum,
-        default_value = "text",
-        env = "PRESENCE_LOG_FORMAT"
-    )]
+    #[arg(long, global = true, value_enum, default_value = "text", env = "PRESENCE_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -50,6 +48,33 @@ enum Command {
     Beat(BeatArgs),
     /// Ask a server for a summary, one device, or the online list.
     Status(StatusArgs),
+    /// Write a new random master secret to a file (mode 0600).
+    Keygen(KeygenArgs),
+    /// Print (or write) the key of one device, or the operator key, derived from the master.
+    DeriveKey(DeriveKeyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct KeygenArgs {
+    /// Where to write the master secret; an existing file is never overwritten.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeriveKeyArgs {
+    /// The master key file (from `presence keygen`).
+    #[arg(long, env = "PRESENCE_KEY_FILE")]
+    key_file: PathBuf,
+    /// The device whose key to derive.
+    #[arg(long, required_unless_present = "operator", conflicts_with = "operator")]
+    id: Option<String>,
+    /// Derive the operator key (signs status queries) instead.
+    #[arg(long)]
+    operator: bool,
+    /// Write a key file (mode 0600) instead of printing the key in hex.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +100,45 @@ struct ServeArgs {
     /// Write one JSON line per online/offline transition to this file (appended), or - for stdout.
     #[arg(long, env = "PRESENCE_EVENTS")]
     events: Option<String>,
+    /// The master secret (from `presence keygen`): device and operator keys derive from it.
+    #[arg(long, env = "PRESENCE_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// Whether heartbeats and leaves must be signed [default: required with a key, off without].
+    #[arg(long, value_enum, env = "PRESENCE_AUTH")]
+    auth: Option<AuthArg>,
+    /// Allow listening on a non-loopback address without authentication.
+    #[arg(long, env = "PRESENCE_INSECURE")]
+    insecure: bool,
+    /// Sources that may query without the operator key (CIDRs or addresses, comma-separated; "none" for none).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.0/8,::1/128", value_parser = parse_net, env = "PRESENCE_QUERY_ALLOW")]
+    query_allow: Vec<Option<IpNet>>,
+    /// Most devices held, online or offline; when full, the longest-silent offline device makes room.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..), env = "PRESENCE_MAX_DEVICES")]
+    max_devices: u64,
+    /// Status queries per second allowed from one source address.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_RATE")]
+    query_rate: u32,
+    /// Status queries a quiet source may send at once.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_BURST")]
+    query_burst: u32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AuthArg {
+    Required,
+    Optional,
+    Off,
+}
+
+fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
+    let s = s.trim();
+    if s == "none" || s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map(Some)
+        .map_err(|_| format!("'{s}' is not a CIDR (like 10.0.0.0/8) or an address"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +167,12 @@ struct BeatArgs {
     /// Boot epoch to send (default: the current Unix time in seconds, new each run).
     #[arg(long)]
     boot: Option<u32>,
+    /// Sign heartbeats with this device key (64 hex digits, from `presence derive-key`).
+    #[arg(long, conflicts_with = "key_file", value_parser = parse_hex_key, env = "PRESENCE_DEVICE_KEY")]
+    key_hex: Option<Key>,
+    /// Sign heartbeats with the device key in this file (from `presence derive-key --out`).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,6 +192,9 @@ struct StatusArgs {
     /// Give up when no reply comes within this time.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Sign queries as the operator: a master or operator key file.
+    #[arg(long, env = "PRESENCE_KEY_FILE")]
+    key_file: Option<PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -138,9 +211,7 @@ fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(digits);
-    let number: usize = number
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (try 8MiB or 262144)"))?;
+    let number: usize = number.parse().map_err(|_| format!("'{s}' is not a size (try 8MiB or 262144)"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -186,10 +257,7 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: clap's own message without the usage block.
             let rendered = e.render().to_string();
-            let line = rendered
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error: invalid arguments");
+            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
             eprintln!("{line}");
             return ExitCode::from(EXIT_ERROR);
         }
@@ -199,6 +267,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Beat(args) => beat(args),
         Command::Status(args) => status(args),
+        Command::Keygen(args) => keygen(args),
+        Command::DeriveKey(args) => derive_key(args),
     };
     match result {
         Ok(code) => code,
@@ -232,11 +302,43 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             humantime::format_duration(args.max_ttl)
         );
     }
+    let keys = match &args.key_file {
+        None => None,
+        Some(path) => match KeyFile::read(path)? {
+            KeyFile::Master(master) | KeyFile::Raw(master) => Some(Keys::from_master(&master)),
+            other => bail!("{}: the server needs the master key, not a {} key", path.display(), other.kind()),
+        },
+    };
+    let auth = match (args.auth, &keys) {
+        (Some(AuthArg::Required), _) => AuthMode::Required,
+        (Some(AuthArg::Optional), _) => AuthMode::Optional,
+        (Some(AuthArg::Off), _) | (None, None) => AuthMode::Off,
+        (None, Some(_)) => AuthMode::Required,
+    };
+    if auth != AuthMode::Off && keys.is_none() {
+        bail!(
+            "--auth {} needs --key-file with the master key (create one with `presence keygen`)",
+            auth_name(auth)
+        );
+    }
+    if auth == AuthMode::Off && !args.bind.ip().is_loopback() && !args.insecure {
+        bail!(
+            "refusing to listen on {} without authentication: anyone who can reach it could forge heartbeats and leaves; give --key-file (see `presence keygen`), or --insecure if you mean it",
+            args.bind
+        );
+    }
     let config = Config {
         timeout: args.timeout,
         misses: args.misses,
         min_ttl: args.min_ttl,
         max_ttl: args.max_ttl,
+        auth,
+        keys,
+        max_devices: usize::try_from(args.max_devices).unwrap_or(usize::MAX),
+        query_allow: args.query_allow.iter().flatten().copied().collect(),
+        query_rate: args.query_rate,
+        query_burst: args.query_burst,
+        ..Config::default()
     };
     let mut events = match args.events.as_deref() {
         None => EventLog::none(),
@@ -266,14 +368,15 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         misses = config.misses,
         min_ttl = %humantime::format_duration(config.min_ttl),
         max_ttl = %humantime::format_duration(config.max_ttl),
+        auth = auth_name(config.auth),
+        max_devices = config.max_devices,
         "listening"
     );
     let stop = Stop::new(bound.local_addr);
     let signal_stop = stop.clone();
     on_signal(move || signal_stop.stop())?;
-    let tracker = Tracker::new(config, Instant::now(), SystemTime::now());
-    let tracker =
-        server::run(&bound.socket, tracker, &stop, &mut events).context("server loop failed")?;
+    let tracker = Tracker::new(config, Instant::now(), SystemTime::now())?;
+    let tracker = server::run(&bound.socket, tracker, &stop, &mut events).context("server loop failed")?;
     let counters = tracker.counters();
     tracing::info!(
         online = tracker.table().online_count(),
@@ -290,21 +393,33 @@ fn parse_hex(s: &str) -> Result<Vec<u8>> {
     if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         bail!("--payload-hex must be an even number of hex digits");
     }
-    Ok((0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0))
-        .collect())
+    Ok((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0)).collect())
 }
 
 fn beat(args: BeatArgs) -> Result<ExitCode> {
     let server = resolve(&args.server)?;
     let boot = match args.boot {
         Some(boot) => boot,
-        None => SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_secs() as u32),
+        None => SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32),
     };
     let mut sender = Sender::new(server, &args.id, args.interval, boot).context("invalid --id")?;
+    let key = match (&args.key_hex, &args.key_file) {
+        (Some(key), _) => Some(*key),
+        (None, Some(path)) => match KeyFile::read(path)? {
+            KeyFile::Device(key, id) if id == args.id => Some(key),
+            KeyFile::Device(_, id) => {
+                bail!("{} holds the key of '{id}', not of '{}'", path.display(), args.id)
+            }
+            KeyFile::Raw(key) => Some(key),
+            other => {
+                bail!("{}: a device needs its own device key, not a {} key", path.display(), other.kind())
+            }
+        },
+        (None, None) => None,
+    };
+    if let Some(key) = key {
+        sender = sender.with_key(key);
+    }
     let payload = match (&args.payload, &args.payload_hex) {
         (Some(text), _) => text.clone().into_bytes(),
         (None, Some(hex)) => parse_hex(hex)?,
@@ -358,10 +473,9 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
                         fmt_ms(ack.ttl_ms.into())
                     );
                 }
-                Ok(None) => eprintln!(
-                    "warning: no ack for seq={seq} within {}",
-                    humantime::format_duration(wait)
-                ),
+                Ok(None) => {
+                    eprintln!("warning: no ack for seq={seq} within {}", humantime::format_duration(wait))
+                }
                 Err(e) => eprintln!("warning: no ack for seq={seq}: {e}"),
             }
         }
@@ -379,11 +493,16 @@ fn fmt_ms(ms: u64) -> String {
 fn status(args: StatusArgs) -> Result<ExitCode> {
     let server = resolve(&args.server)?;
     let mut client = Client::new(server, args.timeout).context("cannot open a socket")?;
+    if let Some(path) = &args.key_file {
+        let file = KeyFile::read(path)?;
+        let key = file.operator_key().ok_or_else(|| {
+            anyhow!("{}: queries need the master or operator key, not a device key", path.display())
+        })?;
+        client = client.with_operator_key(key);
+    }
     let mut out = io::stdout().lock();
     if let Some(device) = &args.device {
-        let report = client
-            .device(device)
-            .with_context(|| format!("status of '{device}' from {server}"))?;
+        let report = client.device(device).with_context(|| format!("status of '{device}' from {server}"))?;
         let online = report.as_ref().is_some_and(|r| r.online);
         if args.json {
             match &report {
@@ -400,16 +519,10 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
                 None => writeln!(out, "{device}  unknown (the server has not heard from it)")?,
             }
         }
-        return Ok(if online {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::from(1)
-        });
+        return Ok(if online { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     if args.list {
-        let devices = client
-            .list_all()
-            .with_context(|| format!("online list from {server}"))?;
+        let devices = client.list_all().with_context(|| format!("online list from {server}"))?;
         if args.json {
             serde_json::to_writer_pretty(&mut out, &devices)?;
             writeln!(out)?;
@@ -418,9 +531,7 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let summary = client
-        .summary()
-        .with_context(|| format!("summary from {server}"))?;
+    let summary = client.summary().with_context(|| format!("summary from {server}"))?;
     if args.json {
         serde_json::to_writer_pretty(&mut out, &summary)?;
         writeln!(out)?;
@@ -431,32 +542,15 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
 }
 
 fn write_summary(out: &mut impl Write, server: SocketAddr, s: &SummaryReport) -> io::Result<()> {
-    writeln!(
-        out,
-        "server      {server}, up {}",
-        fmt_ms(s.uptime_ms / 1000 * 1000)
-    )?;
+    writeln!(out, "server      {server}, up {}", fmt_ms(s.uptime_ms / 1000 * 1000))?;
     writeln!(out, "online      {} of {} known devices", s.online, s.known)?;
-    writeln!(
-        out,
-        "received    {} heartbeats, {} leaves, {} queries",
-        s.heartbeats, s.leaves, s.queries
-    )?;
+    writeln!(out, "received    {} heartbeats, {} leaves, {} queries", s.heartbeats, s.leaves, s.queries)?;
     writeln!(out, "expired     {}", s.expirations)?;
     if s.drops.is_empty() {
         writeln!(out, "dropped     0")?;
     } else {
-        let reasons: Vec<String> = s
-            .drops
-            .iter()
-            .map(|(reason, n)| format!("{reason} {n}"))
-            .collect();
-        writeln!(
-            out,
-            "dropped     {} ({})",
-            s.total_drops(),
-            reasons.join(", ")
-        )?;
+        let reasons: Vec<String> = s.drops.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        writeln!(out, "dropped     {} ({})", s.total_drops(), reasons.join(", "))?;
     }
     Ok(())
 }
@@ -474,12 +568,7 @@ fn payload_text(report: &DeviceReport) -> String {
 fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
     let last_seen = UNIX_EPOCH + Duration::from_millis(r.last_seen_unix_ms);
     if r.online {
-        writeln!(
-            out,
-            "{}  online, expires in {}",
-            r.device,
-            fmt_ms(r.expires_in_ms)
-        )?;
+        writeln!(out, "{}  online, expires in {}", r.device, fmt_ms(r.expires_in_ms))?;
     } else {
         writeln!(out, "{}  offline", r.device)?;
     }
@@ -490,21 +579,10 @@ fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
         humantime::format_rfc3339_seconds(last_seen),
         fmt_ms(r.last_seen_ago_ms)
     )?;
-    let interval = if r.interval_ms == 0 {
-        "none declared".to_string()
-    } else {
-        fmt_ms(r.interval_ms.into())
-    };
-    writeln!(
-        out,
-        "  interval    {interval}, ttl {}",
-        fmt_ms(r.ttl_ms.into())
-    )?;
-    writeln!(
-        out,
-        "  boot {}  seq {}  heartbeats {}  flaps {}",
-        r.boot, r.seq, r.heartbeats, r.flaps
-    )?;
+    let interval =
+        if r.interval_ms == 0 { "none declared".to_string() } else { fmt_ms(r.interval_ms.into()) };
+    writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.ttl_ms.into()))?;
+    writeln!(out, "  boot {}  seq {}  heartbeats {}  flaps {}", r.boot, r.seq, r.heartbeats, r.flaps)?;
     if !r.payload_hex.is_empty() {
         writeln!(out, "  payload     {}", payload_text(r))?;
     }
@@ -512,12 +590,7 @@ fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
 }
 
 fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> {
-    let width = devices
-        .iter()
-        .map(|d| d.device.chars().count())
-        .max()
-        .unwrap_or(6)
-        .max(6);
+    let width = devices.iter().map(|d| d.device.chars().count()).max().unwrap_or(6).max(6);
     writeln!(
         out,
         "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
@@ -535,4 +608,49 @@ fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> 
         )?;
     }
     writeln!(out, "{} online", devices.len())
+}
+
+fn auth_name(auth: AuthMode) -> &'static str {
+    match auth {
+        AuthMode::Required => "required",
+        AuthMode::Optional => "optional",
+        AuthMode::Off => "off",
+    }
+}
+
+fn keygen(args: KeygenArgs) -> Result<ExitCode> {
+    let master = presence::keyfile::generate_master().context("cannot read the OS random source")?;
+    KeyFile::Master(master).write_new(&args.out)?;
+    println!("wrote a new master key to {} (mode 0600)", args.out.display());
+    println!("derive device keys with: presence derive-key --key-file {} --id DEVICE", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn derive_key(args: DeriveKeyArgs) -> Result<ExitCode> {
+    let master = match KeyFile::read(&args.key_file)? {
+        KeyFile::Master(master) | KeyFile::Raw(master) => master,
+        other => {
+            bail!("{}: derive-key needs the master key, not a {} key", args.key_file.display(), other.kind())
+        }
+    };
+    let file = match &args.id {
+        Some(id) => {
+            if id.is_empty() || id.len() > presence::wire::MAX_ID_LEN {
+                bail!("--id must be 1 to {} bytes", presence::wire::MAX_ID_LEN);
+            }
+            KeyFile::Device(auth::device_key(&master, id), id.clone())
+        }
+        None => KeyFile::Operator(auth::operator_key(&master)),
+    };
+    match &args.out {
+        Some(path) => {
+            file.write_new(path)?;
+            println!("wrote the {} key to {} (mode 0600)", file.kind(), path.display());
+        }
+        None => match &file {
+            KeyFile::Device(key, _) | KeyFile::Operator(key) => println!("{}", to_hex(key)),
+            KeyFile::Master(_) | KeyFile::Raw(_) => {}
+        },
+    }
+    Ok(ExitCode::SUCCESS)
 }

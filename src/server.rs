@@ -19,7 +19,7 @@ use std::time::{Instant, SystemTime};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::tracker::{Event, EventKind, Handled, Tracker};
+use crate::tracker::{Counters, Event, EventKind, Handled, Tracker};
 use crate::wire::{self, DropReason};
 
 /// Receive buffer size: larger than [`wire::MAX_DATAGRAM`] so an oversized
@@ -53,11 +53,7 @@ pub fn bind(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Bound> {
     let granted = socket.recv_buffer_size()?;
     let socket: UdpSocket = socket.into();
     let local_addr = socket.local_addr()?;
-    Ok(Bound {
-        socket,
-        local_addr,
-        recv_buffer: granted,
-    })
+    Ok(Bound { socket, local_addr, recv_buffer: granted })
 }
 
 /// Asks a running [`run`] loop to finish. Cloneable and usable from any
@@ -78,10 +74,7 @@ impl Stop {
             IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
             ip => ip,
         };
-        Stop {
-            requested: Arc::new(AtomicBool::new(false)),
-            wake: SocketAddr::new(ip, local_addr.port()),
-        }
+        Stop { requested: Arc::new(AtomicBool::new(false)), wake: SocketAddr::new(ip, local_addr.port()) }
     }
 
     /// Asks the loop to stop and wakes it with an empty datagram.
@@ -186,10 +179,7 @@ struct Timer {
 impl Timer {
     fn new() -> io::Result<Self> {
         use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
-        let fd = timerfd_create(
-            TimerfdClockId::Monotonic,
-            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
-        )?;
+        let fd = timerfd_create(TimerfdClockId::Monotonic, TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK)?;
         Ok(Timer { fd, armed: None })
     }
 
@@ -202,27 +192,16 @@ impl Timer {
         }
         // A zero it_value disarms; a due deadline is armed for 1 ns so it fires at once.
         let value = match deadline {
-            None => Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
+            None => Timespec { tv_sec: 0, tv_nsec: 0 },
             Some(deadline) => {
-                let wait = deadline
-                    .saturating_duration_since(now)
-                    .max(std::time::Duration::from_nanos(1));
+                let wait = deadline.saturating_duration_since(now).max(std::time::Duration::from_nanos(1));
                 Timespec {
                     tv_sec: wait.as_secs().try_into().unwrap_or(i64::MAX),
                     tv_nsec: wait.subsec_nanos().into(),
                 }
             }
         };
-        let spec = Itimerspec {
-            it_interval: Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
+        let spec = Itimerspec { it_interval: Timespec { tv_sec: 0, tv_nsec: 0 }, it_value: value };
         timerfd_settime(&self.fd, TimerfdTimerFlags::empty(), &spec)?;
         self.armed = deadline;
         Ok(())
@@ -240,10 +219,7 @@ impl Timer {
 /// Blocks until the socket or the timer is readable (or a signal interrupts).
 fn wait(socket: &UdpSocket, timer: &Timer) -> io::Result<()> {
     use rustix::event::{PollFd, PollFlags, poll};
-    let mut fds = [
-        PollFd::new(socket, PollFlags::IN),
-        PollFd::new(&timer.fd, PollFlags::IN),
-    ];
+    let mut fds = [PollFd::new(socket, PollFlags::IN), PollFd::new(&timer.fd, PollFlags::IN)];
     match poll(&mut fds, None) {
         Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
         Err(e) => Err(e.into()),
@@ -266,6 +242,7 @@ pub fn run(
     let mut timer = Timer::new()?;
     let mut datagram = vec![0u8; RECV_BUF];
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    let mut warnings = DropWarnings::default();
     'run: while !stop.is_requested() {
         let now = Instant::now();
         tracker.handle_timeout(now);
@@ -289,10 +266,7 @@ pub fn run(
             match tracker.handle(Instant::now(), from, &datagram[..len], &mut reply) {
                 Handled::Done => {}
                 Handled::Reply(n) => send_reply(socket, &reply[..n], from),
-                Handled::Dropped {
-                    reason,
-                    reply: answer,
-                } => {
+                Handled::Dropped { reason, reply: answer } => {
                     log_drop(reason, from, len);
                     if let Some(n) = answer {
                         send_reply(socket, &reply[..n], from);
@@ -301,9 +275,44 @@ pub fn run(
             }
         }
         publish(&mut tracker, events)?;
+        warnings.maybe_warn(Instant::now(), tracker.counters());
     }
     publish(&mut tracker, events)?;
     Ok(tracker)
+}
+
+/// Logs dropped and rejected datagrams at warn level, at most once per
+/// [`DropWarnings::EVERY`], as a count by reason: a flood cannot flood the log.
+#[derive(Default)]
+struct DropWarnings {
+    /// When the last warning was logged.
+    last: Option<Instant>,
+    /// The drop counts already reported.
+    reported: [u64; DropReason::ALL.len()],
+}
+
+impl DropWarnings {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn maybe_warn(&mut self, now: Instant, counters: &Counters) {
+        if self.last.is_some_and(|last| now.saturating_duration_since(last) < Self::EVERY) {
+            return;
+        }
+        let mut total = 0;
+        let mut reasons = Vec::new();
+        for (reported, reason) in self.reported.iter_mut().zip(DropReason::ALL) {
+            let count = counters.drops(reason);
+            if count > *reported {
+                reasons.push(format!("{}={}", reason.name(), count - *reported));
+                total += count - *reported;
+                *reported = count;
+            }
+        }
+        if total > 0 {
+            self.last = Some(now);
+            tracing::warn!(dropped = total, reasons = reasons.join(" "), "datagrams dropped or rejected");
+        }
+    }
 }
 
 fn publish(tracker: &mut Tracker, events: &mut EventLog) -> io::Result<()> {

@@ -2,13 +2,20 @@
 //!
 //! Pure: nothing here reads a clock; every time-dependent method takes `now`.
 //!
-//! Three indexes describe one set of devices:
+//! Four indexes describe one set of devices:
 //! - `by_device` holds every known device (online or not) and its state;
 //! - `by_deadline` holds exactly the online devices, ordered by
 //!   (deadline, id), so a sweep pops only what is due from the front;
 //! - `online` holds exactly the online ids in id order, so the online list
-//!   can be paged with a stable cursor. It changes only when a device comes
-//!   online or goes offline, never on an ordinary heartbeat.
+//!   can be paged with a stable cursor;
+//! - `offline` holds exactly the offline devices ordered by (last seen, id),
+//!   so that when the table is full the longest-silent one makes room.
+//!
+//! `online` and `offline` change only when a device comes online or goes
+//! offline, never on an ordinary heartbeat.
+//!
+//! Each device also carries a [`ReplayWindow`]: a heartbeat or leave is
+//! accepted only if its (boot, seq) is new.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -34,6 +41,76 @@ impl OfflineReason {
         match self {
             OfflineReason::Expired => "expired",
             OfflineReason::Left => "left",
+        }
+    }
+}
+
+/// Why the table refused a heartbeat or leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// Its (boot, seq) is not new; see [`ReplayWindow`].
+    Replay,
+    /// A new device, and the table is full of online devices.
+    OverCapacity,
+}
+
+/// How far back, in sequence numbers, a reordered heartbeat is still accepted.
+pub const REPLAY_WINDOW: u32 = 64;
+
+/// Which (boot, seq) pairs of one device have been seen: anti-replay with a
+/// sliding bitmap, as in IPsec (RFC 4303, section 3.4.3) and WireGuard.
+///
+/// A pair is new if its boot is newer than the newest seen, or if it has
+/// that boot and its seq is above the highest seen, or less than
+/// [`REPLAY_WINDOW`] below it and not seen yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplayWindow {
+    /// The newest boot epoch seen.
+    boot: u32,
+    /// The highest seq seen within `boot`.
+    top: u32,
+    /// Bit `i` is set if seq `top - i` has been seen.
+    seen: u64,
+}
+
+impl ReplayWindow {
+    /// A window that has seen exactly (boot, seq).
+    pub fn new(boot: u32, seq: u32) -> Self {
+        ReplayWindow { boot, top: seq, seen: 1 }
+    }
+
+    /// The newest boot epoch seen.
+    pub fn boot(&self) -> u32 {
+        self.boot
+    }
+
+    /// The highest sequence number seen in that boot.
+    pub fn top(&self) -> u32 {
+        self.top
+    }
+
+    /// Whether (boot, seq) is new.
+    pub fn is_new(&self, boot: u32, seq: u32) -> bool {
+        if boot != self.boot {
+            return boot > self.boot;
+        }
+        if seq > self.top {
+            return true;
+        }
+        let age = self.top - seq;
+        age < REPLAY_WINDOW && self.seen & (1 << age) == 0
+    }
+
+    /// Records (boot, seq) as seen; call only if [`ReplayWindow::is_new`].
+    pub fn accept(&mut self, boot: u32, seq: u32) {
+        if boot > self.boot {
+            *self = ReplayWindow::new(boot, seq);
+        } else if seq > self.top {
+            let shift = seq - self.top;
+            self.seen = if shift >= REPLAY_WINDOW { 1 } else { (self.seen << shift) | 1 };
+            self.top = seq;
+        } else {
+            self.seen |= 1 << (self.top - seq);
         }
     }
 }
@@ -68,10 +145,8 @@ pub struct Entry {
     pub last_seen: Instant,
     /// Source address of its last heartbeat; may change (NAT rebinding).
     pub addr: SocketAddr,
-    /// Boot epoch of its last heartbeat.
-    pub boot: u32,
-    /// Sequence number of its last heartbeat.
-    pub seq: u32,
+    /// The (boot, seq) pairs seen, for replay protection.
+    pub window: ReplayWindow,
     /// Payload of its last heartbeat.
     pub payload: Box<[u8]>,
     /// Heartbeats accepted from it.
@@ -88,7 +163,7 @@ impl Entry {
 }
 
 /// Who is online, and until when. See the module docs for the indexes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PresenceTable {
     /// Every known device and its state.
     by_device: HashMap<DeviceId, Entry>,
@@ -96,34 +171,64 @@ pub struct PresenceTable {
     by_deadline: BTreeSet<(Instant, DeviceId)>,
     /// Online devices in id order, for paging.
     online: BTreeSet<DeviceId>,
+    /// Offline devices, longest silent first: the ones to forget when full.
+    offline: BTreeSet<(Instant, DeviceId)>,
+    /// The most devices `by_device` may hold.
+    max_devices: usize,
+}
+
+impl Default for PresenceTable {
+    fn default() -> Self {
+        PresenceTable::new(usize::MAX)
+    }
 }
 
 impl PresenceTable {
-    /// An empty table.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty table that holds at most `max_devices` devices. When it is
+    /// full, a new device replaces the longest-silent offline one, or is
+    /// refused if every device is online.
+    pub fn new(max_devices: usize) -> Self {
+        PresenceTable {
+            by_device: HashMap::new(),
+            by_deadline: BTreeSet::new(),
+            online: BTreeSet::new(),
+            offline: BTreeSet::new(),
+            max_devices: max_devices.max(1),
+        }
     }
 
     /// Records a heartbeat from `device` at `now`: its deadline becomes
-    /// `now + beat.ttl`. Returns `true` if the device came online (it was
-    /// unknown or offline).
+    /// `now + beat.ttl`. Returns `Ok(true)` if the device came online (it was
+    /// unknown or offline). Refuses an old (boot, seq) and, when the table is
+    /// full of online devices, a new device; a refusal changes nothing.
     ///
     /// The caller expires due devices first, so a heartbeat that arrives after
     /// the deadline is seen as a return, not as a continuation.
-    pub fn beat(&mut self, now: Instant, device: &str, beat: Beat<'_>) -> bool {
+    pub fn beat(&mut self, now: Instant, device: &str, beat: Beat<'_>) -> Result<bool, Refusal> {
         let deadline = now + beat.ttl;
         let (id, came_online) = match self.by_device.get_key_value(device) {
             Some((id, entry)) => {
+                if !entry.window.is_new(beat.boot, beat.seq) {
+                    return Err(Refusal::Replay);
+                }
                 let id = id.clone();
                 match entry.deadline {
                     Some(old) => {
                         self.by_deadline.remove(&(old, id.clone()));
                         (id, false)
                     }
-                    None => (id, true),
+                    None => {
+                        self.offline.remove(&(entry.last_seen, id.clone()));
+                        (id, true)
+                    }
                 }
             }
-            None => (DeviceId::from(device), true),
+            None => {
+                if self.by_device.len() >= self.max_devices {
+                    self.forget_oldest_offline().ok_or(Refusal::OverCapacity)?;
+                }
+                (DeviceId::from(device), true)
+            }
         };
         if came_online {
             self.online.insert(id.clone());
@@ -135,8 +240,7 @@ impl PresenceTable {
             interval: beat.interval,
             last_seen: now,
             addr: beat.addr,
-            boot: beat.boot,
-            seq: beat.seq,
+            window: ReplayWindow::new(beat.boot, beat.seq),
             payload: Box::default(),
             heartbeats: 0,
             flaps: 0,
@@ -146,27 +250,48 @@ impl PresenceTable {
         entry.interval = beat.interval;
         entry.last_seen = now;
         entry.addr = beat.addr;
-        entry.boot = beat.boot;
-        entry.seq = beat.seq;
+        entry.window.accept(beat.boot, beat.seq);
         if *entry.payload != *beat.payload {
             entry.payload = beat.payload.into();
         }
         entry.heartbeats += 1;
-        came_online
+        Ok(came_online)
     }
 
-    /// Takes `device` offline because it left. Returns its entry if it was
-    /// online; an unknown or already offline device is left as it is.
-    pub fn leave(&mut self, device: &str) -> Option<&Entry> {
-        let (id, entry) = self.by_device.get_key_value(device)?;
-        let deadline = entry.deadline?;
+    /// Removes the offline device silent the longest, if there is one.
+    fn forget_oldest_offline(&mut self) -> Option<()> {
+        let (_, id) = self.offline.pop_first()?;
+        self.by_device.remove(&id);
+        Some(())
+    }
+
+    /// Takes `device` offline because it left, if (boot, seq) is new.
+    /// Returns its entry if it was online. An unknown or already offline
+    /// device stays as it is (a new pair is still recorded as seen).
+    pub fn leave(&mut self, device: &str, boot: u32, seq: u32) -> Result<Option<&Entry>, Refusal> {
+        let Some((id, entry)) = self.by_device.get_key_value(device) else {
+            return Ok(None);
+        };
+        if !entry.window.is_new(boot, seq) {
+            return Err(Refusal::Replay);
+        }
         let id = id.clone();
-        self.by_deadline.remove(&(deadline, id.clone()));
-        self.online.remove(&id);
-        let entry = self.by_device.get_mut(&id)?;
+        let deadline = entry.deadline;
+        if let Some(deadline) = deadline {
+            self.by_deadline.remove(&(deadline, id.clone()));
+            self.online.remove(&id);
+        }
+        let Some(entry) = self.by_device.get_mut(&id) else {
+            return Ok(None);
+        };
+        entry.window.accept(boot, seq);
+        if deadline.is_none() {
+            return Ok(None);
+        }
         entry.deadline = None;
         entry.flaps += 1;
-        Some(entry)
+        self.offline.insert((entry.last_seen, id));
+        Ok(Some(entry))
     }
 
     /// Takes offline exactly the devices whose deadline is `<= now`, in
@@ -185,6 +310,7 @@ impl PresenceTable {
                 entry.deadline = None;
                 entry.flaps += 1;
                 offline(&id, entry);
+                self.offline.insert((entry.last_seen, id));
             }
         }
     }
@@ -226,36 +352,27 @@ impl PresenceTable {
         self.by_device.len()
     }
 
-    /// Checks that the three indexes agree; panics with a message if not.
+    /// The most devices the table holds.
+    pub fn max_devices(&self) -> usize {
+        self.max_devices
+    }
+
+    /// Checks that the indexes agree; panics with a message if not.
     /// For tests: it walks every device.
     pub fn assert_invariants(&self) {
-        assert_eq!(
-            self.by_deadline.len(),
-            self.online.len(),
-            "online indexes differ in size"
-        );
+        assert_eq!(self.by_deadline.len(), self.online.len(), "online indexes differ in size");
         for (deadline, id) in &self.by_deadline {
-            let entry = self
-                .by_device
-                .get(id)
-                .expect("deadline entry without a device");
-            assert_eq!(
-                entry.deadline,
-                Some(*deadline),
-                "deadline of {id} disagrees"
-            );
-            assert!(
-                self.online.contains(id),
-                "{id} has a deadline but is not in the online set"
-            );
+            let entry = self.by_device.get(id).expect("deadline entry without a device");
+            assert_eq!(entry.deadline, Some(*deadline), "deadline of {id} disagrees");
+            assert!(self.online.contains(id), "{id} has a deadline but is not in the online set");
         }
         for (id, entry) in &self.by_device {
-            assert_eq!(
-                entry.is_online(),
-                self.online.contains(id),
-                "online set disagrees on {id}"
-            );
+            assert_eq!(entry.is_online(), self.online.contains(id), "online set disagrees on {id}");
+            let in_offline = self.offline.contains(&(entry.last_seen, id.clone()));
+            assert_eq!(!entry.is_online(), in_offline, "offline index disagrees on {id}");
         }
+        assert_eq!(self.online.len() + self.offline.len(), self.by_device.len(), "indexes differ in size");
+        assert!(self.by_device.len() <= self.max_devices, "over capacity");
     }
 }
 

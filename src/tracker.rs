@@ -1,5 +1,6 @@
-//! The protocol engine: validates datagrams, applies them to the
-//! [`PresenceTable`], builds replies, and reports online/offline transitions.
+//! The protocol engine: validates and authenticates datagrams, applies them
+//! to the [`PresenceTable`], builds replies, and reports online/offline
+//! transitions.
 //!
 //! Sans-IO, in the manner of quinn-proto: the caller passes in the time and
 //! the bytes, and gets back a reply to send and [`Event`]s to publish. The
@@ -11,19 +12,58 @@
 //! 2. on a datagram, call [`Tracker::handle`] and send the reply it wrote, if any;
 //! 3. on a timeout, call [`Tracker::handle_timeout`];
 //! 4. drain [`Tracker::poll_event`].
+//!
+//! Every reply is at most as large as the datagram that caused it, so the
+//! server cannot be used to amplify a flood toward a forged source address.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable};
+use crate::auth::{self, Key};
+use crate::limit::RateLimiter;
+use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable, Refusal};
 use crate::wire::{
-    self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Heartbeat, Leave, Message,
-    Page, Query, QueryKind, RecordWriter, Status, StatusBody, Summary,
+    self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Heartbeat, Leave, Message, Page,
+    Query, QueryKind, RecordWriter, Status, StatusBody, Summary, Tag,
 };
 
-/// How the engine turns declared intervals into TTLs.
+/// Whether heartbeats and leaves must carry a valid tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A tag is required and must verify.
+    Required,
+    /// Untagged frames are accepted; a tag, if present, must verify (for migrating a fleet).
+    Optional,
+    /// Tags are ignored. Anyone who can reach the port can forge heartbeats.
+    Off,
+}
+
+/// The keys the server derives from its master secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// Device keys are derived from this and the device id, per datagram.
+    device_subkey: Key,
+    /// Signs operator queries.
+    operator: Key,
+}
+
+impl Keys {
+    /// Derives the server's keys from the master secret.
+    pub fn from_master(master: &Key) -> Self {
+        Keys { device_subkey: auth::device_subkey(master), operator: auth::operator_key(master) }
+    }
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+/// The engine's rules: TTLs, authentication and abuse limits.
+#[derive(Debug, Clone)]
 pub struct Config {
     /// TTL of a device that declares no interval.
     pub timeout: Duration,
@@ -33,6 +73,20 @@ pub struct Config {
     pub min_ttl: Duration,
     /// No device gets a TTL above this (protects against huge declared intervals).
     pub max_ttl: Duration,
+    /// Whether heartbeats and leaves must be signed.
+    pub auth: AuthMode,
+    /// The keys, if the server has a master secret. Needed unless `auth` is `Off`.
+    pub keys: Option<Keys>,
+    /// Most devices held, online or offline; see [`PresenceTable::new`].
+    pub max_devices: usize,
+    /// Sources whose queries need no operator tag.
+    pub query_allow: Vec<ipnet::IpNet>,
+    /// Queries per second allowed per source address.
+    pub query_rate: u32,
+    /// Queries a quiet source may send at once.
+    pub query_burst: u32,
+    /// Most query sources tracked by the rate limiter at once.
+    pub max_query_sources: usize,
 }
 
 impl Default for Config {
@@ -42,8 +96,29 @@ impl Default for Config {
             misses: 3,
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(3600),
+            auth: AuthMode::Off,
+            keys: None,
+            max_devices: 1_000_000,
+            query_allow: vec![
+                "127.0.0.0/8".parse().unwrap_or_default(),
+                "::1/128".parse().unwrap_or_default(),
+            ],
+            query_rate: 20,
+            query_burst: 40,
+            max_query_sources: 4096,
         }
     }
+}
+
+/// A configuration the engine cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `auth` is `Required` or `Optional` but there are no keys.
+    #[error("authentication needs a master key (--key-file)")]
+    AuthWithoutKey,
+    /// `min_ttl` is larger than `max_ttl`.
+    #[error("the minimum TTL is larger than the maximum TTL")]
+    TtlRange,
 }
 
 impl Config {
@@ -53,20 +128,24 @@ impl Config {
         if interval.is_zero() {
             self.timeout
         } else {
-            interval
-                .saturating_mul(self.misses)
-                .clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
+            interval.saturating_mul(self.misses).clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
         }
     }
 
     /// The interval the server expects from a device that declared
     /// `interval`: the declared one, or `timeout / misses` if none.
     pub fn expected_interval(&self, interval: Duration) -> Duration {
-        if interval.is_zero() {
-            self.timeout / self.misses.max(1)
-        } else {
-            interval
+        if interval.is_zero() { self.timeout / self.misses.max(1) } else { interval }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth != AuthMode::Off && self.keys.is_none() {
+            return Err(ConfigError::AuthWithoutKey);
         }
+        if self.min_ttl > self.max_ttl {
+            return Err(ConfigError::TtlRange);
+        }
+        Ok(())
     }
 }
 
@@ -143,13 +222,24 @@ pub enum Handled {
     /// Applied; the first `n` bytes of the reply buffer are to be sent back to the source.
     Reply(usize),
     /// Counted and dropped; nothing changed but the counter. Some drops still
-    /// get a reply (an unsupported version gets an `Error` frame), as `reply` says.
+    /// get a short reply (an `Error` frame), as `reply` says.
     Dropped {
         /// Why.
         reason: DropReason,
         /// Bytes of the reply buffer to send back, if any.
         reply: Option<usize>,
     },
+}
+
+impl Handled {
+    /// The reply length, if there is a reply to send.
+    pub fn reply_len(self) -> Option<usize> {
+        match self {
+            Handled::Done => None,
+            Handled::Reply(n) => Some(n),
+            Handled::Dropped { reply, .. } => reply,
+        }
+    }
 }
 
 /// Bytes a `Page` reply needs besides its entries: version, kind, request
@@ -160,10 +250,12 @@ const PAGE_OVERHEAD: usize = 1 + 1 + 5 + 1 + 1 + (1 + wire::MAX_ID_LEN) + 2;
 /// The protocol engine. One per server; see the module docs for the loop.
 #[derive(Debug)]
 pub struct Tracker {
-    /// TTL rules.
+    /// The rules.
     config: Config,
     /// Who is online.
     table: PresenceTable,
+    /// Query rate limits by source.
+    limiter: RateLimiter,
     /// What has been counted.
     counters: Counters,
     /// The `now` the engine was created at; uptime counts from here.
@@ -179,19 +271,21 @@ pub struct Tracker {
 
 impl Tracker {
     /// A new engine whose clocks read `now` and `wall` at creation.
-    pub fn new(config: Config, now: Instant, wall: SystemTime) -> Self {
-        Tracker {
+    pub fn new(config: Config, now: Instant, wall: SystemTime) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Tracker {
+            table: PresenceTable::new(config.max_devices),
+            limiter: RateLimiter::new(config.query_rate, config.query_burst, config.max_query_sources),
             config,
-            table: PresenceTable::new(),
             counters: Counters::default(),
             started: now,
             started_wall: wall,
             events: VecDeque::new(),
             page_scratch: vec![0; wire::MAX_DATAGRAM].into_boxed_slice(),
-        }
+        })
     }
 
-    /// The TTL rules in force.
+    /// The rules in force.
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -204,6 +298,11 @@ impl Tracker {
     /// The counters.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Query sources the rate limiter tracks now.
+    pub fn query_sources(&self) -> usize {
+        self.limiter.sources()
     }
 
     /// The wall time corresponding to the monotonic instant `at`.
@@ -243,40 +342,52 @@ impl Tracker {
 
     /// Handles one datagram from `from` received at `now`. A reply, if any,
     /// is written to the start of `reply`, which must hold at least
-    /// [`wire::MAX_DATAGRAM`] bytes.
+    /// [`wire::MAX_DATAGRAM`] bytes, and is never longer than `datagram`.
     ///
     /// Devices due at `now` are expired first, so the result does not
     /// depend on how promptly the caller calls `handle_timeout`.
-    pub fn handle(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        datagram: &[u8],
-        reply: &mut [u8],
-    ) -> Handled {
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], reply: &mut [u8]) -> Handled {
         self.handle_timeout(now);
         let message = match wire::decode(datagram) {
             Ok(message) => message,
             Err(error) => {
-                let reason = DropReason::from(error);
-                self.counters.count_drop(reason);
-                let reply = match error {
+                let answer = match error {
                     wire::Error::UnsupportedVersion(_) => unsupported_version(datagram, reply),
                     _ => None,
                 };
-                return Handled::Dropped { reason, reply };
+                return self.drop(DropReason::from(error), answer);
             }
         };
-        match message {
-            Message::Heartbeat(hb) => self.heartbeat(now, from, hb, reply),
-            Message::Leave(leave) => self.leave(now, leave),
-            Message::Query(query) => self.query(now, query, reply),
-            Message::Status(_) | Message::Ack(_) | Message::Error(_) => {
-                self.counters.count_drop(DropReason::UnexpectedKind);
-                Handled::Dropped {
-                    reason: DropReason::UnexpectedKind,
-                    reply: None,
-                }
+        let tag = auth::signed_part(datagram, &message);
+        let result = match message {
+            Message::Heartbeat(hb) => self.heartbeat(now, from, hb, tag, datagram.len(), reply),
+            Message::Leave(leave) => self.leave(now, leave, tag),
+            Message::Query(query) => self.query(now, from, query, tag, datagram.len(), reply),
+            Message::Status(_) | Message::Ack(_) | Message::Error(_) => Err(DropReason::UnexpectedKind),
+        };
+        result.unwrap_or_else(|reason| {
+            let answer = match reason {
+                DropReason::NotAllowed => error_reply(ErrorCode::NotAllowed, datagram.len(), reply),
+                _ => None,
+            };
+            self.drop(reason, answer)
+        })
+    }
+
+    fn drop(&mut self, reason: DropReason, reply: Option<usize>) -> Handled {
+        self.counters.count_drop(reason);
+        Handled::Dropped { reason, reply }
+    }
+
+    /// Checks the tag of a device's frame as `auth` demands.
+    fn authenticate_device(&self, device: &str, tag: Option<(&[u8], Tag)>) -> Result<(), DropReason> {
+        match (self.config.auth, tag, &self.config.keys) {
+            (AuthMode::Off, _, _) | (AuthMode::Optional, None, _) => Ok(()),
+            (AuthMode::Required, None, _) => Err(DropReason::MissingTag),
+            (_, Some(_), None) => Err(DropReason::UnknownKey),
+            (_, Some((signed, tag)), Some(keys)) => {
+                let key = auth::device_key_from_subkey(&keys.device_subkey, device);
+                if auth::verify(&key, signed, &tag) { Ok(()) } else { Err(DropReason::BadTag) }
             }
         }
     }
@@ -286,20 +397,17 @@ impl Tracker {
         now: Instant,
         from: SocketAddr,
         hb: Heartbeat<'_>,
+        tag: Option<(&[u8], Tag)>,
+        request_len: usize,
         reply: &mut [u8],
-    ) -> Handled {
+    ) -> Result<Handled, DropReason> {
+        self.authenticate_device(hb.device, tag)?;
         let interval = Duration::from_millis(hb.interval_ms.into());
         let ttl = self.config.ttl(interval);
-        let beat = Beat {
-            addr: from,
-            boot: hb.boot,
-            seq: hb.seq,
-            interval,
-            ttl,
-            payload: hb.payload,
-        };
+        let beat = Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload };
+        let came_online = self.table.beat(now, hb.device, beat).map_err(refusal)?;
         self.counters.heartbeats += 1;
-        if self.table.beat(now, hb.device, beat) {
+        if came_online {
             self.events.push_back(Event {
                 device: hb.device.into(),
                 kind: EventKind::Online,
@@ -309,7 +417,7 @@ impl Tracker {
             });
         }
         if hb.flags & wire::FLAG_ACK == 0 {
-            return Handled::Done;
+            return Ok(Handled::Done);
         }
         let ack = Message::Ack(Ack {
             boot: hb.boot,
@@ -317,29 +425,85 @@ impl Tracker {
             interval_ms: millis_u32(self.config.expected_interval(interval)),
             ttl_ms: millis_u32(ttl),
         });
-        encode_reply(&ack, reply)
+        // An ack larger than the heartbeat is not sent (no amplification);
+        // a signed heartbeat is always large enough.
+        Ok(match wire::encode(&ack, reply) {
+            Ok(len) if len <= request_len => Handled::Reply(len),
+            _ => Handled::Done,
+        })
     }
 
-    fn leave(&mut self, now: Instant, leave: Leave<'_>) -> Handled {
-        self.counters.leaves += 1;
-        if let Some(entry) = self.table.leave(leave.device) {
+    fn leave(
+        &mut self,
+        now: Instant,
+        leave: Leave<'_>,
+        tag: Option<(&[u8], Tag)>,
+    ) -> Result<Handled, DropReason> {
+        self.authenticate_device(leave.device, tag)?;
+        let left = self.table.leave(leave.device, leave.boot, leave.seq).map_err(refusal)?;
+        if let Some(entry) = left {
+            let addr = entry.addr;
             self.events.push_back(Event {
                 device: leave.device.into(),
                 kind: EventKind::Offline(OfflineReason::Left),
                 at: now,
                 deadline: None,
-                addr: entry.addr,
+                addr,
             });
         }
-        Handled::Done
+        self.counters.leaves += 1;
+        Ok(Handled::Done)
     }
 
-    fn query(&mut self, now: Instant, query: Query<'_>, reply: &mut [u8]) -> Handled {
+    /// Whether `ip` may query without an operator tag.
+    fn allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config.query_allow.iter().any(|net| net.contains(&ip))
+    }
+
+    fn query(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        query: Query<'_>,
+        tag: Option<(&[u8], Tag)>,
+        request_len: usize,
+        reply: &mut [u8],
+    ) -> Result<Handled, DropReason> {
+        if !self.limiter.allow(now, from.ip().to_canonical()) {
+            return Err(DropReason::RateLimited);
+        }
+        let operator = match (tag, &self.config.keys) {
+            (None, _) => false,
+            (Some(_), None) => return Err(DropReason::UnknownKey),
+            (Some((signed, tag)), Some(keys)) if auth::verify(&keys.operator, signed, &tag) => true,
+            (Some(_), Some(_)) => return Err(DropReason::BadTag),
+        };
+        if !operator && !self.allowed(from.ip()) {
+            return Err(DropReason::NotAllowed);
+        }
         self.counters.queries += 1;
+        let budget = request_len.min(wire::MAX_DATAGRAM);
+        let len = self.answer(now, query, budget, reply);
+        if let Some(len) = len.filter(|len| *len <= request_len) {
+            return Ok(Handled::Reply(len));
+        }
+        let needed = u16::try_from(len.unwrap_or(wire::MAX_DATAGRAM)).unwrap_or(u16::MAX);
+        Ok(match error_reply(ErrorCode::RequestTooSmall { needed }, request_len, reply) {
+            Some(n) => Handled::Reply(n),
+            None => Handled::Done,
+        })
+    }
+
+    /// Encodes the status answering `query` into `reply`; a page holds as many
+    /// entries as fit in `budget` bytes in all. Returns the length.
+    fn answer(&mut self, now: Instant, query: Query<'_>, budget: usize, reply: &mut [u8]) -> Option<usize> {
         let mut counter_buf = [0u8; DropReason::ALL.len() * 16];
         let body = match query.kind {
             QueryKind::Device(device) => match self.table.get(device) {
-                Some(entry) => StatusBody::Device(self.device_info(now, device, entry)),
+                Some(entry) => {
+                    StatusBody::Device(device_info(self.started, self.started_wall, now, device, entry))
+                }
                 None => StatusBody::UnknownDevice,
             },
             QueryKind::Summary => {
@@ -348,10 +512,7 @@ impl Tracker {
                     let count = self.counters.drops(reason);
                     if count > 0 {
                         // Cannot fail: the buffer holds every reason at its largest.
-                        let _ = counters.push(&Counter {
-                            code: reason.code(),
-                            count,
-                        });
+                        let _ = counters.push(&Counter { code: reason.code(), count });
                     }
                 }
                 StatusBody::Summary(Summary {
@@ -366,13 +527,9 @@ impl Tracker {
                 })
             }
             QueryKind::List { after, limit } => {
-                let limit = if limit == 0 {
-                    usize::MAX
-                } else {
-                    usize::from(limit)
-                };
-                let budget = wire::MAX_DATAGRAM - PAGE_OVERHEAD;
-                let mut entries = RecordWriter::new(&mut self.page_scratch[..budget]);
+                let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
+                let entries_budget = budget.saturating_sub(PAGE_OVERHEAD);
+                let mut entries = RecordWriter::new(&mut self.page_scratch[..entries_budget]);
                 let mut online = self.table.online_after(after).peekable();
                 let mut last: Option<&DeviceId> = None;
                 while let Some((id, entry)) = online.peek() {
@@ -387,21 +544,24 @@ impl Tracker {
                     online.next();
                 }
                 let more = online.peek().is_some();
+                if more && last.is_none() {
+                    // Not even one entry fits this request: ask for a bigger one.
+                    return None;
+                }
                 StatusBody::Page(Page {
                     next_cursor: if more { last.map(|id| &**id) } else { None },
                     entries: entries.finish(),
                 })
             }
         };
-        let status = Message::Status(Status {
-            request: query.request,
-            body,
-        });
-        encode_reply(&status, reply)
+        wire::encode(&Message::Status(Status { request: query.request, body }), reply).ok()
     }
+}
 
-    fn device_info<'e>(&self, now: Instant, device: &'e str, entry: &'e Entry) -> DeviceInfo<'e> {
-        device_info(self.started, self.started_wall, now, device, entry)
+fn refusal(refusal: Refusal) -> DropReason {
+    match refusal {
+        Refusal::Replay => DropReason::Replay,
+        Refusal::OverCapacity => DropReason::OverCapacity,
     }
 }
 
@@ -419,18 +579,14 @@ fn device_info<'e>(
         online: entry.is_online(),
         addr: entry.addr.into(),
         last_seen_ago_ms: millis_u64(now.saturating_duration_since(entry.last_seen)),
-        last_seen_unix_ms: millis_u64(
-            last_seen_wall
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default(),
-        ),
-        expires_in_ms: entry.deadline.map_or(0, |deadline| {
-            millis_u64(deadline.saturating_duration_since(now))
-        }),
+        last_seen_unix_ms: millis_u64(last_seen_wall.duration_since(UNIX_EPOCH).unwrap_or_default()),
+        expires_in_ms: entry
+            .deadline
+            .map_or(0, |deadline| millis_u64(deadline.saturating_duration_since(now))),
         ttl_ms: millis_u32(entry.ttl),
         interval_ms: millis_u32(entry.interval),
-        boot: entry.boot,
-        seq: entry.seq,
+        boot: entry.window.boot(),
+        seq: entry.window.top(),
         heartbeats: entry.heartbeats,
         flaps: entry.flaps,
         payload: &entry.payload,
@@ -444,30 +600,19 @@ const FUTURE_VERSIONS: std::ops::RangeInclusive<u8> = (wire::VERSION + 1)..=15;
 /// An `Error` reply for a datagram that looks like a heartbeat or query of a
 /// newer version: its version byte is in [`FUTURE_VERSIONS`] and its kind
 /// byte is 0 (heartbeat) or 2 (query), the kinds whose senders wait for
-/// replies. The reply is never larger than the datagram (no amplification).
-/// Garbage that fails these checks gets nothing.
+/// replies. Garbage that fails these checks gets nothing.
 fn unsupported_version(datagram: &[u8], reply: &mut [u8]) -> Option<usize> {
-    let looks_like_a_frame =
-        matches!(datagram, [version, 0 | 2, ..] if FUTURE_VERSIONS.contains(version));
+    let looks_like_a_frame = matches!(datagram, [version, 0 | 2, ..] if FUTURE_VERSIONS.contains(version));
     if !looks_like_a_frame {
         return None;
     }
-    let error = Message::Error(ErrorReply {
-        code: ErrorCode::UnsupportedVersion,
-        supported_version: wire::VERSION,
-    });
-    wire::encode(&error, reply)
-        .ok()
-        .filter(|len| *len <= datagram.len())
+    error_reply(ErrorCode::UnsupportedVersion, datagram.len(), reply)
 }
 
-fn encode_reply(message: &Message<'_>, reply: &mut [u8]) -> Handled {
-    match wire::encode(message, reply) {
-        Ok(len) => Handled::Reply(len),
-        // Every reply the engine builds fits MAX_DATAGRAM by construction; a
-        // short caller buffer is the caller's bug, and we send nothing.
-        Err(_) => Handled::Done,
-    }
+/// Encodes an `Error` reply, unless it would be larger than the request.
+fn error_reply(code: ErrorCode, request_len: usize, reply: &mut [u8]) -> Option<usize> {
+    let error = Message::Error(ErrorReply { code, supported_version: wire::VERSION });
+    wire::encode(&error, reply).ok().filter(|len| *len <= request_len)
 }
 
 fn millis_u64(d: Duration) -> u64 {

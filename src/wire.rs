@@ -24,6 +24,8 @@ pub const MAX_DATAGRAM: usize = 1200;
 pub const MAX_ID_LEN: usize = 64;
 /// Longest application payload a heartbeat may carry, in bytes.
 pub const MAX_PAYLOAD_LEN: usize = 64;
+/// A truncated MAC; see [`crate::auth`].
+pub type Tag = [u8; 8];
 /// Heartbeat flag: the device wants an [`Ack`] back.
 pub const FLAG_ACK: u8 = 0x01;
 /// The flag bits defined by v1; the others are reserved, sent as zero and ignored.
@@ -107,11 +109,26 @@ pub enum DropReason {
     PayloadTooLong = 8,
     /// A well-formed frame of a kind the server never accepts (a reply).
     UnexpectedKind = 9,
+    /// The tag does not match (forged, or made with another key).
+    BadTag = 10,
+    /// The (boot, seq) pair is not newer than what the server has seen, or
+    /// was already seen inside the reordering window.
+    Replay = 11,
+    /// A tag the server has no key to check (it runs without `--key-file`).
+    UnknownKey = 12,
+    /// A new device while the table is full of online devices (`--max-devices`).
+    OverCapacity = 13,
+    /// A query over its source's rate limit.
+    RateLimited = 14,
+    /// A query without an operator tag from a source outside `--query-allow`.
+    NotAllowed = 15,
+    /// A heartbeat or leave without a tag under `--auth required`.
+    MissingTag = 16,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Truncated,
         DropReason::Oversized,
         DropReason::UnsupportedVersion,
@@ -121,6 +138,13 @@ impl DropReason {
         DropReason::BadDeviceId,
         DropReason::PayloadTooLong,
         DropReason::UnexpectedKind,
+        DropReason::BadTag,
+        DropReason::Replay,
+        DropReason::UnknownKey,
+        DropReason::OverCapacity,
+        DropReason::RateLimited,
+        DropReason::NotAllowed,
+        DropReason::MissingTag,
     ];
 
     /// The code carried in [`Counter::code`].
@@ -145,6 +169,13 @@ impl DropReason {
             DropReason::BadDeviceId => "bad_device_id",
             DropReason::PayloadTooLong => "payload_too_long",
             DropReason::UnexpectedKind => "unexpected_kind",
+            DropReason::BadTag => "bad_tag",
+            DropReason::Replay => "replay",
+            DropReason::UnknownKey => "unknown_key",
+            DropReason::OverCapacity => "over_capacity",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::NotAllowed => "not_allowed",
+            DropReason::MissingTag => "missing_tag",
         }
     }
 }
@@ -181,6 +212,8 @@ pub struct Heartbeat<'a> {
     pub flags: u8,
     /// Opaque application data (battery level, firmware version, ...).
     pub payload: &'a [u8],
+    /// MAC over every frame byte before it, with the device's key; see [`crate::auth`].
+    pub tag: Option<Tag>,
 }
 
 /// "I am going offline now": a graceful shutdown.
@@ -192,6 +225,8 @@ pub struct Leave<'a> {
     pub boot: u32,
     /// The next sequence number after its last heartbeat.
     pub seq: u32,
+    /// MAC with the device's key, as for [`Heartbeat::tag`].
+    pub tag: Option<Tag>,
 }
 
 /// A status request from an operator or a program.
@@ -202,6 +237,11 @@ pub struct Query<'a> {
     /// What is asked.
     #[serde(borrow)]
     pub kind: QueryKind<'a>,
+    /// Ignored bytes that make the request as large as the reply it asks
+    /// for: the server never replies with more bytes than it received.
+    pub padding: &'a [u8],
+    /// MAC with the operator key, as for [`Heartbeat::tag`]; optional.
+    pub tag: Option<Tag>,
 }
 
 /// The three questions the server answers.
@@ -328,7 +368,8 @@ pub struct Ack {
     pub ttl_ms: u32,
 }
 
-/// A reply saying the request could not be served.
+/// A reply saying the request could not be served. It is never larger than
+/// the request, and the server sends none where that cannot hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     /// What went wrong.
@@ -342,6 +383,14 @@ pub struct ErrorReply {
 pub enum ErrorCode {
     /// The request's version byte is not one the server speaks.
     UnsupportedVersion,
+    /// The query needs an operator tag or a source the server allows.
+    NotAllowed,
+    /// The reply would be larger than the query: pad the query to at least
+    /// `needed` bytes (or to [`MAX_DATAGRAM`]) and ask again.
+    RequestTooSmall {
+        /// The smallest request size that gets the reply.
+        needed: u16,
+    },
 }
 
 /// A socket address without flow info or scope, as it travels in replies.
@@ -410,10 +459,7 @@ impl<'a, T> Records<'a, T> {
     /// Wraps bytes that hold concatenated records. [`decode`] checks that
     /// every record of a received frame is well formed.
     pub fn from_bytes(bytes: &'a [u8]) -> Self {
-        Records {
-            bytes,
-            _record: PhantomData,
-        }
+        Records { bytes, _record: PhantomData }
     }
 
     /// The encoded records.
@@ -423,10 +469,7 @@ impl<'a, T> Records<'a, T> {
 
     /// Decodes the records one by one.
     pub fn iter(&self) -> RecordIter<'a, T> {
-        RecordIter {
-            rest: self.bytes,
-            _record: PhantomData,
-        }
+        RecordIter { rest: self.bytes, _record: PhantomData }
     }
 }
 
@@ -503,12 +546,7 @@ pub struct RecordWriter<'b, T> {
 impl<'b, T: Serialize> RecordWriter<'b, T> {
     /// Starts an empty list in `buf`.
     pub fn new(buf: &'b mut [u8]) -> Self {
-        RecordWriter {
-            buf,
-            len: 0,
-            count: 0,
-            _record: PhantomData,
-        }
+        RecordWriter { buf, len: 0, count: 0, _record: PhantomData }
     }
 
     /// Appends one record. On [`Error::BufferTooSmall`] nothing is appended.
@@ -544,19 +582,11 @@ impl<'b, T: Serialize> RecordWriter<'b, T> {
 }
 
 fn check_id(id: &str) -> Result<(), Error> {
-    if id.is_empty() || id.len() > MAX_ID_LEN {
-        Err(Error::BadDeviceId)
-    } else {
-        Ok(())
-    }
+    if id.is_empty() || id.len() > MAX_ID_LEN { Err(Error::BadDeviceId) } else { Ok(()) }
 }
 
 fn check_payload(payload: &[u8]) -> Result<(), Error> {
-    if payload.len() > MAX_PAYLOAD_LEN {
-        Err(Error::PayloadTooLong)
-    } else {
-        Ok(())
-    }
+    if payload.len() > MAX_PAYLOAD_LEN { Err(Error::PayloadTooLong) } else { Ok(()) }
 }
 
 fn check_device_info(info: &DeviceInfo<'_>) -> Result<(), Error> {
@@ -592,9 +622,7 @@ impl Message<'_> {
             Message::Leave(leave) => check_id(leave.device),
             Message::Query(q) => match q.kind {
                 QueryKind::Device(id) => check_id(id),
-                QueryKind::List {
-                    after: Some(id), ..
-                } => check_id(id),
+                QueryKind::List { after: Some(id), .. } => check_id(id),
                 QueryKind::List { after: None, .. } | QueryKind::Summary => Ok(()),
             },
             Message::Status(status) => match &status.body {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{PROMPTLY, Server, cli, poll, stderr, stdout};
 use presence::client::{Client, Sender};
-use presence::wire::{self, DropReason, Heartbeat, Message, Query, QueryKind, Status, StatusBody};
+use presence::wire::{self, DropReason, Heartbeat, Message, QueryKind, Status, StatusBody};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -26,15 +26,7 @@ fn beat_online_status_then_offline_at_the_deadline() {
     let (seq, _) = sender.beat(true).unwrap();
     let ack = sender.wait_ack(seq, QUERY_TIMEOUT).unwrap().expect("ack");
     assert_eq!((ack.interval_ms, ack.ttl_ms), (200, 600));
-    let out = cli(&[
-        "status",
-        "--server",
-        &addr,
-        "sensor-1",
-        "--json",
-        "--timeout",
-        "5s",
-    ]);
+    let out = cli(&["status", "--server", &addr, "sensor-1", "--json", "--timeout", "5s"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // If this machine stalled past the TTL the device is rightly offline; otherwise it must be online.
     if report["online"] == true {
@@ -48,14 +40,8 @@ fn beat_online_status_then_offline_at_the_deadline() {
     sender.beat(false).unwrap();
     let offline = server.wait_event("sensor-1", "offline", Some("expired"), PROMPTLY);
     let seen = before_last.elapsed();
-    assert!(
-        seen >= ttl,
-        "offline after {seen:?}, before the {ttl:?} deadline"
-    );
-    assert!(
-        seen <= ttl + Duration::from_secs(1),
-        "offline noticed only after {seen:?}"
-    );
+    assert!(seen >= ttl, "offline after {seen:?}, before the {ttl:?} deadline");
+    assert!(seen <= ttl + Duration::from_secs(1), "offline noticed only after {seen:?}");
     assert_eq!(offline["address"], sender.local_addr().unwrap().to_string());
 
     let out = cli(&["status", "--server", &addr, "sensor-1"]);
@@ -63,15 +49,7 @@ fn beat_online_status_then_offline_at_the_deadline() {
     assert!(stdout(&out).contains("offline"), "{}", stdout(&out));
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
     let summary = client.summary().unwrap();
-    assert_eq!(
-        (
-            summary.online,
-            summary.known,
-            summary.heartbeats,
-            summary.expirations
-        ),
-        (0, 1, 3, 1)
-    );
+    assert_eq!((summary.online, summary.known, summary.heartbeats, summary.expirations), (0, 1, 3, 1));
     let report = client.device("sensor-1").unwrap().unwrap();
     assert_eq!((report.flaps, report.seq, report.heartbeats), (1, 3, 3));
 }
@@ -86,10 +64,7 @@ fn leave_takes_the_device_offline_at_once() {
     let left_at = Instant::now();
     sender.leave().unwrap();
     server.wait_event("leaver", "offline", Some("left"), PROMPTLY);
-    assert!(
-        left_at.elapsed() < Duration::from_secs(30),
-        "it was not the expiry"
-    );
+    assert!(left_at.elapsed() < Duration::from_secs(30), "it was not the expiry");
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
     assert!(!client.device("leaver").unwrap().unwrap().online);
     assert_eq!(client.summary().unwrap().leaves, 1);
@@ -109,6 +84,7 @@ fn heartbeat(seq: u32) -> Vec<u8> {
         interval_ms: 60_000,
         flags: 0,
         payload: b"ok",
+        tag: None,
     }))
 }
 
@@ -141,12 +117,7 @@ fn garbage_interleaved_with_heartbeats_changes_only_the_drop_counters() {
         // Random bytes whose first byte is never a version we speak or might.
         let mut random = noise(&mut seed, 1 + seq as usize * 13);
         random[0] |= 0x10;
-        let ack = frame(&Message::Ack(wire::Ack {
-            boot: 1,
-            seq,
-            interval_ms: 1,
-            ttl_ms: 1,
-        }));
+        let ack = frame(&Message::Ack(wire::Ack { boot: 1, seq, interval_ms: 1, ttl_ms: 1 }));
         let batch: Vec<(Vec<u8>, DropReason)> = vec![
             (Vec::new(), DropReason::Truncated),
             (good[..good.len() - 3].to_vec(), DropReason::Truncated),
@@ -154,10 +125,7 @@ fn garbage_interleaved_with_heartbeats_changes_only_the_drop_counters() {
             (vec![0xa5; 1500], DropReason::Oversized),
             (random, DropReason::UnsupportedVersion),
             (kind, DropReason::UnknownKind),
-            (
-                vec![1, 0, 0, 3, seq as u8, 0, 0, 0],
-                DropReason::BadDeviceId,
-            ),
+            (vec![1, 0, 0, 3, seq as u8, 0, 0, 0, 0], DropReason::BadDeviceId),
             (vec![1, 1, 2, 0xff, 0xfe, 1, 1], DropReason::Malformed),
             (ack, DropReason::UnexpectedKind),
         ];
@@ -169,47 +137,27 @@ fn garbage_interleaved_with_heartbeats_changes_only_the_drop_counters() {
         socket.send(&good).unwrap();
     }
     // The first datagram back must be the reply to this query: garbage got none.
-    let query = frame(&Message::Query(Query {
-        request: 77,
-        kind: QueryKind::Device("steady"),
-    }));
-    socket.send(&query).unwrap();
+    let mut query = [0u8; wire::MAX_DATAGRAM];
+    let len = presence::client::encode_query(77, QueryKind::Device("steady"), None, &mut query).unwrap();
+    let query = &query[..len];
+    socket.send(query).unwrap();
     socket.set_read_timeout(Some(QUERY_TIMEOUT)).unwrap();
     let mut buf = [0u8; 2048];
     let n = socket.recv(&mut buf).expect("a reply to the query");
-    let Ok(Message::Status(Status {
-        request: 77,
-        body: StatusBody::Device(info),
-    })) = wire::decode(&buf[..n])
+    let Ok(Message::Status(Status { request: 77, body: StatusBody::Device(info) })) = wire::decode(&buf[..n])
     else {
         panic!("the first reply was not the status: {:02x?}", &buf[..n]);
     };
     assert_eq!(
-        (
-            info.online,
-            info.seq,
-            info.heartbeats,
-            info.boot,
-            info.payload
-        ),
+        (info.online, info.seq, info.heartbeats, info.boot, info.payload),
         (true, 20, 20, 3, &b"ok"[..])
     );
 
-    let summary = Client::new(server.addr, QUERY_TIMEOUT)
-        .unwrap()
-        .summary()
-        .unwrap();
+    let summary = Client::new(server.addr, QUERY_TIMEOUT).unwrap().summary().unwrap();
     assert_eq!(summary.drops, expected);
     assert_eq!(summary.total_drops(), garbage_sent);
-    assert_eq!(
-        (summary.heartbeats, summary.known, summary.online),
-        (20, 1, 1)
-    );
-    assert_eq!(
-        server.events().len(),
-        1,
-        "one online event and nothing else"
-    );
+    assert_eq!((summary.heartbeats, summary.known, summary.online), (20, 1, 1));
+    assert_eq!(server.events().len(), 1, "one online event and nothing else");
 }
 
 #[test]
@@ -227,24 +175,16 @@ fn sigterm_stops_cleanly_with_the_events_file_complete() {
     // Datagrams on loopback are queued in order, so once the summary shows
     // the leaves every transition has been handled.
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
-    poll("the leaves", PROMPTLY, || {
-        (client.summary().unwrap().leaves == 2).then_some(())
-    });
+    poll("the leaves", PROMPTLY, || (client.summary().unwrap().leaves == 2).then_some(()));
     let status = server.terminate();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     let events = server.events();
     assert_eq!(events.len(), 7, "{events:#?}");
     let online = events.iter().filter(|e| e["event"] == "online").count();
-    let left = events
-        .iter()
-        .filter(|e| e["event"] == "offline" && e["reason"] == "left")
-        .count();
+    let left = events.iter().filter(|e| e["event"] == "offline" && e["reason"] == "left").count();
     assert_eq!((online, left), (5, 2));
     for e in &events {
-        assert!(
-            humantime::parse_rfc3339(e["time"].as_str().unwrap()).is_ok(),
-            "{e}"
-        );
+        assert!(humantime::parse_rfc3339(e["time"].as_str().unwrap()).is_ok(), "{e}");
     }
     let log: Vec<String> = server.log.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("\"stopped\"")), "{log:#?}");
@@ -298,54 +238,33 @@ fn list_follows_pages_across_many_devices() {
             interval_ms: 60_000,
             flags: 0,
             payload: &[0x42; wire::MAX_PAYLOAD_LEN],
+            tag: None,
         }));
         socket.send_to(&hb, server.addr).unwrap();
     }
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
-    poll("all devices online", PROMPTLY, || {
-        (client.summary().unwrap().online == 60).then_some(())
-    });
+    poll("all devices online", PROMPTLY, || (client.summary().unwrap().online == 60).then_some(()));
     let (first_page, cursor) = client.list_page(None, 0).unwrap();
-    assert!(
-        cursor.is_some() && first_page.len() < 60,
-        "60 full devices need several pages"
-    );
-    let listed: Vec<String> = client
-        .list_all()
-        .unwrap()
-        .into_iter()
-        .map(|d| d.device)
-        .collect();
+    assert!(cursor.is_some() && first_page.len() < 60, "60 full devices need several pages");
+    let listed: Vec<String> = client.list_all().unwrap().into_iter().map(|d| d.device).collect();
     assert_eq!(listed, ids);
     let out = cli(&["status", "--server", &server.addr.to_string(), "--list"]);
     assert!(out.status.success());
     assert!(stdout(&out).contains("60 online"), "{}", stdout(&out));
-    let out = cli(&[
-        "status",
-        "--server",
-        &server.addr.to_string(),
-        "--list",
-        "--json",
-    ]);
+    let out = cli(&["status", "--server", &server.addr.to_string(), "--list", "--json"]);
     let json: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json.len(), 60);
 }
 
 #[test]
 fn dual_stack_bind_hears_ipv4_and_ipv6() {
-    let server = Server::start_on("[::]:0", &[]);
+    let server = Server::start_on("[::]:0", &["--insecure"]);
     let port = server.addr.port();
-    for (server_addr, id) in [
-        (format!("127.0.0.1:{port}"), "over-v4"),
-        (format!("[::1]:{port}"), "over-v6"),
-    ] {
-        let mut sender =
-            Sender::new(server_addr.parse().unwrap(), id, Duration::from_secs(10), 1).unwrap();
+    for (server_addr, id) in [(format!("127.0.0.1:{port}"), "over-v4"), (format!("[::1]:{port}"), "over-v6")]
+    {
+        let mut sender = Sender::new(server_addr.parse().unwrap(), id, Duration::from_secs(10), 1).unwrap();
         let (seq, _) = sender.beat(true).unwrap();
-        assert!(
-            sender.wait_ack(seq, QUERY_TIMEOUT).unwrap().is_some(),
-            "{id} got no ack"
-        );
+        assert!(sender.wait_ack(seq, QUERY_TIMEOUT).unwrap().is_some(), "{id} got no ack");
         let event = server.wait_event(id, "online", None, PROMPTLY);
         // IPv4 peers are reported as IPv4, not as ::ffff:127.0.0.1.
         assert_eq!(event["address"], sender.local_addr().unwrap().to_string());
@@ -359,15 +278,7 @@ fn cli_mistakes_get_one_line_and_a_nonzero_exit() {
         &["serve", "--misses", "0"],
         &["serve", "--recv-buffer", "lots"],
         &["serve", "--bind", "nowhere"],
-        &[
-            "serve",
-            "--min-ttl",
-            "10s",
-            "--max-ttl",
-            "1s",
-            "--bind",
-            "127.0.0.1:0",
-        ],
+        &["serve", "--min-ttl", "10s", "--max-ttl", "1s", "--bind", "127.0.0.1:0"],
         &["beat", "--id", ""],
         &["beat", "--id", "d", "--payload-hex", "xyz"],
         &["status", "--list", "some-device"],
@@ -384,18 +295,8 @@ fn cli_mistakes_get_one_line_and_a_nonzero_exit() {
 #[test]
 fn status_without_a_server_fails_clearly() {
     // A port that nobody listens on: bind one, learn it, and close it.
-    let port = UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let out = cli(&[
-        "status",
-        "--server",
-        &format!("127.0.0.1:{port}"),
-        "--timeout",
-        "300ms",
-    ]);
+    let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let out = cli(&["status", "--server", &format!("127.0.0.1:{port}"), "--timeout", "300ms"]);
     assert_eq!(out.status.code(), Some(2));
     let err = stderr(&out);
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");

@@ -29,33 +29,26 @@ fn expired(table: &mut PresenceTable, now: Instant) -> Vec<String> {
 #[test]
 fn expires_at_the_deadline_and_not_before() {
     let t0 = Instant::now();
-    let mut table = PresenceTable::new();
-    assert!(table.beat(t0, "a", beat(100, 1)));
+    let mut table = PresenceTable::default();
+    assert_eq!(table.beat(t0, "a", beat(100, 1)), Ok(true));
     assert_eq!(table.next_deadline(), Some(t0 + Duration::from_millis(100)));
     assert!(expired(&mut table, t0 + Duration::from_millis(99)).is_empty());
     assert_eq!(expired(&mut table, t0 + Duration::from_millis(100)), ["a"]);
     assert_eq!(table.next_deadline(), None);
     let entry = table.get("a").unwrap();
-    assert_eq!(
-        (entry.flaps, entry.heartbeats, entry.is_online()),
-        (1, 1, false)
-    );
+    assert_eq!((entry.flaps, entry.heartbeats, entry.is_online()), (1, 1, false));
     table.assert_invariants();
 }
 
 #[test]
 fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
     let t0 = Instant::now();
-    let mut table = PresenceTable::new();
-    assert!(table.beat(t0, "a", beat(100, 1)));
-    assert!(!table.beat(t0 + Duration::from_millis(50), "a", beat(100, 2)));
+    let mut table = PresenceTable::default();
+    assert_eq!(table.beat(t0, "a", beat(100, 1)), Ok(true));
+    assert_eq!(table.beat(t0 + Duration::from_millis(50), "a", beat(100, 2)), Ok(false));
     assert!(expired(&mut table, t0 + Duration::from_millis(120)).is_empty());
     assert_eq!(table.online_count(), 1);
-    assert_eq!(
-        table.get("a").unwrap().addr,
-        addr(1002),
-        "address follows the device"
-    );
+    assert_eq!(table.get("a").unwrap().addr, addr(1002), "address follows the device");
     assert_eq!(expired(&mut table, t0 + Duration::from_millis(150)), ["a"]);
     table.assert_invariants();
 }
@@ -63,24 +56,84 @@ fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
 #[test]
 fn leave_takes_a_device_offline_once() {
     let t0 = Instant::now();
-    let mut table = PresenceTable::new();
-    table.beat(t0, "a", beat(100, 1));
-    assert!(table.leave("a").is_some());
-    assert!(table.leave("a").is_none());
-    assert!(table.leave("unknown").is_none());
+    let mut table = PresenceTable::default();
+    table.beat(t0, "a", beat(100, 1)).unwrap();
+    assert!(table.leave("a", 1, 2).unwrap().is_some());
+    assert_eq!(table.leave("a", 1, 2), Err(Refusal::Replay), "the same leave again");
+    assert!(table.leave("a", 1, 3).unwrap().is_none(), "already offline");
+    assert!(table.leave("unknown", 1, 1).unwrap().is_none());
     assert_eq!(table.next_deadline(), None);
     assert_eq!(table.get("a").unwrap().flaps, 1);
-    assert!(
-        table.beat(t0, "a", beat(100, 2)),
-        "a return is an online transition"
-    );
+    assert_eq!(table.beat(t0, "a", beat(100, 4)), Ok(true), "a return is an online transition");
     table.assert_invariants();
 }
 
-/// The naive model: a map scanned in full on every sweep.
+#[test]
+fn replay_window_accepts_each_pair_once() {
+    let mut w = ReplayWindow::new(5, 100);
+    assert!(!w.is_new(5, 100), "the same pair");
+    assert!(!w.is_new(4, 1000), "an older boot");
+    assert!(w.is_new(5, 99), "reordered within the window");
+    w.accept(5, 99);
+    assert!(!w.is_new(5, 99), "accepted once only");
+    assert!(w.is_new(5, 100 - 63) && !w.is_new(5, 100 - 64), "the window is 64 wide");
+    w.accept(5, 200);
+    assert!(!w.is_new(5, 136) && w.is_new(5, 137) && w.is_new(5, 199) && !w.is_new(5, 200));
+    assert!(w.is_new(6, 0), "a new boot starts over");
+    w.accept(6, 0);
+    assert!(!w.is_new(5, 201) && w.is_new(6, 1));
+}
+
+#[test]
+fn a_full_table_forgets_the_longest_silent_offline_device() {
+    let t0 = Instant::now();
+    let mut table = PresenceTable::new(2);
+    table.beat(t0, "a", beat(100, 1)).unwrap();
+    table.beat(t0 + Duration::from_millis(10), "b", beat(100, 1)).unwrap();
+    assert_eq!(table.beat(t0, "c", beat(100, 1)), Err(Refusal::OverCapacity), "both online");
+    assert!(table.beat(t0, "a", beat(100, 2)).is_ok(), "known devices keep working");
+    expired(&mut table, t0 + Duration::from_millis(200));
+    assert_eq!(table.beat(t0 + Duration::from_millis(200), "c", beat(100, 1)), Ok(true));
+    assert!(table.get("a").is_none(), "a was silent longest");
+    assert!(table.get("b").is_some());
+    table.assert_invariants();
+}
+
+/// The naive model: a map scanned in full on every step.
+#[derive(Debug)]
+struct ModelDevice {
+    deadline: Option<Instant>,
+    last_seen: Instant,
+    heartbeats: u64,
+    flaps: u32,
+    boot: u32,
+    top: u32,
+    /// Every seq seen in `boot`.
+    seen: std::collections::BTreeSet<u32>,
+}
+
+impl ModelDevice {
+    fn is_new(&self, boot: u32, seq: u32) -> bool {
+        boot > self.boot
+            || (boot == self.boot
+                && (seq > self.top || (self.top - seq < REPLAY_WINDOW && !self.seen.contains(&seq))))
+    }
+
+    fn accept(&mut self, boot: u32, seq: u32) {
+        if boot > self.boot {
+            self.boot = boot;
+            self.top = seq;
+            self.seen.clear();
+        }
+        self.top = self.top.max(seq);
+        self.seen.insert(seq);
+    }
+}
+
 #[derive(Debug, Default)]
 struct Model {
-    devices: BTreeMap<String, (Option<Instant>, u64, u32, u32)>, // deadline, heartbeats, flaps, seq
+    devices: BTreeMap<String, ModelDevice>,
+    max: usize,
 }
 
 impl Model {
@@ -88,31 +141,61 @@ impl Model {
         let mut due: Vec<(Instant, String)> = self
             .devices
             .iter()
-            .filter_map(|(id, (deadline, ..))| {
-                deadline.filter(|d| *d <= now).map(|d| (d, id.clone()))
-            })
+            .filter_map(|(id, d)| d.deadline.filter(|t| *t <= now).map(|t| (t, id.clone())))
             .collect();
         due.sort();
         for (_, id) in &due {
             let device = self.devices.get_mut(id).unwrap();
-            device.0 = None;
-            device.2 += 1;
+            device.deadline = None;
+            device.flaps += 1;
         }
         due.into_iter().map(|(_, id)| id).collect()
+    }
+
+    fn beat(&mut self, now: Instant, id: &str, boot: u32, seq: u32, ttl: Duration) -> Result<bool, Refusal> {
+        if let Some(d) = self.devices.get_mut(id) {
+            if !d.is_new(boot, seq) {
+                return Err(Refusal::Replay);
+            }
+        } else if self.devices.len() >= self.max {
+            let oldest = self
+                .devices
+                .iter()
+                .filter(|(_, d)| d.deadline.is_none())
+                .map(|(id, d)| (d.last_seen, id.clone()))
+                .min()
+                .ok_or(Refusal::OverCapacity)?;
+            self.devices.remove(&oldest.1);
+        }
+        let d = self.devices.entry(id.to_string()).or_insert_with(|| ModelDevice {
+            deadline: None,
+            last_seen: now,
+            heartbeats: 0,
+            flaps: 0,
+            boot,
+            top: seq,
+            seen: Default::default(),
+        });
+        let came_online = d.deadline.is_none();
+        d.accept(boot, seq);
+        d.deadline = Some(now + ttl);
+        d.last_seen = now;
+        d.heartbeats += 1;
+        Ok(came_online)
     }
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Beat { device: u8, ttl_ms: u64 },
-    Leave { device: u8 },
+    Beat { device: u8, ttl_ms: u64, boot: u32, seq: u32 },
+    Leave { device: u8, boot: u32, seq: u32 },
     Advance { ms: u64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0u8..12, 1u64..200).prop_map(|(device, ttl_ms)| Op::Beat { device, ttl_ms }),
-        1 => (0u8..12).prop_map(|device| Op::Leave { device }),
+        4 => (0u8..12, 1u64..200, 0u32..3, 0u32..150).prop_map(|(device, ttl_ms, boot, seq)| Op::Beat { device, ttl_ms, boot, seq }),
+        1 => (0u8..12, 0u32..3, 0u32..150).prop_map(|(device, boot, seq)| Op::Leave { device, boot, seq }),
         3 => (0u64..120).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -121,12 +204,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
 
     #[test]
-    fn table_matches_a_naive_model(ops in proptest::collection::vec(op(), 1..200)) {
+    fn table_matches_a_naive_model(max in 1usize..14, ops in proptest::collection::vec(op(), 1..200)) {
         let t0 = Instant::now();
         let mut now = t0;
-        let mut table = PresenceTable::new();
-        let mut model = Model::default();
-        let mut seq = 0u32;
+        let mut table = PresenceTable::new(max);
+        let mut model = Model { max, ..Model::default() };
         for op in ops {
             if let Op::Advance { ms } = op {
                 now += Duration::from_millis(ms);
@@ -135,33 +217,40 @@ proptest! {
             prop_assert_eq!(expired(&mut table, now), model.expire(now));
             let id = |d: u8| format!("dev-{d:02}");
             match op {
-                Op::Beat { device, ttl_ms } => {
-                    seq += 1;
-                    let came_online = table.beat(now, &id(device), beat(ttl_ms, seq));
-                    let m = model.devices.entry(id(device)).or_insert((None, 0, 0, 0));
-                    prop_assert_eq!(came_online, m.0.is_none());
-                    *m = (Some(now + Duration::from_millis(ttl_ms)), m.1 + 1, m.2, seq);
+                Op::Beat { device, ttl_ms, boot, seq } => {
+                    let ttl = Duration::from_millis(ttl_ms);
+                    let got = table.beat(now, &id(device), Beat { ttl, boot, seq, ..beat(ttl_ms, seq) });
+                    prop_assert_eq!(got, model.beat(now, &id(device), boot, seq, ttl));
                 }
-                Op::Leave { device } => {
-                    let left = table.leave(&id(device)).is_some();
-                    let m = model.devices.get_mut(&id(device));
-                    let was_online = m.as_ref().is_some_and(|m| m.0.is_some());
-                    prop_assert_eq!(left, was_online);
-                    if let Some(m) = m.filter(|_| was_online) {
-                        m.0 = None;
-                        m.2 += 1;
-                    }
+                Op::Leave { device, boot, seq } => {
+                    let got = table.leave(&id(device), boot, seq).map(|e| e.is_some());
+                    let expected = match model.devices.get_mut(&id(device)) {
+                        None => Ok(false),
+                        Some(d) if !d.is_new(boot, seq) => Err(Refusal::Replay),
+                        Some(d) => {
+                            d.accept(boot, seq);
+                            let was_online = d.deadline.take().is_some();
+                            if was_online {
+                                d.flaps += 1;
+                            }
+                            Ok(was_online)
+                        }
+                    };
+                    prop_assert_eq!(got, expected);
                 }
                 Op::Advance { .. } => {}
             }
             table.assert_invariants();
-            prop_assert_eq!(table.next_deadline(), model.devices.values().filter_map(|m| m.0).min());
+            prop_assert_eq!(table.next_deadline(), model.devices.values().filter_map(|d| d.deadline).min());
             prop_assert_eq!(table.known_count(), model.devices.len());
-            for (id, (deadline, heartbeats, flaps, seq)) in &model.devices {
+            for (id, d) in &model.devices {
                 let entry = table.get(id).unwrap();
-                prop_assert_eq!((entry.deadline, entry.heartbeats, entry.flaps, entry.seq), (*deadline, *heartbeats, *flaps, *seq));
+                prop_assert_eq!(
+                    (entry.deadline, entry.heartbeats, entry.flaps, entry.window.boot(), entry.window.top()),
+                    (d.deadline, d.heartbeats, d.flaps, d.boot, d.top)
+                );
             }
-            let online: Vec<String> = model.devices.iter().filter(|(_, m)| m.0.is_some()).map(|(id, _)| id.clone()).collect();
+            let online: Vec<String> = model.devices.iter().filter(|(_, d)| d.deadline.is_some()).map(|(id, _)| id.clone()).collect();
             let listed: Vec<String> = table.online_after(None).map(|(id, _)| id.to_string()).collect();
             prop_assert_eq!(&listed, &online);
             if let Some(cursor) = online.get(online.len() / 2) {

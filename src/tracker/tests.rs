@@ -3,10 +3,10 @@
 use super::*;
 use crate::wire::{Addr, MAX_DATAGRAM};
 
-const DEVICE_ADDR: SocketAddr = SocketAddr::new(
-    std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)),
-    4000,
-);
+const OPERATOR_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)), 9000);
+const DEVICE_ADDR: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)), 4000);
 
 struct Sim {
     tracker: Tracker,
@@ -19,7 +19,7 @@ impl Sim {
     fn new(config: Config) -> Self {
         let t0 = Instant::now();
         Sim {
-            tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_secs(1_800_000_000)),
+            tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_secs(1_800_000_000)).unwrap(),
             t0,
             now: t0,
             reply: vec![0; MAX_DATAGRAM],
@@ -31,8 +31,7 @@ impl Sim {
     }
 
     fn send_bytes(&mut self, bytes: &[u8]) -> Handled {
-        self.tracker
-            .handle(self.now, DEVICE_ADDR, bytes, &mut self.reply)
+        self.tracker.handle(self.now, DEVICE_ADDR, bytes, &mut self.reply)
     }
 
     fn send(&mut self, message: Message<'_>) -> Handled {
@@ -49,6 +48,7 @@ impl Sim {
             interval_ms,
             flags,
             payload: b"bat=97",
+            tag: None,
         }))
     }
 
@@ -59,20 +59,26 @@ impl Sim {
         }
     }
 
+    /// A query as the CLI sends it: padded, from loopback (allowed by default).
     fn query(&mut self, request: u32, kind: QueryKind<'_>) -> Handled {
-        self.send(Message::Query(Query { request, kind }))
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let len = crate::client::encode_query(request, kind, None, &mut buf).unwrap();
+        self.tracker.handle(self.now, OPERATOR_ADDR, &buf[..len], &mut self.reply)
     }
 
     fn events(&mut self) -> Vec<(String, EventKind)> {
-        std::iter::from_fn(|| self.tracker.poll_event())
-            .map(|e| (e.device.to_string(), e.kind))
-            .collect()
+        std::iter::from_fn(|| self.tracker.poll_event()).map(|e| (e.device.to_string(), e.kind)).collect()
     }
 
     fn timeout(&mut self) -> Vec<(String, EventKind)> {
         self.tracker.handle_timeout(self.now);
         self.events()
     }
+}
+
+/// The defaults, but with no practical query rate limit.
+fn unlimited_queries() -> Config {
+    Config { query_rate: 1_000_000, query_burst: 1_000_000, ..Config::default() }
 }
 
 fn online(d: &str) -> (String, EventKind) {
@@ -90,6 +96,7 @@ fn ttl_is_misses_times_the_declared_interval_clamped() {
         misses: 3,
         min_ttl: Duration::from_secs(2),
         max_ttl: Duration::from_secs(600),
+        ..Config::default()
     };
     let mut sim = Sim::new(config);
     let cases = [
@@ -102,18 +109,10 @@ fn ttl_is_misses_times_the_declared_interval_clamped() {
         let handled = sim.beat("d", seq, declared, wire::FLAG_ACK);
         assert_eq!(
             sim.reply(handled),
-            Message::Ack(Ack {
-                boot: 1,
-                seq,
-                interval_ms: expected_interval,
-                ttl_ms: ttl,
-            }),
+            Message::Ack(Ack { boot: 1, seq, interval_ms: expected_interval, ttl_ms: ttl }),
             "declared {declared} ms"
         );
-        assert_eq!(
-            sim.tracker.poll_timeout(),
-            Some(sim.now + Duration::from_millis(ttl.into()))
-        );
+        assert_eq!(sim.tracker.poll_timeout(), Some(sim.now + Duration::from_millis(ttl.into())));
     }
 }
 
@@ -140,10 +139,7 @@ fn offline_exactly_at_the_deadline_not_before() {
     sim.tracker.handle_timeout(sim.now);
     let event = sim.tracker.poll_event().unwrap();
     assert_eq!(event.kind, EventKind::Offline(OfflineReason::Expired));
-    assert_eq!(
-        (event.at, event.deadline, event.addr),
-        (deadline, Some(deadline), DEVICE_ADDR)
-    );
+    assert_eq!((event.at, event.deadline, event.addr), (deadline, Some(deadline), DEVICE_ADDR));
     assert_eq!(sim.tracker.poll_timeout(), None);
     assert_eq!(sim.tracker.counters().expirations, 1);
 }
@@ -153,22 +149,11 @@ fn leave_takes_the_device_offline_at_once() {
     let mut sim = Sim::new(Config::default());
     sim.beat("d", 1, 1000, 0);
     sim.at(10);
-    sim.send(Message::Leave(Leave {
-        device: "d",
-        boot: 1,
-        seq: 2,
-    }));
-    assert_eq!(
-        sim.events(),
-        [online("d"), offline("d", OfflineReason::Left)]
-    );
+    sim.send(Message::Leave(Leave { device: "d", boot: 1, seq: 2, tag: None }));
+    assert_eq!(sim.events(), [online("d"), offline("d", OfflineReason::Left)]);
     assert_eq!(sim.tracker.poll_timeout(), None);
     sim.at(100_000);
-    assert_eq!(
-        sim.timeout(),
-        [],
-        "a device that left does not expire again"
-    );
+    assert_eq!(sim.timeout(), [], "a device that left does not expire again");
     assert_eq!(sim.tracker.counters().leaves, 1);
 }
 
@@ -177,10 +162,7 @@ fn back_online_after_expiry_counts_a_flap() {
     let mut sim = Sim::new(Config::default());
     sim.beat("d", 1, 1000, 0);
     sim.at(3000);
-    assert_eq!(
-        sim.timeout(),
-        [online("d"), offline("d", OfflineReason::Expired)]
-    );
+    assert_eq!(sim.timeout(), [online("d"), offline("d", OfflineReason::Expired)]);
     sim.at(4000);
     sim.beat("d", 2, 1000, 0);
     assert_eq!(sim.events(), [online("d")]);
@@ -188,22 +170,12 @@ fn back_online_after_expiry_counts_a_flap() {
     // is still seen as offline-then-online.
     sim.at(9000);
     sim.beat("d", 3, 1000, 0);
-    assert_eq!(
-        sim.events(),
-        [offline("d", OfflineReason::Expired), online("d")]
-    );
+    assert_eq!(sim.events(), [offline("d", OfflineReason::Expired), online("d")]);
     let handled = sim.query(7, QueryKind::Device("d"));
-    let Message::Status(Status {
-        request: 7,
-        body: StatusBody::Device(info),
-    }) = sim.reply(handled)
-    else {
+    let Message::Status(Status { request: 7, body: StatusBody::Device(info) }) = sim.reply(handled) else {
         panic!("expected a device status");
     };
-    assert_eq!(
-        (info.flaps, info.heartbeats, info.seq, info.online),
-        (2, 3, 3, true)
-    );
+    assert_eq!((info.flaps, info.heartbeats, info.seq, info.online), (2, 3, 3, true));
     assert_eq!(info.expires_in_ms, 3000);
     assert_eq!(info.addr, Addr::from(DEVICE_ADDR));
     assert_eq!(info.payload, b"bat=97");
@@ -216,19 +188,12 @@ fn unknown_and_offline_devices_are_told_apart() {
     let handled = sim.query(1, QueryKind::Device("nobody"));
     assert!(matches!(
         sim.reply(handled),
-        Message::Status(Status {
-            request: 1,
-            body: StatusBody::UnknownDevice
-        })
+        Message::Status(Status { request: 1, body: StatusBody::UnknownDevice })
     ));
     sim.beat("d", 1, 1000, 0);
     sim.at(5000);
     let handled = sim.query(2, QueryKind::Device("d"));
-    let Message::Status(Status {
-        body: StatusBody::Device(info),
-        ..
-    }) = sim.reply(handled)
-    else {
+    let Message::Status(Status { body: StatusBody::Device(info), .. }) = sim.reply(handled) else {
         panic!("expected a device status")
     };
     assert!(!info.online);
@@ -244,11 +209,7 @@ fn summary_counts_everything() {
     sim.send_bytes(&[]);
     sim.at(3500);
     let handled = sim.query(9, QueryKind::Summary);
-    let Message::Status(Status {
-        body: StatusBody::Summary(summary),
-        ..
-    }) = sim.reply(handled)
-    else {
+    let Message::Status(Status { body: StatusBody::Summary(summary), .. }) = sim.reply(handled) else {
         panic!("expected a summary")
     };
     assert_eq!(
@@ -266,14 +227,8 @@ fn summary_counts_everything() {
     assert_eq!(
         counters,
         [
-            Counter {
-                code: DropReason::Truncated.code(),
-                count: 1
-            },
-            Counter {
-                code: DropReason::UnsupportedVersion.code(),
-                count: 1
-            },
+            Counter { code: DropReason::Truncated.code(), count: 1 },
+            Counter { code: DropReason::UnsupportedVersion.code(), count: 1 },
         ]
     );
 }
@@ -293,6 +248,7 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
             interval_ms: 50_000,
             flags: wire::FLAG_ACK,
             payload: b"x",
+            tag: None,
         }),
         &mut good,
     )
@@ -306,16 +262,8 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
     kind[1] = 0x7f;
     let ack = {
         let mut buf = [0u8; 32];
-        let n = wire::encode(
-            &Message::Ack(Ack {
-                boot: 1,
-                seq: 1,
-                interval_ms: 1,
-                ttl_ms: 1,
-            }),
-            &mut buf,
-        )
-        .unwrap();
+        let n = wire::encode(&Message::Ack(Ack { boot: 1, seq: 1, interval_ms: 1, ttl_ms: 1 }), &mut buf)
+            .unwrap();
         buf[..n].to_vec()
     };
     let cases: Vec<(Vec<u8>, DropReason)> = vec![
@@ -324,11 +272,8 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
         (vec![1; MAX_DATAGRAM + 1], DropReason::Oversized),
         (version, DropReason::UnsupportedVersion),
         (kind, DropReason::UnknownKind),
-        (vec![1, 0, 0, 1, 1, 0, 0, 0], DropReason::BadDeviceId),
-        (
-            vec![1, 0, 2, 0xc3, 0x28, 1, 1, 0, 0, 0],
-            DropReason::Malformed,
-        ),
+        (vec![1, 0, 0, 1, 1, 0, 0, 0, 0], DropReason::BadDeviceId),
+        (vec![1, 0, 2, 0xc3, 0x28, 1, 1, 0, 0, 0], DropReason::Malformed),
         (ack, DropReason::UnexpectedKind),
     ];
     for (bytes, reason) in &cases {
@@ -339,10 +284,7 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
                 if let Some(n) = reply {
                     assert_eq!(*reason, DropReason::UnsupportedVersion);
                     assert!(n <= bytes.len(), "a reply never exceeds its request");
-                    assert!(matches!(
-                        wire::decode(&sim.reply[..n]),
-                        Ok(Message::Error(_))
-                    ));
+                    assert!(matches!(wire::decode(&sim.reply[..n]), Ok(Message::Error(_))));
                 }
             }
             other => panic!("{bytes:02x?} was not dropped: {other:?}"),
@@ -354,19 +296,10 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
         sim.send_bytes(&[2, 0, 1, b'd', 0, 0, 0, 0, 0]),
         Handled::Dropped { reply: Some(4), .. }
     ));
-    for garbage in [
-        &b"garbage"[..],
-        &[2, 0, 1],
-        &[0, 0, 1, b'd', 0, 0, 0, 0, 0],
-        &[2, 1, 1, b'd', 0, 0, 0, 0],
-    ] {
-        assert!(
-            matches!(
-                sim.send_bytes(garbage),
-                Handled::Dropped { reply: None, .. }
-            ),
-            "{garbage:02x?}"
-        );
+    for garbage in
+        [&b"garbage"[..], &[2, 0, 1], &[0, 0, 1, b'd', 0, 0, 0, 0, 0], &[2, 1, 1, b'd', 0, 0, 0, 0]]
+    {
+        assert!(matches!(sim.send_bytes(garbage), Handled::Dropped { reply: None, .. }), "{garbage:02x?}");
     }
     let cases_len = cases.len() + 5;
     assert_eq!(sim.tracker.counters().total_drops(), cases_len as u64);
@@ -377,40 +310,20 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
 
 /// Walks the whole online list page by page, calling `between` before each
 /// page after the first. Returns the ids in the order they were listed.
-fn walk_list(
-    sim: &mut Sim,
-    limit: u16,
-    mut between: impl FnMut(&mut Sim, usize, &str),
-) -> Vec<String> {
+fn walk_list(sim: &mut Sim, limit: u16, mut between: impl FnMut(&mut Sim, usize, &str)) -> Vec<String> {
     let mut listed = Vec::new();
     let mut cursor: Option<String> = None;
     for page_no in 0.. {
         if let Some(c) = &cursor {
             between(sim, page_no, c);
         }
-        let handled = sim.query(
-            page_no as u32,
-            QueryKind::List {
-                after: cursor.as_deref(),
-                limit,
-            },
-        );
-        let Handled::Reply(len) = handled else {
-            panic!("no reply")
-        };
+        let handled = sim.query(page_no as u32, QueryKind::List { after: cursor.as_deref(), limit });
+        let Handled::Reply(len) = handled else { panic!("no reply") };
         assert!(len <= MAX_DATAGRAM);
-        let Message::Status(Status {
-            body: StatusBody::Page(page),
-            ..
-        }) = sim.reply(handled)
-        else {
+        let Message::Status(Status { body: StatusBody::Page(page), .. }) = sim.reply(handled) else {
             panic!("expected a page")
         };
-        let ids: Vec<String> = page
-            .entries
-            .iter()
-            .map(|e| e.unwrap().device.to_string())
-            .collect();
+        let ids: Vec<String> = page.entries.iter().map(|e| e.unwrap().device.to_string()).collect();
         if limit > 0 {
             assert!(ids.len() <= usize::from(limit));
         }
@@ -426,10 +339,8 @@ fn walk_list(
 
 #[test]
 fn paging_lists_every_device_once_in_id_order() {
-    let mut sim = Sim::new(Config::default());
-    let ids: Vec<String> = (0..200)
-        .map(|i| format!("device-with-a-long-name-{i:04}"))
-        .collect();
+    let mut sim = Sim::new(unlimited_queries());
+    let ids: Vec<String> = (0..200).map(|i| format!("device-with-a-long-name-{i:04}")).collect();
     for id in &ids {
         sim.send(Message::Heartbeat(Heartbeat {
             device: id,
@@ -438,19 +349,16 @@ fn paging_lists_every_device_once_in_id_order() {
             interval_ms: 1000,
             flags: 0,
             payload: &[7; wire::MAX_PAYLOAD_LEN],
+            tag: None,
         }));
     }
-    assert_eq!(
-        walk_list(&mut sim, 0, |_, _, _| {}),
-        ids,
-        "as many as fit per page"
-    );
+    assert_eq!(walk_list(&mut sim, 0, |_, _, _| {}), ids, "as many as fit per page");
     assert_eq!(walk_list(&mut sim, 7, |_, _, _| {}), ids, "seven per page");
 }
 
 #[test]
 fn paging_through_a_list_that_changes_between_pages() {
-    let mut sim = Sim::new(Config::default());
+    let mut sim = Sim::new(unlimited_queries());
     let id = |i: u32| format!("dev-{i:03}");
     for i in (0..100).step_by(2) {
         sim.beat(&id(i), 1, 1000, 0);
@@ -462,15 +370,12 @@ fn paging_through_a_list_that_changes_between_pages() {
         // and two odd-numbered devices join on either side of it.
         let cursor_no: u32 = cursor[4..].parse().unwrap();
         for victim in [cursor_no.saturating_sub(4), cursor_no + 6] {
-            sim.send(Message::Leave(Leave {
-                device: &id(victim),
-                boot: 1,
-                seq: 2,
-            }));
+            let seq = 10 * page_no as u32 + 5;
+            sim.send(Message::Leave(Leave { device: &id(victim), boot: 1, seq, tag: None }));
             left.push(id(victim));
         }
         for newcomer in [cursor_no.saturating_sub(3), cursor_no + 7] {
-            sim.beat(&id(newcomer), 1, 1000, 0);
+            sim.beat(&id(newcomer), 10 * page_no as u32 + 6, 1000, 0);
             if newcomer > cursor_no {
                 joined_late.push(id(newcomer));
             }
@@ -480,25 +385,16 @@ fn paging_through_a_list_that_changes_between_pages() {
     let mut sorted = listed.clone();
     sorted.sort();
     sorted.dedup();
-    assert_eq!(
-        sorted, listed,
-        "strictly increasing: no device listed twice"
-    );
+    assert_eq!(sorted, listed, "strictly increasing: no device listed twice");
     for i in (0..100).step_by(2) {
         let device = id(i);
         if !left.contains(&device) {
-            assert!(
-                listed.contains(&device),
-                "{device} stayed online but was skipped"
-            );
+            assert!(listed.contains(&device), "{device} stayed online but was skipped");
         }
     }
     for device in &joined_late {
         if !left.contains(device) {
-            assert!(
-                listed.contains(device),
-                "{device} joined ahead of the cursor but was skipped"
-            );
+            assert!(listed.contains(device), "{device} joined ahead of the cursor but was skipped");
         }
     }
     for device in &listed {

@@ -2,10 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
 }
 
 fn encoded(message: &Message<'_>) -> Vec<u8> {
@@ -36,16 +33,9 @@ fn vector_info() -> DeviceInfo<'static> {
 /// Checks one test vector both ways: the encoder produces exactly these
 /// bytes and the decoder turns them back into the same message.
 fn check_vector(message: Message<'_>, vector: &str) {
-    assert!(
-        PROTOCOL_MD.contains(vector),
-        "PROTOCOL.md lacks the vector {vector}"
-    );
+    assert!(PROTOCOL_MD.contains(vector), "PROTOCOL.md lacks the vector {vector}");
     let bytes = hex(vector);
-    assert_eq!(
-        hex_string(&encoded(&message)),
-        vector,
-        "encoding of {message:?}"
-    );
+    assert_eq!(hex_string(&encoded(&message)), vector, "encoding of {message:?}");
     assert_eq!(decode(&bytes), Ok(message));
 }
 
@@ -69,8 +59,9 @@ fn test_vectors() {
             interval_ms: 10_000,
             flags: 0,
             payload: &[],
+            tag: None,
         }),
-        "01000c73656e736f722d3030303432e80701904e0000",
+        "01000c73656e736f722d3030303432e80701904e000000",
     );
     check_vector(
         Message::Heartbeat(Heartbeat {
@@ -80,48 +71,29 @@ fn test_vectors() {
             interval_ms: 0,
             flags: FLAG_ACK,
             payload: &[0x5a],
+            tag: None,
         }),
-        "0100026431f8acd19101ac020001015a",
+        "0100026431f8acd19101ac020001015a00",
+    );
+    check_vector(Message::Leave(Leave { device: "d1", boot: 7, seq: 8, tag: None }), "0101026431070800");
+    check_vector(
+        Message::Query(Query { request: 1, kind: QueryKind::Device("d1"), padding: &[], tag: None }),
+        "010201000264310000",
     );
     check_vector(
-        Message::Leave(Leave {
-            device: "d1",
-            boot: 7,
-            seq: 8,
-        }),
-        "01010264310708",
-    );
-    check_vector(
-        Message::Query(Query {
-            request: 1,
-            kind: QueryKind::Device("d1"),
-        }),
-        "01020100026431",
-    );
-    check_vector(
-        Message::Query(Query {
-            request: 42,
-            kind: QueryKind::Summary,
-        }),
-        "01022a01",
+        Message::Query(Query { request: 42, kind: QueryKind::Summary, padding: &[], tag: None }),
+        "01022a010000",
     );
     check_vector(
         Message::Query(Query {
             request: 2,
-            kind: QueryKind::List {
-                after: Some("d1"),
-                limit: 10,
-            },
+            kind: QueryKind::List { after: Some("d1"), limit: 10 },
+            padding: &[0; 3],
+            tag: None,
         }),
-        "01020202010264310a",
+        "01020202010264310a0300000000",
     );
-    check_vector(
-        Message::Status(Status {
-            request: 3,
-            body: StatusBody::UnknownDevice,
-        }),
-        "01030301",
-    );
+    check_vector(Message::Status(Status { request: 3, body: StatusBody::UnknownDevice }), "01030301");
     let mut counter_buf = [0u8; 16];
     let mut counters = RecordWriter::new(&mut counter_buf);
     counters.push(&Counter { code: 5, count: 2 }).unwrap();
@@ -142,10 +114,7 @@ fn test_vectors() {
         "01032a020102e80703000100020502",
     );
     check_vector(
-        Message::Status(Status {
-            request: 4,
-            body: StatusBody::Device(vector_info()),
-        }),
+        Message::Status(Status { request: 4, body: StatusBody::Device(vector_info()) }),
         "0103040002643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b",
     );
     let mut entry_buf = [0u8; 128];
@@ -154,33 +123,29 @@ fn test_vectors() {
     check_vector(
         Message::Status(Status {
             request: 9,
-            body: StatusBody::Page(Page {
-                next_cursor: None,
-                entries: entries.finish(),
-            }),
+            body: StatusBody::Page(Page { next_cursor: None, entries: entries.finish() }),
         }),
         "01030903002102643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b",
     );
     check_vector(
-        Message::Ack(Ack {
-            boot: 7,
-            seq: 8,
-            interval_ms: 10_000,
-            ttl_ms: 30_000,
-        }),
+        Message::Ack(Ack { boot: 7, seq: 8, interval_ms: 10_000, ttl_ms: 30_000 }),
         "01040708904eb0ea01",
     );
     check_vector(
+        Message::Error(ErrorReply { code: ErrorCode::UnsupportedVersion, supported_version: 1 }),
+        "01050001",
+    );
+    check_vector(
         Message::Error(ErrorReply {
-            code: ErrorCode::UnsupportedVersion,
+            code: ErrorCode::RequestTooSmall { needed: 1200 },
             supported_version: 1,
         }),
-        "01050001",
+        "010502b00901",
     );
 }
 
 #[test]
-fn heartbeat_with_12_byte_id_fits_32_bytes_even_with_largest_numbers() {
+fn heartbeat_with_12_byte_id_is_at_most_33_bytes_unsigned_and_41_signed() {
     let hb = Heartbeat {
         device: "abcdefghijkl",
         boot: u32::MAX,
@@ -188,13 +153,17 @@ fn heartbeat_with_12_byte_id_fits_32_bytes_even_with_largest_numbers() {
         interval_ms: u32::MAX,
         flags: KNOWN_FLAGS,
         payload: &[],
+        tag: None,
     };
-    assert_eq!(encoded(&Message::Heartbeat(hb)).len(), 32);
+    assert_eq!(encoded(&Message::Heartbeat(hb)).len(), 33);
+    // Signed: one more byte for the tag's presence and 8 for the tag.
+    let signed = Heartbeat { tag: Some([0; 8]), ..hb };
+    assert_eq!(encoded(&Message::Heartbeat(signed)).len(), 41);
 }
 
 #[test]
 fn each_decode_error_has_its_reason() {
-    let good = hex("01010264310708"); // a Leave
+    let good = hex("0101026431070800"); // a Leave
     assert_eq!(decode(&[]), Err(Error::Truncated));
     assert_eq!(decode(&good[..good.len() - 1]), Err(Error::Truncated));
     assert_eq!(decode(&good[..1]), Err(Error::Truncated));
@@ -211,16 +180,16 @@ fn each_decode_error_has_its_reason() {
     assert_eq!(decode(&kind), Err(Error::UnknownKind));
     assert_eq!(decode(&[0u8; MAX_DATAGRAM + 1]), Err(Error::Oversized));
     // Empty id, and an id of 65 bytes.
-    assert_eq!(decode(&hex("0101000708")), Err(Error::BadDeviceId));
+    assert_eq!(decode(&hex("010100070800")), Err(Error::BadDeviceId));
     let mut long = vec![1, 1, 65];
     long.extend([b'a'; 65]);
-    long.extend([7, 8]);
+    long.extend([7, 8, 0]);
     assert_eq!(decode(&long), Err(Error::BadDeviceId));
     // Invalid UTF-8 in the id.
     assert_eq!(decode(&hex("010102ffff0708")), Err(Error::Malformed));
     // A payload of 65 bytes.
     let mut hb = vec![1, 0, 1, b'd', 1, 1, 0, 0, 65];
-    hb.extend([0u8; 65]);
+    hb.extend([0u8; 65 + 1]);
     assert_eq!(decode(&hb), Err(Error::PayloadTooLong));
     // A bad nested enum tag (QueryKind 3).
     assert_eq!(decode(&hex("01020103")), Err(Error::Malformed));
@@ -239,17 +208,12 @@ fn encode_refuses_what_decode_would_drop() {
             interval_ms: 0,
             flags: 0,
             payload,
+            tag: None,
         })
     };
     assert_eq!(encode(&hb("", &[]), &mut buf), Err(Error::BadDeviceId));
-    assert_eq!(
-        encode(&hb("d", &[0; MAX_PAYLOAD_LEN + 1]), &mut buf),
-        Err(Error::PayloadTooLong)
-    );
-    assert_eq!(
-        encode(&hb("d", &[]), &mut buf[..4]),
-        Err(Error::BufferTooSmall)
-    );
+    assert_eq!(encode(&hb("d", &[0; MAX_PAYLOAD_LEN + 1]), &mut buf), Err(Error::PayloadTooLong));
+    assert_eq!(encode(&hb("d", &[]), &mut buf[..4]), Err(Error::BufferTooSmall));
     assert_eq!(encode(&hb("d", &[]), &mut []), Err(Error::BufferTooSmall));
 }
 
@@ -311,20 +275,9 @@ impl OwnedInfo {
 }
 
 fn info() -> impl Strategy<Value = OwnedInfo> {
-    (
-        id(),
-        payload(),
-        any::<bool>(),
-        addr(),
-        any::<(u64, u64, u64, u32, u32, u32, u32, u64, u32)>(),
+    (id(), payload(), any::<bool>(), addr(), any::<(u64, u64, u64, u32, u32, u32, u32, u64, u32)>()).prop_map(
+        |(device, payload, online, addr, numbers)| OwnedInfo { device, payload, online, addr, numbers },
     )
-        .prop_map(|(device, payload, online, addr, numbers)| OwnedInfo {
-            device,
-            payload,
-            online,
-            addr,
-            numbers,
-        })
 }
 
 /// An owned message of any kind.
@@ -345,14 +298,7 @@ enum Owned {
 
 fn owned() -> impl Strategy<Value = Owned> {
     prop_oneof![
-        (
-            id(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u32>(),
-            any::<u8>(),
-            payload()
-        )
+        (id(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u8>(), payload())
             .prop_map(|(d, b, s, i, f, p)| Owned::Heartbeat(d, b, s, i, f, p)),
         (id(), any::<u32>(), any::<u32>()).prop_map(|(d, b, s)| Owned::Leave(d, b, s)),
         (any::<u32>(), id()).prop_map(|(r, d)| Owned::QueryDevice(r, d)),
@@ -361,17 +307,9 @@ fn owned() -> impl Strategy<Value = Owned> {
             .prop_map(|(r, a, l)| Owned::QueryList(r, a, l)),
         (any::<u32>(), info()).prop_map(|(r, i)| Owned::StatusDevice(r, i)),
         any::<u32>().prop_map(Owned::StatusUnknown),
-        (
-            any::<u32>(),
-            any::<[u64; 7]>(),
-            proptest::collection::vec(any::<(u16, u64)>(), 0..10)
-        )
+        (any::<u32>(), any::<[u64; 7]>(), proptest::collection::vec(any::<(u16, u64)>(), 0..10))
             .prop_map(|(r, n, c)| Owned::StatusSummary(r, n, c)),
-        (
-            any::<u32>(),
-            proptest::option::of(id()),
-            proptest::collection::vec(info(), 0..5)
-        )
+        (any::<u32>(), proptest::option::of(id()), proptest::collection::vec(info(), 0..5))
             .prop_map(|(r, c, e)| Owned::StatusPage(r, c, e)),
         any::<(u32, u32, u32, u32)>().prop_map(|(b, s, i, t)| Owned::Ack(b, s, i, t)),
         any::<u8>().prop_map(Owned::Error),
@@ -379,7 +317,7 @@ fn owned() -> impl Strategy<Value = Owned> {
 }
 
 /// Builds the borrowed message for `owned`, using `scratch` for records.
-fn with_message<R>(owned: &Owned, f: impl FnOnce(Message<'_>) -> R) -> R {
+fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOnce(Message<'_>) -> R) -> R {
     let mut scratch = [0u8; 4096];
     let message = match owned {
         Owned::Heartbeat(d, b, s, i, fl, p) => Message::Heartbeat(Heartbeat {
@@ -389,35 +327,25 @@ fn with_message<R>(owned: &Owned, f: impl FnOnce(Message<'_>) -> R) -> R {
             interval_ms: *i,
             flags: *fl,
             payload: p,
+            tag,
         }),
-        Owned::Leave(d, b, s) => Message::Leave(Leave {
-            device: d,
-            boot: *b,
-            seq: *s,
-        }),
-        Owned::QueryDevice(r, d) => Message::Query(Query {
-            request: *r,
-            kind: QueryKind::Device(d),
-        }),
-        Owned::QuerySummary(r) => Message::Query(Query {
-            request: *r,
-            kind: QueryKind::Summary,
-        }),
+        Owned::Leave(d, b, s) => Message::Leave(Leave { device: d, boot: *b, seq: *s, tag }),
+        Owned::QueryDevice(r, d) => {
+            Message::Query(Query { request: *r, kind: QueryKind::Device(d), padding, tag })
+        }
+        Owned::QuerySummary(r) => {
+            Message::Query(Query { request: *r, kind: QueryKind::Summary, padding, tag })
+        }
         Owned::QueryList(r, a, l) => Message::Query(Query {
             request: *r,
-            kind: QueryKind::List {
-                after: a.as_deref(),
-                limit: *l,
-            },
+            kind: QueryKind::List { after: a.as_deref(), limit: *l },
+            padding,
+            tag,
         }),
-        Owned::StatusDevice(r, i) => Message::Status(Status {
-            request: *r,
-            body: StatusBody::Device(i.borrow()),
-        }),
-        Owned::StatusUnknown(r) => Message::Status(Status {
-            request: *r,
-            body: StatusBody::UnknownDevice,
-        }),
+        Owned::StatusDevice(r, i) => {
+            Message::Status(Status { request: *r, body: StatusBody::Device(i.borrow()) })
+        }
+        Owned::StatusUnknown(r) => Message::Status(Status { request: *r, body: StatusBody::UnknownDevice }),
         Owned::StatusSummary(r, n, c) => {
             let mut w = RecordWriter::new(&mut scratch);
             for &(code, count) in c {
@@ -444,22 +372,13 @@ fn with_message<R>(owned: &Owned, f: impl FnOnce(Message<'_>) -> R) -> R {
             }
             Message::Status(Status {
                 request: *r,
-                body: StatusBody::Page(Page {
-                    next_cursor: c.as_deref(),
-                    entries: w.finish(),
-                }),
+                body: StatusBody::Page(Page { next_cursor: c.as_deref(), entries: w.finish() }),
             })
         }
-        Owned::Ack(b, s, i, t) => Message::Ack(Ack {
-            boot: *b,
-            seq: *s,
-            interval_ms: *i,
-            ttl_ms: *t,
-        }),
-        Owned::Error(v) => Message::Error(ErrorReply {
-            code: ErrorCode::UnsupportedVersion,
-            supported_version: *v,
-        }),
+        Owned::Ack(b, s, i, t) => Message::Ack(Ack { boot: *b, seq: *s, interval_ms: *i, ttl_ms: *t }),
+        Owned::Error(v) => {
+            Message::Error(ErrorReply { code: ErrorCode::UnsupportedVersion, supported_version: *v })
+        }
     };
     f(message)
 }
@@ -468,8 +387,12 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
-    fn every_message_kind_round_trips(owned in owned()) {
-        with_message(&owned, |message| {
+    fn every_message_kind_round_trips(
+        owned in owned(),
+        tag in proptest::option::of(any::<Tag>()),
+        padding in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        with_message(&owned, tag, &padding, |message| {
             let bytes = encoded(&message);
             prop_assert!(bytes.len() <= MAX_DATAGRAM);
             prop_assert_eq!(bytes[0], VERSION);

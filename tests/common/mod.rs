@@ -23,10 +23,7 @@ pub fn poll<T>(what: &str, limit: Duration, mut probe: impl FnMut() -> Option<T>
         if let Some(value) = probe() {
             return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -78,21 +75,13 @@ impl Server {
         let deadline = Instant::now() + PROMPTLY;
         let addr = loop {
             let wait = deadline.saturating_duration_since(Instant::now());
-            let line = log
-                .recv_timeout(wait)
-                .expect("server did not log 'listening' in time");
+            let line = log.recv_timeout(wait).expect("server did not log 'listening' in time");
             let record: serde_json::Value = serde_json::from_str(&line).expect("json log line");
             if record["fields"]["message"] == "listening" {
                 break record["fields"]["addr"].as_str().unwrap().parse().unwrap();
             }
         };
-        Server {
-            child,
-            addr,
-            events,
-            _dir: dir,
-            log,
-        }
+        Server { child, addr, events, _dir: dir, log }
     }
 
     /// The events written so far, parsed.
@@ -114,9 +103,7 @@ impl Server {
     ) -> serde_json::Value {
         poll(&format!("{event} event of {device}"), limit, || {
             self.events().into_iter().find(|e| {
-                e["device"] == device
-                    && e["event"] == event
-                    && reason.is_none_or(|r| e["reason"] == r)
+                e["device"] == device && e["event"] == event && reason.is_none_or(|r| e["reason"] == r)
             })
         })
     }
@@ -148,9 +135,7 @@ pub fn cli(args: &[&str]) -> Output {
         .expect("run presence");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || tx.send(child.wait_with_output()));
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the CLI did not finish within 60 s")
-        .unwrap()
+    rx.recv_timeout(Duration::from_secs(60)).expect("the CLI did not finish within 60 s").unwrap()
 }
 
 /// stdout as text.

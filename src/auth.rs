@@ -1,0 +1,192 @@
+//! Keys and tags: keyed BLAKE3, `no_std`, no allocation.
+//!
+//! The server holds one 32-byte **master** secret. From it:
+//! - the **device subkey** = `BLAKE3-derive_key("presence v1 device subkey", master)`,
+//!   computed once at server start;
+//! - each **device key** = `BLAKE3-keyed(device subkey, device id bytes)`;
+//! - the **operator key** = `BLAKE3-derive_key("presence v1 operator key", master)`.
+//!
+//! A device stores only its own key, so a leaked device key exposes only
+//! that device. A **tag** is the first 8 bytes of
+//! `BLAKE3-keyed(key, every frame byte before the tag)`.
+//!
+//! Why keyed BLAKE3: a frame of up to 64 bytes and an id of up to 64 bytes
+//! each cost one compression, so the server derives the key and checks the
+//! tag of every heartbeat (two compressions) instead of caching a key per
+//! device. The cost is measured by `cargo bench --bench auth`.
+
+use crate::wire::{self, Message};
+
+/// Length of a key, in bytes.
+pub const KEY_LEN: usize = 32;
+/// Length of a tag, in bytes: 64 bits.
+pub const TAG_LEN: usize = 8;
+
+/// A 32-byte secret key.
+pub type Key = [u8; KEY_LEN];
+/// A truncated MAC.
+pub type Tag = [u8; TAG_LEN];
+
+/// BLAKE3 `derive_key` context for the device subkey.
+pub const DEVICE_SUBKEY_CONTEXT: &str = "presence v1 device subkey";
+/// BLAKE3 `derive_key` context for the operator key.
+pub const OPERATOR_KEY_CONTEXT: &str = "presence v1 operator key";
+
+/// The subkey from which every device key is derived.
+pub fn device_subkey(master: &Key) -> Key {
+    blake3::derive_key(DEVICE_SUBKEY_CONTEXT, master)
+}
+
+/// The key of `device`, given the device subkey.
+pub fn device_key_from_subkey(subkey: &Key, device: &str) -> Key {
+    *blake3::keyed_hash(subkey, device.as_bytes()).as_bytes()
+}
+
+/// The key of `device`, given the master secret (provisioning).
+pub fn device_key(master: &Key, device: &str) -> Key {
+    device_key_from_subkey(&device_subkey(master), device)
+}
+
+/// The operator key, which signs status queries.
+pub fn operator_key(master: &Key) -> Key {
+    blake3::derive_key(OPERATOR_KEY_CONTEXT, master)
+}
+
+/// The tag of `signed` (the frame bytes before the tag) under `key`.
+pub fn tag(key: &Key, signed: &[u8]) -> Tag {
+    let hash = blake3::keyed_hash(key, signed);
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&hash.as_bytes()[..TAG_LEN]);
+    tag
+}
+
+/// Whether `tag` is the tag of `signed` under `key`, compared in constant time.
+pub fn verify(key: &Key, signed: &[u8], tag: &Tag) -> bool {
+    constant_time_eq::constant_time_eq_n(&self::tag(key, signed), tag)
+}
+
+/// Encodes `message` with its tag field set and signed with `key`; returns
+/// the frame's length. Only heartbeats, leaves and queries carry tags.
+pub fn encode_signed(message: &Message<'_>, key: &Key, buf: &mut [u8]) -> Result<usize, wire::Error> {
+    let mut message = *message;
+    match &mut message {
+        Message::Heartbeat(m) => m.tag = Some([0; TAG_LEN]),
+        Message::Leave(m) => m.tag = Some([0; TAG_LEN]),
+        Message::Query(m) => m.tag = Some([0; TAG_LEN]),
+        Message::Status(_) | Message::Ack(_) | Message::Error(_) => return Err(wire::Error::Malformed),
+    }
+    let len = wire::encode(&message, buf)?;
+    // The tag is the frame's last field, so it is its last TAG_LEN bytes.
+    let (signed, tag_bytes) = buf[..len].split_at_mut(len - TAG_LEN);
+    tag_bytes.copy_from_slice(&tag(key, signed));
+    Ok(len)
+}
+
+/// For a decoded `frame` whose message carries a tag: the bytes the tag
+/// covers and the tag. `None` if the message has no tag.
+pub fn signed_part<'f>(frame: &'f [u8], message: &Message<'_>) -> Option<(&'f [u8], Tag)> {
+    let tag = match message {
+        Message::Heartbeat(m) => m.tag?,
+        Message::Leave(m) => m.tag?,
+        Message::Query(m) => m.tag?,
+        Message::Status(_) | Message::Ack(_) | Message::Error(_) => return None,
+    };
+    let signed = frame.get(..frame.len().checked_sub(TAG_LEN)?)?;
+    Some((signed, tag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Heartbeat, Leave};
+
+    const MASTER: Key = [0x42; KEY_LEN];
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn keys_differ_by_device_and_role() {
+        let a = device_key(&MASTER, "a");
+        assert_ne!(a, device_key(&MASTER, "b"));
+        assert_ne!(a, device_key(&[0x43; KEY_LEN], "a"));
+        assert_ne!(operator_key(&MASTER), device_subkey(&MASTER));
+        assert_eq!(a, device_key_from_subkey(&device_subkey(&MASTER), "a"));
+    }
+
+    #[test]
+    fn signed_frames_verify_and_any_flipped_bit_fails() {
+        let key = device_key(&MASTER, "d1");
+        let hb = Heartbeat {
+            device: "d1",
+            boot: 7,
+            seq: 8,
+            interval_ms: 1000,
+            flags: 0,
+            payload: b"x",
+            tag: None,
+        };
+        let mut buf = [0u8; 64];
+        let len = encode_signed(&Message::Heartbeat(hb), &key, &mut buf).unwrap();
+        let frame = &buf[..len];
+        let message = wire::decode(frame).unwrap();
+        let (signed, tag) = signed_part(frame, &message).unwrap();
+        assert_eq!(signed.len(), len - TAG_LEN);
+        assert!(verify(&key, signed, &tag));
+        assert!(!verify(&device_key(&MASTER, "d2"), signed, &tag));
+        for bit in 0..signed.len() * 8 {
+            let mut forged = signed.to_vec();
+            forged[bit / 8] ^= 1 << (bit % 8);
+            assert!(!verify(&key, &forged, &tag), "bit {bit}");
+        }
+        let unsigned = Message::Leave(Leave { device: "d1", boot: 1, seq: 1, tag: None });
+        let len = wire::encode(&unsigned, &mut buf).unwrap();
+        assert_eq!(signed_part(&buf[..len], &unsigned), None);
+    }
+
+    /// The KDF and tag vectors in PROTOCOL.md ("Authentication"). The
+    /// expected values come from an independent BLAKE3 implementation
+    /// (the Python `blake3` package), not from this crate.
+    #[test]
+    fn auth_test_vectors() {
+        let protocol = include_str!("../PROTOCOL.md");
+        let master: Key = core::array::from_fn(|i| i as u8); // 00 01 02 .. 1f
+        let device_key = device_key(&master, "sensor-00042");
+        let vectors = [
+            (
+                hex(&device_subkey(&master)),
+                "7c34a531d53692774916bdcd9f890048ad3d2a410070bec483163820c90850b9",
+            ),
+            (hex(&device_key), "22354fb35f627d1706ba71ae0699f37f4e1268195e44e2ca6d4b91aca1d48136"),
+            (hex(&operator_key(&master)), "acf6a5f866a58e7d32f78d261beae1dc3a1b683faaf1113dd0926d76b3403448"),
+        ];
+        let hb = Heartbeat {
+            device: "sensor-00042",
+            boot: 1000,
+            seq: 1,
+            interval_ms: 10_000,
+            flags: 0,
+            payload: &[],
+            tag: None,
+        };
+        let mut buf = [0u8; 64];
+        let len = encode_signed(&Message::Heartbeat(hb), &device_key, &mut buf).unwrap();
+        let signed_hb = hex(&buf[..len]);
+        let query = Message::Query(crate::wire::Query {
+            request: 42,
+            kind: crate::wire::QueryKind::Summary,
+            padding: &[],
+            tag: None,
+        });
+        let len = encode_signed(&query, &operator_key(&master), &mut buf).unwrap();
+        let signed_query = hex(&buf[..len]);
+        for (got, expected) in vectors.iter().map(|(g, e)| (g.as_str(), *e)).chain([
+            (signed_hb.as_str(), "01000c73656e736f722d3030303432e80701904e000001b76cdf5164e19cdf"),
+            (signed_query.as_str(), "01022a010001cde0198983191998"),
+        ]) {
+            assert_eq!(got, expected);
+            assert!(protocol.contains(expected), "PROTOCOL.md lacks {expected}");
+        }
+    }
+}
