@@ -624,4 +624,6 @@ fn millis_u32(d: Duration) -> u32 {
 }
 
 #[cfg(test)]
+mod security_tests;
+#[cfg(test)]
 mod tests;
