@@ -30,7 +30,7 @@ pub extern "C" fn _start() -> ! {
     let len = presence::auth::encode_signed(&wire::Message::Heartbeat(hb), &black_box([1u8; 32]), &mut buf);
     #[cfg(not(feature = "signed"))]
     let len = wire::encode(&wire::Message::Heartbeat(hb), &mut buf);
-    black_box(len);
+    let _ = black_box(len);
     let reply = wire::decode(black_box(&buf[..]));
     black_box(&reply);
     loop {}
