@@ -118,6 +118,11 @@ fn signed_beats_work_and_unsigned_ones_are_refused() {
     let mut client =
         Client::new(server.addr, QUERY_TIMEOUT).unwrap().with_operator_key(auth::operator_key(&master));
     assert!(client.device("unsigned-1").unwrap().is_none(), "the unsigned device was never admitted");
+    // The rejection was logged at warn, as a count by reason.
+    let warning = poll("a warning about the rejection", PROMPTLY, || {
+        server.log.try_iter().find(|line| line.contains("\"WARN\"") && line.contains("missing_tag=1"))
+    });
+    assert!(warning.contains("datagrams dropped or rejected"), "{warning}");
 }
 
 #[test]
