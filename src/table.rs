@@ -5,7 +5,13 @@
 //! Four indexes describe one set of devices:
 //! - `by_device` holds every known device (online or not) and its state;
 //! - `by_deadline` holds exactly the online devices, ordered by
-//!   (deadline, id), so a sweep pops only what is due from the front;
+//!   (filed deadline, id), so a sweep pops only what is due from the front.
+//!   A device's entry is filed lazily: a heartbeat that moves its deadline
+//!   later only updates the device's state, and when the stale entry reaches
+//!   the front the sweep re-files it at the real deadline. The tree is thus
+//!   touched about once per TTL per device rather than once per heartbeat,
+//!   and the filed deadline is never later than the real one, so nothing
+//!   expires late;
 //! - `online` holds exactly the online ids in id order, so the online list
 //!   can be paged with a stable cursor;
 //! - `offline` holds exactly the offline devices ordered by (last seen, id),
@@ -135,8 +141,10 @@ pub struct Beat<'a> {
 /// Everything the table keeps about one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
-    /// `Some` exactly while the device is online; its key in `by_deadline`.
+    /// When the device expires; `Some` exactly while it is online.
     pub deadline: Option<Instant>,
+    /// While online: its key in `by_deadline`, never later than `deadline`.
+    filed: Instant,
     /// The TTL applied at its last heartbeat.
     pub ttl: Duration,
     /// The interval it declared at its last heartbeat (zero if none).
@@ -159,6 +167,19 @@ impl Entry {
     /// Whether the device is online.
     pub fn is_online(&self) -> bool {
         self.deadline.is_some()
+    }
+
+    /// Records an accepted heartbeat's details (everything but the deadline).
+    fn record(&mut self, now: Instant, beat: &Beat<'_>) {
+        self.ttl = beat.ttl;
+        self.interval = beat.interval;
+        self.last_seen = now;
+        self.addr = beat.addr;
+        self.window.accept(beat.boot, beat.seq);
+        if *self.payload != *beat.payload {
+            self.payload = beat.payload.into();
+        }
+        self.heartbeats += 1;
     }
 }
 
@@ -206,6 +227,18 @@ impl PresenceTable {
     /// the deadline is seen as a return, not as a continuation.
     pub fn beat(&mut self, now: Instant, device: &str, beat: Beat<'_>) -> Result<bool, Refusal> {
         let deadline = now + beat.ttl;
+        // The common case, an online device moving its deadline later, costs
+        // one hash lookup and no tree operation.
+        if let Some(entry) = self.by_device.get_mut(device) {
+            if entry.deadline.is_some() && deadline >= entry.filed {
+                if !entry.window.is_new(beat.boot, beat.seq) {
+                    return Err(Refusal::Replay);
+                }
+                entry.deadline = Some(deadline);
+                entry.record(now, &beat);
+                return Ok(false);
+            }
+        }
         let (id, came_online) = match self.by_device.get_key_value(device) {
             Some((id, entry)) => {
                 if !entry.window.is_new(beat.boot, beat.seq) {
@@ -213,8 +246,9 @@ impl PresenceTable {
                 }
                 let id = id.clone();
                 match entry.deadline {
-                    Some(old) => {
-                        self.by_deadline.remove(&(old, id.clone()));
+                    Some(_) => {
+                        // The deadline moved earlier (a shorter TTL): re-file now.
+                        self.by_deadline.remove(&(entry.filed, id.clone()));
                         (id, false)
                     }
                     None => {
@@ -236,6 +270,7 @@ impl PresenceTable {
         self.by_deadline.insert((deadline, id.clone()));
         let entry = self.by_device.entry(id).or_insert_with(|| Entry {
             deadline: None,
+            filed: deadline,
             ttl: beat.ttl,
             interval: beat.interval,
             last_seen: now,
@@ -246,15 +281,8 @@ impl PresenceTable {
             flaps: 0,
         });
         entry.deadline = Some(deadline);
-        entry.ttl = beat.ttl;
-        entry.interval = beat.interval;
-        entry.last_seen = now;
-        entry.addr = beat.addr;
-        entry.window.accept(beat.boot, beat.seq);
-        if *entry.payload != *beat.payload {
-            entry.payload = beat.payload.into();
-        }
-        entry.heartbeats += 1;
+        entry.filed = deadline;
+        entry.record(now, &beat);
         Ok(came_online)
     }
 
@@ -277,8 +305,8 @@ impl PresenceTable {
         }
         let id = id.clone();
         let deadline = entry.deadline;
-        if let Some(deadline) = deadline {
-            self.by_deadline.remove(&(deadline, id.clone()));
+        if deadline.is_some() {
+            self.by_deadline.remove(&(entry.filed, id.clone()));
             self.online.remove(&id);
         }
         let Some(entry) = self.by_device.get_mut(&id) else {
@@ -298,24 +326,39 @@ impl PresenceTable {
     /// deadline order, and reports each. Costs O(log n) per expired device and
     /// O(log n) when nothing is due; it never looks at the others.
     pub fn expire(&mut self, now: Instant, mut offline: impl FnMut(&DeviceId, &Entry)) {
-        while let Some((deadline, _)) = self.by_deadline.first() {
-            if *deadline > now {
+        while let Some((filed, _)) = self.by_deadline.first() {
+            if *filed > now {
                 break;
             }
             let Some((_, id)) = self.by_deadline.pop_first() else {
                 break;
             };
-            self.online.remove(&id);
-            if let Some(entry) = self.by_device.get_mut(&id) {
-                entry.deadline = None;
-                entry.flaps += 1;
-                offline(&id, entry);
-                self.offline.insert((entry.last_seen, id));
+            let Some(entry) = self.by_device.get_mut(&id) else {
+                continue;
+            };
+            match entry.deadline {
+                // Filed early and heartbeats moved it on: re-file at the real
+                // deadline. If that is due too it is popped again in its turn,
+                // so devices still expire in (deadline, id) order.
+                Some(deadline) if deadline != entry.filed => {
+                    entry.filed = deadline;
+                    self.by_deadline.insert((deadline, id));
+                }
+                _ => {
+                    entry.deadline = None;
+                    entry.flaps += 1;
+                    offline(&id, entry);
+                    self.online.remove(&id);
+                    self.offline.insert((entry.last_seen, id));
+                }
             }
         }
     }
 
-    /// The earliest deadline of any online device: when the next sweep is due.
+    /// When the next sweep is due: the earliest filed deadline. It is never
+    /// later than any online device's deadline, and may be earlier (a sweep
+    /// then only re-files entries), so a caller that sleeps until it never
+    /// notices an expiry late.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.by_deadline.first().map(|(deadline, _)| *deadline)
     }
@@ -361,9 +404,10 @@ impl PresenceTable {
     /// For tests: it walks every device.
     pub fn assert_invariants(&self) {
         assert_eq!(self.by_deadline.len(), self.online.len(), "online indexes differ in size");
-        for (deadline, id) in &self.by_deadline {
+        for (filed, id) in &self.by_deadline {
             let entry = self.by_device.get(id).expect("deadline entry without a device");
-            assert_eq!(entry.deadline, Some(*deadline), "deadline of {id} disagrees");
+            assert_eq!(entry.filed, *filed, "filed deadline of {id} disagrees");
+            assert!(entry.deadline.is_some_and(|d| d >= *filed), "{id} is filed after its deadline");
             assert!(self.online.contains(id), "{id} has a deadline but is not in the online set");
         }
         for (id, entry) in &self.by_device {

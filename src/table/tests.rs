@@ -54,6 +54,23 @@ fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
 }
 
 #[test]
+fn heartbeats_file_lazily_and_the_sweep_refiles() {
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut table = PresenceTable::default();
+    table.beat(t0, "a", beat(100, 1)).unwrap();
+    table.beat(ms(60), "a", beat(100, 2)).unwrap(); // real deadline 160, still filed at 100
+    assert_eq!(table.next_deadline(), Some(ms(100)));
+    assert!(expired(&mut table, ms(100)).is_empty(), "a stale entry is re-filed, not expired");
+    assert_eq!(table.next_deadline(), Some(ms(160)));
+    // A shorter TTL moves the deadline earlier: that is filed at once.
+    table.beat(ms(70), "a", beat(20, 3)).unwrap();
+    assert_eq!(table.next_deadline(), Some(ms(90)));
+    assert_eq!(expired(&mut table, ms(90)), ["a"]);
+    table.assert_invariants();
+}
+
+#[test]
 fn leave_takes_a_device_offline_once() {
     let t0 = Instant::now();
     let mut table = PresenceTable::default();
@@ -241,7 +258,10 @@ proptest! {
                 Op::Advance { .. } => {}
             }
             table.assert_invariants();
-            prop_assert_eq!(table.next_deadline(), model.devices.values().filter_map(|d| d.deadline).min());
+            // The sweep is due no later than the earliest real deadline (entries are filed lazily).
+            let earliest = model.devices.values().filter_map(|d| d.deadline).min();
+            prop_assert_eq!(table.next_deadline().is_some(), earliest.is_some());
+            prop_assert!(table.next_deadline() <= earliest);
             prop_assert_eq!(table.known_count(), model.devices.len());
             for (id, d) in &model.devices {
                 let entry = table.get(id).unwrap();
