@@ -102,7 +102,12 @@ impl Stop {
 pub struct EventLog {
     /// The JSON lines destination, if `--events` was given.
     out: Option<Box<dyn Write + Send>>,
+    /// Called with every event and its wall time; for measurements.
+    observer: Option<EventObserver>,
 }
+
+/// A callback that sees every event, for measurements.
+pub type EventObserver = Box<dyn FnMut(&Event) + Send>;
 
 /// One line of the events file.
 #[derive(Serialize)]
@@ -123,16 +128,26 @@ struct EventLine<'a> {
 impl EventLog {
     /// Events go to the log only.
     pub fn none() -> Self {
-        EventLog { out: None }
+        EventLog { out: None, observer: None }
     }
 
     /// Events also go to `out` as JSON lines.
     pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
-        EventLog { out: Some(out) }
+        EventLog { out: Some(out), observer: None }
+    }
+
+    /// Events are also passed to `observer` (the benchmark measures expiry
+    /// precision this way).
+    pub fn with_observer(mut self, observer: EventObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Publishes one event that happened at wall time `wall`.
     pub fn record(&mut self, event: &Event, wall: SystemTime) -> io::Result<()> {
+        if let Some(observer) = &mut self.observer {
+            observer(event);
+        }
         let reason = match event.kind {
             EventKind::Online => None,
             EventKind::Offline(reason) => Some(reason.name()),

@@ -187,7 +187,7 @@ impl Entry {
 #[derive(Debug)]
 pub struct PresenceTable {
     /// Every known device and its state.
-    by_device: HashMap<DeviceId, Entry>,
+    by_device: HashMap<DeviceId, Entry, foldhash::fast::RandomState>,
     /// Online devices in expiry order; the id breaks ties between equal deadlines.
     by_deadline: BTreeSet<(Instant, DeviceId)>,
     /// Online devices in id order, for paging.
@@ -210,7 +210,7 @@ impl PresenceTable {
     /// refused if every device is online.
     pub fn new(max_devices: usize) -> Self {
         PresenceTable {
-            by_device: HashMap::new(),
+            by_device: HashMap::default(),
             by_deadline: BTreeSet::new(),
             online: BTreeSet::new(),
             offline: BTreeSet::new(),

@@ -1,0 +1,636 @@
+//! The end-to-end benchmark: real UDP on 127.0.0.1, the real server loop,
+//! and a bare receive loop measured the same way in the same run.
+//!
+//! ```text
+//! cargo run --release --example bench            # the full run (a few minutes)
+//! cargo run --release --example bench -- --quick # a smoke run of a few seconds
+//! ```
+//!
+//! Figures:
+//! - **drain**: the socket's receive buffer is filled with heartbeats while
+//!   nothing reads it, then the reader starts and the time until it has
+//!   handled them all is taken (a live sender cannot saturate the receiver on
+//!   a 2-core machine). Bare `recv_from` loop vs the server, with 10 k and
+//!   1 M devices in random order, and with `--auth required`. Each is the
+//!   median of 3 runs.
+//! - **cpu**: CPU time of the receiving thread per heartbeat while a sender
+//!   offers a fixed rate, bare loop vs server, and the kernel's drop count for
+//!   the socket (from /proc/net/udp) with the server's default buffer.
+//! - **memory**: resident memory per device at 1 M online devices with
+//!   16-byte ids, without and with a 16-byte payload.
+//! - **expiry**: lateness of offline events (event time − deadline) while
+//!   heartbeats arrive at a fixed rate.
+//! - **query**: round trip of status queries while heartbeats arrive.
+//!
+//! Everything sends only to 127.0.0.1 and stops by itself.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use presence::auth;
+use presence::client::encode_query;
+use presence::server::{self, EventLog, Stop};
+use presence::tracker::{AuthMode, Config, EventKind, Keys, Tracker};
+use presence::wire::{self, Heartbeat, Message, QueryKind};
+
+const MASTER: auth::Key = [0x5a; 32];
+
+/// Sizes for a full or a quick run.
+struct Plan {
+    /// Datagrams queued per drain measurement.
+    drain: usize,
+    /// Device counts for the drain figures.
+    devices: [usize; 2],
+    /// Devices for the memory figure.
+    memory_devices: usize,
+    /// Devices, of them how many expire during the run, and seconds, for
+    /// the expiry and query figures.
+    live_devices: usize,
+    live_expiring: usize,
+    live_seconds: u64,
+    /// Heartbeats per second offered during the expiry and the query figures.
+    expiry_rate: u64,
+    query_rate: u64,
+    /// Offered rate, devices and seconds for the CPU figure.
+    cpu_rate: u64,
+    cpu_devices: usize,
+    cpu_seconds: u64,
+}
+
+fn main() -> std::io::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    if let Some(payload) = std::env::args().skip_while(|a| a != "--memory-child").nth(1) {
+        // Child process for one memory figure: a clean heap.
+        let devices: usize =
+            std::env::args().skip_while(|a| a != "--devices").nth(1).unwrap().parse().unwrap();
+        println!("{}", memory_per_device(devices, payload.parse().unwrap()));
+        return Ok(());
+    }
+    let plan = if quick {
+        Plan {
+            drain: 20_000,
+            devices: [1_000, 10_000],
+            memory_devices: 10_000,
+            live_devices: 2_000,
+            live_expiring: 500,
+            live_seconds: 2,
+            expiry_rate: 5_000,
+            query_rate: 5_000,
+            cpu_rate: 5_000,
+            cpu_devices: 2_000,
+            cpu_seconds: 1,
+        }
+    } else {
+        Plan {
+            drain: 300_000,
+            devices: [10_000, 1_000_000],
+            memory_devices: 1_000_000,
+            live_devices: 1_000_000,
+            live_expiring: 50_000,
+            live_seconds: 10,
+            expiry_rate: 100_000,
+            query_rate: 200_000,
+            cpu_rate: 200_000,
+            cpu_devices: 1_000_000,
+            cpu_seconds: 5,
+        }
+    };
+    println!("presence end-to-end benchmark{} on {} cores", if quick { " (quick)" } else { "" }, cores());
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+
+    let bare = drain_bare(plan.drain)?;
+    rows.push(("drain, bare recv_from loop".into(), rate(bare), "1.00 (baseline)".into()));
+    for (n, auth) in [
+        (plan.devices[0], AuthMode::Off),
+        (plan.devices[1], AuthMode::Off),
+        (plan.devices[1], AuthMode::Required),
+    ] {
+        let served = drain_server(plan.drain, n, auth)?;
+        rows.push((
+            format!(
+                "drain, server, {} devices, auth {}",
+                human(n),
+                if auth == AuthMode::Off { "off" } else { "required" }
+            ),
+            rate(served),
+            format!("{:.2} x bare", served / bare),
+        ));
+    }
+    let bare_cpu = fixed_rate(None, &plan)?;
+    rows.push((
+        format!("cpu per heartbeat, bare loop, {} /s offered", human(plan.cpu_rate as usize)),
+        format!("{:.0} ns", bare_cpu.cpu_per_heartbeat_ns),
+        format!("1.00 (baseline); {} received, {} kernel drops", bare_cpu.received, bare_cpu.drops),
+    ));
+    let server_cpu = fixed_rate(Some(plan.cpu_devices), &plan)?;
+    rows.push((
+        format!(
+            "cpu per heartbeat, server, {} devices, {} /s offered",
+            human(plan.cpu_devices),
+            human(plan.cpu_rate as usize)
+        ),
+        format!("{:.0} ns", server_cpu.cpu_per_heartbeat_ns),
+        format!(
+            "{:.2} x bare; {} received, {} kernel drops",
+            server_cpu.cpu_per_heartbeat_ns / bare_cpu.cpu_per_heartbeat_ns,
+            server_cpu.received,
+            server_cpu.drops
+        ),
+    ));
+    for payload in [0usize, 16] {
+        let exe = std::env::current_exe()?;
+        let out = std::process::Command::new(exe)
+            .args(["--memory-child", &payload.to_string(), "--devices", &plan.memory_devices.to_string()])
+            .output()?;
+        let bytes: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
+        rows.push((
+            format!(
+                "memory, {} online devices, 16-byte ids, {payload}-byte payload",
+                human(plan.memory_devices)
+            ),
+            format!("{bytes:.0} B/device"),
+            String::new(),
+        ));
+    }
+    for (rate, figure) in [(plan.expiry_rate, "expiry"), (plan.query_rate, "query")] {
+        let live = live(&plan, rate)?;
+        let load = format!("{} devices, {} heartbeats/s", human(plan.live_devices), human(rate as usize));
+        if figure == "expiry" {
+            rows.push((
+                format!("expiry lateness, {load} ({} expiries)", live.expiries),
+                format!("p50 {} p99 {}", micros(live.late_p50), micros(live.late_p99)),
+                format!("max {}", micros(live.late_max)),
+            ));
+        } else {
+            rows.push((
+                format!("query round trip, {load} ({} queries)", live.queries),
+                format!("p50 {} p99 {}", micros(live.rtt_p50), micros(live.rtt_p99)),
+                format!("max {}", micros(live.rtt_max)),
+            ));
+        }
+    }
+
+    let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
+    println!();
+    println!("{:<width$}  {:>24}  ratio / note", "figure", "value");
+    for (name, value, note) in rows {
+        println!("{name:<width$}  {value:>24}  {note}");
+    }
+    Ok(())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn human(n: usize) -> String {
+    match n {
+        n if n >= 1_000_000 && n % 1_000_000 == 0 => format!("{} M", n / 1_000_000),
+        n if n >= 1_000 && n % 1_000 == 0 => format!("{} k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn rate(per_second: f64) -> String {
+    format!("{:.0} k/s ({:.0} ns each)", per_second / 1e3, 1e9 / per_second)
+}
+
+fn micros(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+/// A socket on 127.0.0.1 whose receive buffer holds a whole drain run.
+fn receiver() -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    // Needs CAP_NET_ADMIN to pass net.core.rmem_max; falls back to the plain request.
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, 1 << 30).is_err() {
+        rustix::net::sockopt::set_socket_recv_buffer_size(&socket, 1 << 30)?;
+    }
+    Ok(socket)
+}
+
+/// 16-byte ids: "dev-" and 12 digits.
+fn device_id(i: usize) -> String {
+    format!("dev-{i:012}")
+}
+
+/// A fixed pseudo-random sequence of device indexes in 0..n.
+fn random_devices(n: usize, count: usize) -> Vec<usize> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    (0..count)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n as u64) as usize
+        })
+        .collect()
+}
+
+fn frame(device: &str, seq: u32, payload: &[u8], key: Option<&auth::Key>) -> Vec<u8> {
+    let hb = Message::Heartbeat(Heartbeat {
+        device,
+        boot: 1,
+        seq,
+        interval_ms: 10_000,
+        flags: 0,
+        payload,
+        tag: None,
+    });
+    let mut buf = [0u8; wire::MAX_DATAGRAM];
+    let len = match key {
+        Some(key) => auth::encode_signed(&hb, key, &mut buf),
+        None => wire::encode(&hb, &mut buf),
+    }
+    .expect("valid frame");
+    buf[..len].to_vec()
+}
+
+/// Queues `frames` on `to` (nobody reads it yet).
+fn fill(to: SocketAddr, frames: &[Vec<u8>]) -> std::io::Result<UdpSocket> {
+    let sender = UdpSocket::bind("127.0.0.1:0")?;
+    sender.connect(to)?;
+    for frame in frames {
+        sender.send(frame)?;
+    }
+    Ok(sender)
+}
+
+/// Bare loop: counts datagrams, nothing else.
+fn drain_bare(count: usize) -> std::io::Result<f64> {
+    let rates = (0..REPEATS).map(|_| drain_bare_once(count)).collect::<std::io::Result<Vec<f64>>>()?;
+    Ok(median(rates))
+}
+
+fn drain_bare_once(count: usize) -> std::io::Result<f64> {
+    let socket = receiver()?;
+    let frames: Vec<Vec<u8>> =
+        random_devices(10_000, count).iter().map(|&i| frame(&device_id(i), 2, &[], None)).collect();
+    let _sender = fill(socket.local_addr()?, &frames)?;
+    socket.set_nonblocking(true)?;
+    let mut buf = [0u8; 2048];
+    let started = Instant::now();
+    let mut received = 0usize;
+    let mut bytes = 0usize;
+    loop {
+        match socket.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                received += 1;
+                bytes += n;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(bytes);
+    if received < count {
+        eprintln!("note: the kernel queued only {received} of {count} datagrams");
+    }
+    Ok(received as f64 / elapsed.as_secs_f64())
+}
+
+fn config(auth: AuthMode) -> Config {
+    Config {
+        auth,
+        keys: Some(Keys::from_master(&MASTER)),
+        max_devices: 2_000_000,
+        query_rate: 1_000_000,
+        query_burst: 1_000_000,
+        ..Config::default()
+    }
+}
+
+/// A tracker with `n` devices online (seq 1), fed in-process.
+fn populated(n: usize, auth: AuthMode, payload: &[u8]) -> Tracker {
+    let mut tracker = Tracker::new(config(auth), Instant::now(), SystemTime::now()).expect("valid config");
+    let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    for i in 0..n {
+        let id = device_id(i);
+        let key = (auth != AuthMode::Off).then(|| auth::device_key(&MASTER, &id));
+        tracker.handle(Instant::now(), from, &frame(&id, 1, payload, key.as_ref()), &mut reply);
+        while tracker.poll_event().is_some() {}
+    }
+    tracker
+}
+
+/// The server loop draining `count` queued heartbeats for `n` known devices.
+fn drain_server(count: usize, n: usize, auth: AuthMode) -> std::io::Result<f64> {
+    let mut tracker = populated(n, auth, &[]);
+    let mut seqs = vec![1u32; n];
+    let mut rates = Vec::new();
+    for _ in 0..REPEATS {
+        let socket = receiver()?;
+        let addr = socket.local_addr()?;
+        let frames: Vec<Vec<u8>> = random_devices(n, count)
+            .iter()
+            .map(|&i| {
+                seqs[i] += 1;
+                let id = device_id(i);
+                let key = (auth != AuthMode::Off).then(|| auth::device_key(&MASTER, &id));
+                frame(&id, seqs[i], &[], key.as_ref())
+            })
+            .collect();
+        let _sender = fill(addr, &frames)?;
+        // The last datagram in the queue is a summary query: its reply marks the end.
+        let client = UdpSocket::bind("127.0.0.1:0")?;
+        client.connect(addr)?;
+        let mut query = [0u8; wire::MAX_DATAGRAM];
+        let len = encode_query(1, QueryKind::Summary, None, &mut query).expect("valid query");
+        client.send(&query[..len])?;
+        client.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let stop = Stop::new(addr);
+        let before = tracker.counters().heartbeats;
+        let started = Instant::now();
+        let loop_stop = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut events = EventLog::none();
+            server::run(&socket, tracker, &loop_stop, &mut events)
+        });
+        let mut reply = [0u8; wire::MAX_DATAGRAM];
+        client.recv(&mut reply)?;
+        let elapsed = started.elapsed();
+        stop.stop();
+        tracker = handle.join().expect("server thread")?;
+        let handled = (tracker.counters().heartbeats - before) as usize;
+        if handled < count {
+            eprintln!("note: the server handled {handled} of {count} queued heartbeats");
+        }
+        rates.push(handled as f64 / elapsed.as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
+/// Each drain figure is the median of this many runs.
+const REPEATS: usize = 3;
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Resident bytes of this process.
+fn rss() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// Resident memory per device for `n` online devices (run in a child process).
+fn memory_per_device(n: usize, payload_len: usize) -> f64 {
+    let payload = vec![0x42u8; payload_len];
+    let before = rss();
+    let tracker = populated(n, AuthMode::Off, &payload);
+    let after = rss();
+    assert_eq!(tracker.table().online_count(), n);
+    (after - before) as f64 / n as f64
+}
+
+/// Results of the live run.
+struct Live {
+    expiries: usize,
+    late_p50: Duration,
+    late_p99: Duration,
+    late_max: Duration,
+    queries: usize,
+    rtt_p50: Duration,
+    rtt_p99: Duration,
+    rtt_max: Duration,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The server under a fixed heartbeat rate: `live_expiring` devices were
+/// given staggered TTLs and expire during the run; the others keep beating.
+fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
+    let n = plan.live_devices;
+    let steady = n - plan.live_expiring;
+    let socket = UdpSocket::bind("127.0.0.1:0")?;
+    rustix::net::sockopt::set_socket_recv_buffer_size(&socket, 8 << 20)?;
+    let addr = socket.local_addr()?;
+    let mut tracker = Tracker::new(
+        Config { min_ttl: Duration::from_millis(100), ..config(AuthMode::Off) },
+        Instant::now(),
+        SystemTime::now(),
+    )
+    .expect("valid config");
+    // Devices steady..n declare intervals that make them expire spread over the run.
+    let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    let run_ms = plan.live_seconds * 1000;
+    for i in 0..n {
+        let expiring = (n - steady) as u64;
+        let interval_ms = if i < steady {
+            10_000
+        } else {
+            (200 + (i - steady) as u64 * (run_ms - 400) / expiring) as u32 / 3
+        };
+        let hb = Message::Heartbeat(Heartbeat {
+            device: &device_id(i),
+            boot: 1,
+            seq: 1,
+            interval_ms,
+            flags: 0,
+            payload: &[],
+            tag: None,
+        });
+        let mut buf = [0u8; 64];
+        let len = wire::encode(&hb, &mut buf).expect("valid");
+        tracker.handle(Instant::now(), from, &buf[..len], &mut reply);
+        while tracker.poll_event().is_some() {}
+    }
+    let lateness = Arc::new(Mutex::new(Vec::new()));
+    let observed = lateness.clone();
+    let mut events = EventLog::none().with_observer(Box::new(move |event| {
+        if let (EventKind::Offline(_), Some(deadline)) = (event.kind, event.deadline) {
+            observed.lock().unwrap().push(event.at.saturating_duration_since(deadline));
+        }
+    }));
+    let stop = Stop::new(addr);
+    let loop_stop = stop.clone();
+    let server =
+        std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, &mut events).map(|_| ()));
+
+    // The steady devices beat at the offered rate.
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(addr)?;
+        let mut seq = vec![1u32; steady];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let mut buf = [0u8; 64];
+        while started.elapsed() < Duration::from_millis(run_ms) {
+            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+            while sent < due {
+                let i = (sent % steady as u64) as usize;
+                seq[i] += 1;
+                let hb = Message::Heartbeat(Heartbeat {
+                    device: &device_id(i),
+                    boot: 1,
+                    seq: seq[i],
+                    interval_ms: 10_000,
+                    flags: 0,
+                    payload: &[],
+                    tag: None,
+                });
+                let len = wire::encode(&hb, &mut buf).expect("valid");
+                let _ = socket.send(&buf[..len]);
+                sent += 1;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(())
+    });
+
+    // Meanwhile: a query every 10 ms, alternating summary and one device.
+    let client = UdpSocket::bind("127.0.0.1:0")?;
+    client.connect(addr)?;
+    client.set_read_timeout(Some(Duration::from_secs(1)))?;
+    let mut rtts = Vec::new();
+    let started = Instant::now();
+    let mut request = 0u32;
+    let mut query = [0u8; wire::MAX_DATAGRAM];
+    let mut answer = [0u8; wire::MAX_DATAGRAM];
+    let probe = device_id(0);
+    while started.elapsed() < Duration::from_millis(run_ms) {
+        request += 1;
+        let kind = if request % 2 == 0 { QueryKind::Summary } else { QueryKind::Device(&probe) };
+        let len = encode_query(request, kind, None, &mut query).expect("valid query");
+        let sent_at = Instant::now();
+        client.send(&query[..len])?;
+        // Wait for the reply to this request (older ones may still be in flight).
+        while let Ok(n) = client.recv(&mut answer) {
+            if let Ok(Message::Status(status)) = wire::decode(&answer[..n]) {
+                if status.request == request {
+                    rtts.push(sent_at.elapsed());
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sender.join().expect("sender thread")?;
+    stop.stop();
+    server.join().expect("server thread")?;
+    let mut late = lateness.lock().unwrap().clone();
+    late.sort();
+    rtts.sort();
+    Ok(Live {
+        expiries: late.len(),
+        late_p50: percentile(&late, 0.5),
+        late_p99: percentile(&late, 0.99),
+        late_max: late.last().copied().unwrap_or_default(),
+        queries: rtts.len(),
+        rtt_p50: percentile(&rtts, 0.5),
+        rtt_p99: percentile(&rtts, 0.99),
+        rtt_max: rtts.last().copied().unwrap_or_default(),
+    })
+}
+
+/// Results of a fixed-rate run.
+struct FixedRate {
+    /// CPU time of the receiving thread divided by datagrams received.
+    cpu_per_heartbeat_ns: f64,
+    /// Datagrams the receiver handled.
+    received: u64,
+    /// The kernel's drop counter for the socket.
+    drops: u64,
+}
+
+/// Nanoseconds thread `tid` of this process has spent on a CPU.
+fn thread_cpu_ns(tid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The kernel's drop count for the UDP socket bound to `port` on 127.0.0.1.
+fn kernel_drops(port: u16) -> u64 {
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    let local = format!("0100007F:{port:04X}");
+    table
+        .lines()
+        .filter(|line| line.split_whitespace().nth(1) == Some(local.as_str()))
+        .filter_map(|line| line.split_whitespace().last().and_then(|d| d.parse::<u64>().ok()))
+        .sum()
+}
+
+/// Offers `plan.cpu_rate` heartbeats/s for `plan.cpu_seconds` to a bare loop
+/// (`devices` = None) or to the server with that many known devices, and
+/// measures the receiving thread's CPU time. The socket gets the server's
+/// default receive buffer (`--recv-buffer 8MiB`).
+fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate> {
+    let n = devices.unwrap_or(10_000);
+    let bound = server::bind("127.0.0.1:0".parse().unwrap(), Some(8 << 20))?;
+    let addr = bound.local_addr;
+    let socket = bound.socket;
+    let stop = Stop::new(addr);
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let loop_stop = stop.clone();
+    let receiver = match devices {
+        Some(n) => {
+            let tracker = populated(n, AuthMode::Off, &[]);
+            std::thread::spawn(move || -> std::io::Result<u64> {
+                let _ = tid_tx.send(rustix::thread::gettid().as_raw_nonzero().get());
+                let mut events = EventLog::none();
+                let tracker = server::run(&socket, tracker, &loop_stop, &mut events)?;
+                Ok(tracker.counters().heartbeats - n as u64)
+            })
+        }
+        None => std::thread::spawn(move || -> std::io::Result<u64> {
+            let _ = tid_tx.send(rustix::thread::gettid().as_raw_nonzero().get());
+            let mut buf = [0u8; 2048];
+            let mut received = 0u64;
+            while !loop_stop.is_requested() {
+                if let Ok((len, _)) = socket.recv_from(&mut buf) {
+                    received += u64::from(len > 0);
+                }
+            }
+            Ok(received)
+        }),
+    };
+    let tid = tid_rx.recv().expect("receiver started");
+    let sender = UdpSocket::bind("127.0.0.1:0")?;
+    sender.connect(addr)?;
+    let mut seq = vec![1u32; n];
+    let order = random_devices(n, 1 << 20);
+    let mut buf = [0u8; 64];
+    let cpu_before = thread_cpu_ns(tid);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < Duration::from_secs(plan.cpu_seconds) {
+        let due = (started.elapsed().as_secs_f64() * plan.cpu_rate as f64) as u64;
+        while sent < due {
+            let i = order[(sent % order.len() as u64) as usize];
+            seq[i] += 1;
+            let hb = Message::Heartbeat(Heartbeat {
+                device: &device_id(i),
+                boot: 1,
+                seq: seq[i],
+                interval_ms: 10_000,
+                flags: 0,
+                payload: &[],
+                tag: None,
+            });
+            let len = wire::encode(&hb, &mut buf).expect("valid");
+            let _ = sender.send(&buf[..len]);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    // Let the receiver catch up, then read its CPU time before stopping it.
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu = thread_cpu_ns(tid) - cpu_before;
+    let drops = kernel_drops(addr.port());
+    stop.stop();
+    let received = receiver.join().expect("receiver thread")?;
+    Ok(FixedRate { cpu_per_heartbeat_ns: cpu as f64 / received.max(1) as f64, received, drops })
+}
