@@ -126,10 +126,13 @@ impl Config {
     /// `misses × interval` clamped to `[min_ttl, max_ttl]`, or `timeout`.
     pub fn ttl(&self, interval: Duration) -> Duration {
         if interval.is_zero() {
-            self.timeout
-        } else {
-            interval.saturating_mul(self.misses).clamp(self.min_ttl, self.max_ttl.max(self.min_ttl))
+            return self.timeout;
         }
+        // In whole nanoseconds: cheaper than Duration arithmetic on the hot path.
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let ttl = nanos(interval).saturating_mul(u64::from(self.misses));
+        let (min, max) = (nanos(self.min_ttl), nanos(self.max_ttl));
+        Duration::from_nanos(ttl.clamp(min, max.max(min)))
     }
 
     /// The interval the server expects from a device that declared

@@ -673,6 +673,95 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, Error> {
         Some(&kind) if kind >= KIND_COUNT => return Err(Error::UnknownKind),
         Some(_) => {}
     }
+    if let Some(heartbeat) = decode_heartbeat_fast(body) {
+        return Ok(Message::Heartbeat(heartbeat));
+    }
+    let (message, rest) = postcard::take_from_bytes::<Message<'_>>(body)?;
+    if !rest.is_empty() {
+        return Err(Error::TrailingBytes);
+    }
+    message.validate()?;
+    Ok(message)
+}
+
+/// A cursor over a frame for [`decode_heartbeat_fast`]; every method returns
+/// `None` on anything it does not handle, and the caller then falls back.
+struct Fast<'a> {
+    /// Bytes not read yet.
+    rest: &'a [u8],
+}
+
+impl<'a> Fast<'a> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.rest.split_first()?;
+        self.rest = rest;
+        Some(b)
+    }
+
+    /// A varint `u32` as postcard writes it (at most 5 bytes, no excess bits).
+    fn u32(&mut self) -> Option<u32> {
+        let mut value = 0u32;
+        for i in 0..5 {
+            let b = self.byte()?;
+            if i == 4 && b > 0x0f {
+                return None;
+            }
+            value |= u32::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// A length-prefixed byte string of fewer than 128 bytes.
+    fn short_bytes(&mut self) -> Option<&'a [u8]> {
+        let len = usize::from(self.byte()?);
+        if len >= 0x80 || len > self.rest.len() {
+            return None;
+        }
+        let (bytes, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Some(bytes)
+    }
+}
+
+/// The hot path: decodes a well-formed heartbeat (the body after the
+/// version byte) without going through serde. It accepts exactly what the
+/// general decoder accepts or returns `None`, in which case the general
+/// decoder runs and reports the precise error; a property test checks that
+/// the two agree on arbitrary input.
+fn decode_heartbeat_fast(body: &[u8]) -> Option<Heartbeat<'_>> {
+    let mut r = Fast { rest: body };
+    if r.byte()? != 0 {
+        return None;
+    }
+    let device = core::str::from_utf8(r.short_bytes()?).ok()?;
+    let boot = r.u32()?;
+    let seq = r.u32()?;
+    let interval_ms = r.u32()?;
+    let flags = r.byte()?;
+    let payload = r.short_bytes()?;
+    let tag = match r.byte()? {
+        0 => None,
+        1 => Some(r.rest.get(..8)?.try_into().ok()?),
+        _ => return None,
+    };
+    let expected_rest = if tag.is_some() { 8 } else { 0 };
+    if r.rest.len() != expected_rest
+        || device.is_empty()
+        || device.len() > MAX_ID_LEN
+        || payload.len() > MAX_PAYLOAD_LEN
+    {
+        return None;
+    }
+    Some(Heartbeat { device, boot, seq, interval_ms, flags, payload, tag })
+}
+
+/// The general decoder alone, for tests that compare it with the fast path.
+#[cfg(test)]
+fn decode_general(datagram: &[u8]) -> Result<Message<'_>, Error> {
+    let body = datagram.get(1..).ok_or(Error::Truncated)?;
     let (message, rest) = postcard::take_from_bytes::<Message<'_>>(body)?;
     if !rest.is_empty() {
         return Err(Error::TrailingBytes);

@@ -430,3 +430,59 @@ proptest! {
         }
     }
 }
+
+/// Mutates a valid heartbeat at a few positions.
+fn mutated_heartbeat() -> impl Strategy<Value = Vec<u8>> {
+    (
+        id(),
+        any::<(u32, u32, u32, u8)>(),
+        payload(),
+        proptest::option::of(any::<Tag>()),
+        proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+        proptest::option::of(any::<prop::sample::Index>()),
+    )
+        .prop_map(|(device, (boot, seq, interval_ms, flags), payload, tag, edits, cut)| {
+            let hb = Heartbeat { device: &device, boot, seq, interval_ms, flags, payload: &payload, tag };
+            let mut bytes = encoded(&Message::Heartbeat(hb));
+            for (at, value) in edits {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len() + 1));
+            }
+            bytes
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 5000, ..ProptestConfig::default() })]
+
+    /// The heartbeat fast path accepts only what the general decoder
+    /// accepts, and decodes it to the same message.
+    #[test]
+    fn fast_heartbeat_path_agrees_with_the_general_decoder(
+        bytes in prop_oneof![mutated_heartbeat(), proptest::collection::vec(any::<u8>(), 0..160)],
+    ) {
+        if bytes.len() >= 2 && bytes[0] == VERSION {
+            if let Some(fast) = decode_heartbeat_fast(&bytes[1..]) {
+                prop_assert_eq!(decode_general(&bytes), Ok(Message::Heartbeat(fast)));
+            }
+            // And decode() as a whole still matches the general decoder, errors included.
+            if bytes[1] < 6 && bytes.len() <= MAX_DATAGRAM {
+                prop_assert_eq!(decode(&bytes), decode_general(&bytes));
+            }
+        }
+    }
+}
+
+#[test]
+fn fast_path_takes_ordinary_heartbeats() {
+    for vector in [
+        "01000c73656e736f722d3030303432e80701904e000000",
+        "0100026431f8acd19101ac020001015a00",
+        "01000c73656e736f722d3030303432e80701904e000001b76cdf5164e19cdf",
+    ] {
+        assert!(decode_heartbeat_fast(&hex(vector)[1..]).is_some(), "{vector}");
+    }
+}
