@@ -16,8 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
 
 use crate::tracker::{Counters, Event, EventKind, Handled, Tracker};
 use crate::wire::{self, DropReason};
@@ -177,7 +181,7 @@ impl EventLog {
     }
 }
 
-/// Datagrams handled per wake-up before the loop checks its timer again.
+/// Datagrams received per `recvmmsg` call.
 const BATCH: usize = 64;
 
 /// A one-shot monotonic timer (Linux timerfd) that the loop polls beside the
@@ -255,7 +259,7 @@ pub fn run(
 ) -> io::Result<Tracker> {
     socket.set_nonblocking(true)?;
     let mut timer = Timer::new()?;
-    let mut datagram = vec![0u8; RECV_BUF];
+    let mut batch = Batch::new();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
     let mut warnings = DropWarnings::default();
     'run: while !stop.is_requested() {
@@ -265,28 +269,34 @@ pub fn run(
         timer.arm(tracker.poll_timeout(), now)?;
         wait(socket, &timer)?;
         timer.clear();
-        for _ in 0..BATCH {
-            let (len, from) = match socket.recv_from(&mut datagram) {
+        for _ in 0..BATCHES_PER_WAKE {
+            let received = match batch.receive(socket) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "receive failed");
                     break;
                 }
             };
-            if stop.is_requested() {
-                break 'run;
-            }
-            match tracker.handle(Instant::now(), from, &datagram[..len], &mut reply) {
-                Handled::Done => {}
-                Handled::Reply(n) => send_reply(socket, &reply[..n], from),
-                Handled::Dropped { reason, reply: answer } => {
-                    log_drop(reason, from, len);
-                    if let Some(n) = answer {
-                        send_reply(socket, &reply[..n], from);
+            let now = Instant::now();
+            for i in 0..received {
+                let (datagram, from) = batch.datagram(i);
+                let Some(from) = from else { continue };
+                if stop.is_requested() {
+                    break 'run;
+                }
+                match tracker.handle(now, from, datagram, &mut reply) {
+                    Handled::Done => {}
+                    Handled::Reply(n) => send_reply(socket, &reply[..n], from),
+                    Handled::Dropped { reason, reply: answer } => {
+                        log_drop(reason, from, datagram.len());
+                        if let Some(n) = answer {
+                            send_reply(socket, &reply[..n], from);
+                        }
                     }
                 }
+            }
+            if received < BATCH {
+                break;
             }
         }
         publish(&mut tracker, events)?;
@@ -294,6 +304,64 @@ pub fn run(
     }
     publish(&mut tracker, events)?;
     Ok(tracker)
+}
+
+/// Batches received per wake-up before the loop checks its timer again.
+const BATCHES_PER_WAKE: usize = 4;
+
+/// Receive buffers for one `recvmmsg` call: up to [`BATCH`] datagrams per
+/// system call instead of one.
+struct Batch {
+    /// The kernel's per-message headers, reused across calls.
+    headers: MultiHeaders<SockaddrStorage>,
+    /// One buffer per message.
+    buffers: Box<[[u8; RECV_BUF]; BATCH]>,
+    /// Length and source of each message of the last call.
+    received: Vec<(usize, Option<SocketAddr>)>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            headers: MultiHeaders::preallocate(BATCH, None),
+            buffers: Box::new([[0; RECV_BUF]; BATCH]),
+            received: Vec::with_capacity(BATCH),
+        }
+    }
+
+    /// Receives what is waiting, without blocking; returns how many datagrams.
+    fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+        let mut slices = self.buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
+        self.received.clear();
+        let results = match recvmmsg(
+            socket.as_raw_fd(),
+            &mut self.headers,
+            slices.iter_mut(),
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        ) {
+            Ok(results) => results,
+            Err(Errno::EAGAIN | Errno::EINTR) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        for message in results {
+            self.received.push((message.bytes, message.address.and_then(|a| socket_addr(&a))));
+        }
+        Ok(self.received.len())
+    }
+
+    /// The `i`th datagram of the last call and its source.
+    fn datagram(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        let (len, from) = self.received[i];
+        (&self.buffers[i][..len.min(RECV_BUF)], from)
+    }
+}
+
+fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = address.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    address.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 /// Logs dropped and rejected datagrams at warn level, at most once per
