@@ -2,34 +2,35 @@
 //!
 //! Pure: nothing here reads a clock; every time-dependent method takes `now`.
 //!
-//! Four indexes describe one set of devices:
-//! - `by_device` holds every known device (online or not) and its state;
-//! - `by_deadline` holds exactly the online devices, ordered by
-//!   (filed deadline, id), so a sweep pops only what is due from the front.
-//!   A device's entry is filed lazily: a heartbeat that moves its deadline
-//!   later only updates the device's state, and when the stale entry reaches
-//!   the front the sweep re-files it at the real deadline. The tree is thus
-//!   touched about once per TTL per device rather than once per heartbeat,
-//!   and the filed deadline is never later than the real one, so nothing
-//!   expires late;
-//! - `online` holds exactly the online ids in id order, so the online list
-//!   can be paged with a stable cursor;
-//! - `offline` holds exactly the offline devices ordered by (last seen, id),
-//!   so that when the table is full the longest-silent one makes room.
-//!
-//! `online` and `offline` change only when a device comes online or goes
-//! offline, never on an ordinary heartbeat.
+//! Laid out for a million devices in little memory (see ARCHITECTURE.md):
+//! - `slots`: one compact record per device (about 88 bytes: the id inline
+//!   up to 19 bytes, times as microseconds since the table's epoch, the
+//!   address in 18 bytes); a device's slot number never changes while the
+//!   table holds it;
+//! - `index`: id → slot number, a `HashTable` of 4-byte entries that hashes
+//!   the id stored in the slot;
+//! - `expiry`: a min-heap of (deadline, slot, generation) for online
+//!   devices, so a sweep pops only what is due. Entries are filed lazily: a
+//!   heartbeat that moves a deadline later touches no heap entry; when the
+//!   old entry reaches the top the sweep re-files it at the real deadline.
+//!   An entry whose generation is not its slot's is stale and skipped (the
+//!   device left, or its deadline moved earlier and was filed again);
+//! - `offline`: offline devices by (last seen, slot), so that when the table
+//!   is full the longest-silent one makes room.
 //!
 //! Each device also carries a [`ReplayWindow`]: a heartbeat or leave is
 //! accepted only if its (boot, seq) is new.
 
-use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
-use std::ops::Bound;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+use std::hash::BuildHasher;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A device id: shared between the indexes so each id is stored once.
+use hashbrown::HashTable;
+
+/// A device id as events carry it.
 pub type DeviceId = Arc<str>;
 
 /// Why a device went offline.
@@ -138,84 +139,320 @@ pub struct Beat<'a> {
     pub payload: &'a [u8],
 }
 
-/// Everything the table keeps about one device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// When the device expires; `Some` exactly while it is online.
-    pub deadline: Option<Instant>,
-    /// While online: its key in `by_deadline`, never later than `deadline`.
-    filed: Instant,
-    /// The TTL applied at its last heartbeat.
-    pub ttl: Duration,
-    /// The interval it declared at its last heartbeat (zero if none).
-    pub interval: Duration,
-    /// When its last heartbeat arrived (monotonic; wall time is derived for display).
-    pub last_seen: Instant,
-    /// Source address of its last heartbeat; may change (NAT rebinding).
-    pub addr: SocketAddr,
-    /// The (boot, seq) pairs seen, for replay protection.
-    pub window: ReplayWindow,
-    /// Payload of its last heartbeat.
-    pub payload: Box<[u8]>,
-    /// Heartbeats accepted from it.
-    pub heartbeats: u64,
-    /// Times it went offline.
-    pub flaps: u32,
+/// Ids up to this many bytes are stored inside the slot.
+const INLINE_ID: usize = 19;
+/// First byte of a slot id that lives in `long_ids`.
+const LONG_ID: u8 = 0xff;
+
+/// A device id inside a slot: `[len, bytes...]` for short ids, or
+/// `[LONG_ID, index (4 bytes LE), ...]` for ids kept in `long_ids`. A length
+/// of 0 marks a free slot (ids are never empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotId([u8; INLINE_ID + 1]);
+
+/// A socket address in 18 bytes: IPv4 is stored as IPv4-mapped IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PackedAddr {
+    /// The IPv6 (or IPv4-mapped) address.
+    ip: [u8; 16],
+    /// The port.
+    port: u16,
 }
 
-impl Entry {
+impl From<SocketAddr> for PackedAddr {
+    fn from(addr: SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        PackedAddr { ip: ip.octets(), port: addr.port() }
+    }
+}
+
+impl From<PackedAddr> for SocketAddr {
+    fn from(addr: PackedAddr) -> Self {
+        let ip = Ipv6Addr::from(addr.ip);
+        match ip.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, addr.port)),
+            None => SocketAddr::from((ip, addr.port)),
+        }
+    }
+}
+
+/// One device's record. Times are microseconds since the table's epoch.
+#[derive(Debug, Clone)]
+struct Slot {
+    /// The id, or a free-slot marker.
+    id: SlotId,
+    /// When its last heartbeat arrived.
+    last_seen: u64,
+    /// The (boot, seq) pairs seen.
+    window: ReplayWindow,
+    /// Source address of its last heartbeat.
+    addr: PackedAddr,
+    /// TTL applied at its last heartbeat, in milliseconds; the deadline is
+    /// `last_seen + ttl`.
+    ttl_ms: u32,
+    /// Interval it declared at its last heartbeat, in milliseconds (0 = none).
+    interval_ms: u32,
+    /// Heartbeats accepted (saturating).
+    heartbeats: u32,
+    /// Times it went offline (saturating).
+    flaps: u32,
+    /// Which `expiry` entry is this slot's: others are stale.
+    generation: u32,
+    /// Index into `payloads` of its last payload; 0 for none.
+    payload: u32,
+    /// Whether it is online.
+    online: bool,
+}
+
+impl Slot {
+    fn deadline(&self) -> u64 {
+        self.last_seen + u64::from(self.ttl_ms) * 1000
+    }
+
+    fn is_free(&self) -> bool {
+        self.id.0[0] == 0
+    }
+}
+
+/// A read-only view of one device.
+#[derive(Clone, Copy)]
+pub struct Entry<'t> {
+    /// The table, for its epoch and side storage.
+    table: &'t PresenceTable,
+    /// The device's record.
+    slot: &'t Slot,
+}
+
+impl std::fmt::Debug for Entry<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("online", &self.is_online())
+            .field("last_seen_us", &self.slot.last_seen)
+            .field("ttl_ms", &self.slot.ttl_ms)
+            .field("addr", &self.addr())
+            .field("window", &self.slot.window)
+            .field("heartbeats", &self.slot.heartbeats)
+            .field("flaps", &self.slot.flaps)
+            .field("payload", &self.payload())
+            .finish()
+    }
+}
+
+impl<'t> Entry<'t> {
     /// Whether the device is online.
     pub fn is_online(&self) -> bool {
-        self.deadline.is_some()
+        self.slot.online
     }
 
-    /// Records an accepted heartbeat's details (everything but the deadline).
-    fn record(&mut self, now: Instant, beat: &Beat<'_>) {
-        self.ttl = beat.ttl;
-        self.interval = beat.interval;
-        self.last_seen = now;
-        self.addr = beat.addr;
-        self.window.accept(beat.boot, beat.seq);
-        if *self.payload != *beat.payload {
-            self.payload = beat.payload.into();
-        }
-        self.heartbeats += 1;
+    /// When the device expires, while it is online.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.slot.online.then(|| self.due())
+    }
+
+    /// When it expires or expired: its last heartbeat plus its TTL.
+    pub fn due(&self) -> Instant {
+        self.table.instant(self.slot.deadline())
+    }
+
+    /// When its last heartbeat arrived (monotonic; wall time is derived for display).
+    pub fn last_seen(&self) -> Instant {
+        self.table.instant(self.slot.last_seen)
+    }
+
+    /// The TTL applied at its last heartbeat.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_millis(self.slot.ttl_ms.into())
+    }
+
+    /// The interval it declared at its last heartbeat (zero if none).
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.slot.interval_ms.into())
+    }
+
+    /// Source address of its last heartbeat; may change (NAT rebinding).
+    pub fn addr(&self) -> SocketAddr {
+        self.slot.addr.into()
+    }
+
+    /// The (boot, seq) pairs seen, for replay protection.
+    pub fn window(&self) -> ReplayWindow {
+        self.slot.window
+    }
+
+    /// Payload of its last heartbeat.
+    pub fn payload(&self) -> &'t [u8] {
+        &self.table.payloads[self.slot.payload as usize]
+    }
+
+    /// Heartbeats accepted from it.
+    pub fn heartbeats(&self) -> u64 {
+        self.slot.heartbeats.into()
+    }
+
+    /// Times it went offline.
+    pub fn flaps(&self) -> u32 {
+        self.slot.flaps
     }
 }
 
-/// Who is online, and until when. See the module docs for the indexes.
+/// Who is online, and until when. See the module docs for the layout.
 #[derive(Debug)]
 pub struct PresenceTable {
-    /// Every known device and its state.
-    by_device: HashMap<DeviceId, Entry, foldhash::fast::RandomState>,
-    /// Online devices in expiry order; the id breaks ties between equal deadlines.
-    by_deadline: BTreeSet<(Instant, DeviceId)>,
-    /// Online devices in id order, for paging.
-    online: BTreeSet<DeviceId>,
-    /// Offline devices, longest silent first: the ones to forget when full.
-    offline: BTreeSet<(Instant, DeviceId)>,
-    /// The most devices `by_device` may hold.
+    /// Times are stored as microseconds since this instant.
+    epoch: Instant,
+    /// Device records; free ones are listed in `free_slots`.
+    slots: Vec<Slot>,
+    /// Free slot numbers, reused first.
+    free_slots: Vec<u32>,
+    /// Ids longer than [`INLINE_ID`] bytes; free entries are listed in `free_long_ids`.
+    long_ids: Vec<Box<str>>,
+    /// Free `long_ids` entries.
+    free_long_ids: Vec<u32>,
+    /// Payloads; entry 0 is the empty payload and is never freed.
+    payloads: Vec<Box<[u8]>>,
+    /// Free `payloads` entries.
+    free_payloads: Vec<u32>,
+    /// id → slot number.
+    index: HashTable<u32>,
+    /// Hashes ids for `index`; seeded per process.
+    hasher: foldhash::fast::RandomState,
+    /// Online devices by (filed deadline, slot, generation); may hold stale entries.
+    expiry: BinaryHeap<Reverse<(u64, u32, u32)>>,
+    /// Offline devices by (last seen, slot).
+    offline: BTreeSet<(u64, u32)>,
+    /// Devices online now.
+    online: usize,
+    /// Devices held now.
+    known: usize,
+    /// The most devices held at once.
     max_devices: usize,
 }
 
 impl Default for PresenceTable {
     fn default() -> Self {
-        PresenceTable::new(usize::MAX)
+        PresenceTable::new(usize::MAX, Instant::now())
     }
 }
 
 impl PresenceTable {
-    /// An empty table that holds at most `max_devices` devices. When it is
+    /// An empty table that holds at most `max_devices` devices, keeping time
+    /// from `epoch` (times before it count as the epoch itself). When it is
     /// full, a new device replaces the longest-silent offline one, or is
     /// refused if every device is online.
-    pub fn new(max_devices: usize) -> Self {
+    pub fn new(max_devices: usize, epoch: Instant) -> Self {
         PresenceTable {
-            by_device: HashMap::default(),
-            by_deadline: BTreeSet::new(),
-            online: BTreeSet::new(),
+            epoch,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            long_ids: Vec::new(),
+            free_long_ids: Vec::new(),
+            payloads: vec![Box::default()],
+            free_payloads: Vec::new(),
+            index: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+            expiry: BinaryHeap::new(),
             offline: BTreeSet::new(),
-            max_devices: max_devices.max(1),
+            online: 0,
+            known: 0,
+            max_devices: max_devices.clamp(1, u32::MAX as usize),
         }
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, micros: u64) -> Instant {
+        self.epoch + Duration::from_micros(micros)
+    }
+
+    fn id_of<'s>(slot: &'s Slot, long_ids: &'s [Box<str>]) -> &'s str {
+        let bytes = &slot.id.0;
+        if bytes[0] == LONG_ID {
+            let index = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+            return &long_ids[index as usize];
+        }
+        let len = usize::from(bytes[0]);
+        // Only whole `&str`s are ever stored, so this never fails.
+        std::str::from_utf8(&bytes[1..=len]).unwrap_or_default()
+    }
+
+    fn find(&self, device: &str) -> Option<usize> {
+        let hash = self.hasher.hash_one(device);
+        let (slots, long_ids) = (&self.slots, &self.long_ids);
+        self.index.find(hash, |&i| Self::id_of(&slots[i as usize], long_ids) == device).map(|&i| i as usize)
+    }
+
+    fn entry(&self, slot: usize) -> Entry<'_> {
+        Entry { table: self, slot: &self.slots[slot] }
+    }
+
+    /// Files `slot` in the expiry heap at `deadline` under a new generation.
+    fn file(&mut self, slot: usize, deadline: u64) {
+        let record = &mut self.slots[slot];
+        record.generation = record.generation.wrapping_add(1);
+        self.expiry.push(Reverse((deadline, slot as u32, record.generation)));
+        // Stale entries are dropped when they surface; rebuild if they pile up.
+        if self.expiry.len() > 2 * self.online + 1024 {
+            let slots = &self.slots;
+            self.expiry.retain(|Reverse((_, i, generation))| {
+                let s = &slots[*i as usize];
+                s.online && !s.is_free() && s.generation == *generation
+            });
+        }
+    }
+
+    /// Stores `payload`, reusing `current` if it holds the same bytes.
+    fn store_payload(&mut self, current: u32, payload: &[u8]) -> u32 {
+        if *self.payloads[current as usize] == *payload {
+            return current;
+        }
+        self.release_payload(current);
+        if payload.is_empty() {
+            return 0;
+        }
+        match self.free_payloads.pop() {
+            Some(i) => {
+                self.payloads[i as usize] = payload.into();
+                i
+            }
+            None => {
+                self.payloads.push(payload.into());
+                (self.payloads.len() - 1) as u32
+            }
+        }
+    }
+
+    fn release_payload(&mut self, index: u32) {
+        if index != 0 {
+            self.payloads[index as usize] = Box::default();
+            self.free_payloads.push(index);
+        }
+    }
+
+    fn make_id(&mut self, device: &str) -> SlotId {
+        let mut id = [0u8; INLINE_ID + 1];
+        if device.len() <= INLINE_ID {
+            id[0] = device.len() as u8;
+            id[1..=device.len()].copy_from_slice(device.as_bytes());
+        } else {
+            let index = match self.free_long_ids.pop() {
+                Some(i) => {
+                    self.long_ids[i as usize] = device.into();
+                    i
+                }
+                None => {
+                    self.long_ids.push(device.into());
+                    (self.long_ids.len() - 1) as u32
+                }
+            };
+            id[0] = LONG_ID;
+            id[1..5].copy_from_slice(&index.to_le_bytes());
+        }
+        SlotId(id)
     }
 
     /// Records a heartbeat from `device` at `now`: its deadline becomes
@@ -226,173 +463,221 @@ impl PresenceTable {
     /// The caller expires due devices first, so a heartbeat that arrives after
     /// the deadline is seen as a return, not as a continuation.
     pub fn beat(&mut self, now: Instant, device: &str, beat: Beat<'_>) -> Result<bool, Refusal> {
-        let deadline = now + beat.ttl;
-        // The common case, an online device moving its deadline later, costs
-        // one hash lookup and no tree operation.
-        if let Some(entry) = self.by_device.get_mut(device) {
-            if entry.deadline.is_some() && deadline >= entry.filed {
-                if !entry.window.is_new(beat.boot, beat.seq) {
-                    return Err(Refusal::Replay);
-                }
-                entry.deadline = Some(deadline);
-                entry.record(now, &beat);
-                return Ok(false);
-            }
+        let now_us = self.micros(now);
+        let ttl_ms = u32::try_from(beat.ttl.as_millis()).unwrap_or(u32::MAX);
+        let interval_ms = u32::try_from(beat.interval.as_millis()).unwrap_or(u32::MAX);
+        let deadline = now_us + u64::from(ttl_ms) * 1000;
+        let Some(i) = self.find(device) else {
+            return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| true);
+        };
+        let slot = &self.slots[i];
+        if !slot.window.is_new(beat.boot, beat.seq) {
+            return Err(Refusal::Replay);
         }
-        let (id, came_online) = match self.by_device.get_key_value(device) {
-            Some((id, entry)) => {
-                if !entry.window.is_new(beat.boot, beat.seq) {
-                    return Err(Refusal::Replay);
-                }
-                let id = id.clone();
-                match entry.deadline {
-                    Some(_) => {
-                        // The deadline moved earlier (a shorter TTL): re-file now.
-                        self.by_deadline.remove(&(entry.filed, id.clone()));
-                        (id, false)
-                    }
-                    None => {
-                        self.offline.remove(&(entry.last_seen, id.clone()));
-                        (id, true)
-                    }
-                }
+        let (was_online, old_deadline, old_last_seen, old_payload) =
+            (slot.online, slot.deadline(), slot.last_seen, slot.payload);
+        let payload = self.store_payload(old_payload, beat.payload);
+        let slot = &mut self.slots[i];
+        slot.window.accept(beat.boot, beat.seq);
+        slot.last_seen = now_us;
+        slot.ttl_ms = ttl_ms;
+        slot.interval_ms = interval_ms;
+        slot.addr = beat.addr.into();
+        slot.heartbeats = slot.heartbeats.saturating_add(1);
+        slot.payload = payload;
+        slot.online = true;
+        if !was_online {
+            self.offline.remove(&(old_last_seen, i as u32));
+            self.online += 1;
+            self.file(i, deadline);
+        } else if deadline < old_deadline {
+            // Moved earlier (a shorter TTL): the filed entry would be late.
+            self.file(i, deadline);
+        }
+        Ok(!was_online)
+    }
+
+    /// Adds a new device, making room by forgetting the longest-silent
+    /// offline device if the table is full.
+    fn admit(
+        &mut self,
+        now_us: u64,
+        device: &str,
+        beat: Beat<'_>,
+        ttl_ms: u32,
+        interval_ms: u32,
+    ) -> Result<(), Refusal> {
+        if self.known >= self.max_devices {
+            self.forget_oldest_offline().ok_or(Refusal::OverCapacity)?;
+        }
+        let id = self.make_id(device);
+        let payload = self.store_payload(0, beat.payload);
+        let slot = Slot {
+            id,
+            last_seen: now_us,
+            window: ReplayWindow::new(beat.boot, beat.seq),
+            addr: beat.addr.into(),
+            ttl_ms,
+            interval_ms,
+            heartbeats: 1,
+            flaps: 0,
+            generation: 0,
+            payload,
+            online: true,
+        };
+        let i = match self.free_slots.pop() {
+            Some(i) => {
+                let generation = self.slots[i as usize].generation;
+                self.slots[i as usize] = Slot { generation, ..slot };
+                i as usize
             }
             None => {
-                if self.by_device.len() >= self.max_devices {
-                    self.forget_oldest_offline().ok_or(Refusal::OverCapacity)?;
-                }
-                (DeviceId::from(device), true)
+                self.slots.push(slot);
+                self.slots.len() - 1
             }
         };
-        if came_online {
-            self.online.insert(id.clone());
-        }
-        self.by_deadline.insert((deadline, id.clone()));
-        let entry = self.by_device.entry(id).or_insert_with(|| Entry {
-            deadline: None,
-            filed: deadline,
-            ttl: beat.ttl,
-            interval: beat.interval,
-            last_seen: now,
-            addr: beat.addr,
-            window: ReplayWindow::new(beat.boot, beat.seq),
-            payload: Box::default(),
-            heartbeats: 0,
-            flaps: 0,
-        });
-        entry.deadline = Some(deadline);
-        entry.filed = deadline;
-        entry.record(now, &beat);
-        Ok(came_online)
+        let hash = self.hasher.hash_one(device);
+        let (slots, long_ids, hasher) = (&self.slots, &self.long_ids, &self.hasher);
+        self.index
+            .insert_unique(hash, i as u32, |&j| hasher.hash_one(Self::id_of(&slots[j as usize], long_ids)));
+        self.known += 1;
+        self.online += 1;
+        let deadline = now_us + u64::from(ttl_ms) * 1000;
+        self.file(i, deadline);
+        Ok(())
     }
 
     /// Removes the offline device silent the longest, if there is one.
     fn forget_oldest_offline(&mut self) -> Option<()> {
-        let (_, id) = self.offline.pop_first()?;
-        self.by_device.remove(&id);
+        let (_, i) = self.offline.pop_first()?;
+        let i = i as usize;
+        let hash = self.hasher.hash_one(Self::id_of(&self.slots[i], &self.long_ids));
+        if let Ok(entry) = self.index.find_entry(hash, |&j| j as usize == i) {
+            entry.remove();
+        }
+        let slot = &mut self.slots[i];
+        let (id, payload) = (slot.id, slot.payload);
+        slot.id = SlotId([0; INLINE_ID + 1]);
+        slot.generation = slot.generation.wrapping_add(1);
+        if id.0[0] == LONG_ID {
+            let index = u32::from_le_bytes([id.0[1], id.0[2], id.0[3], id.0[4]]);
+            self.long_ids[index as usize] = Box::default();
+            self.free_long_ids.push(index);
+        }
+        self.release_payload(payload);
+        self.free_slots.push(i as u32);
+        self.known -= 1;
         Some(())
     }
 
     /// Takes `device` offline because it left, if (boot, seq) is new.
     /// Returns its entry if it was online. An unknown or already offline
     /// device stays as it is (a new pair is still recorded as seen).
-    pub fn leave(&mut self, device: &str, boot: u32, seq: u32) -> Result<Option<&Entry>, Refusal> {
-        let Some((id, entry)) = self.by_device.get_key_value(device) else {
+    pub fn leave(&mut self, device: &str, boot: u32, seq: u32) -> Result<Option<Entry<'_>>, Refusal> {
+        let Some(i) = self.find(device) else {
             return Ok(None);
         };
-        if !entry.window.is_new(boot, seq) {
+        let slot = &mut self.slots[i];
+        if !slot.window.is_new(boot, seq) {
             return Err(Refusal::Replay);
         }
-        let id = id.clone();
-        let deadline = entry.deadline;
-        if deadline.is_some() {
-            self.by_deadline.remove(&(entry.filed, id.clone()));
-            self.online.remove(&id);
-        }
-        let Some(entry) = self.by_device.get_mut(&id) else {
-            return Ok(None);
-        };
-        entry.window.accept(boot, seq);
-        if deadline.is_none() {
+        slot.window.accept(boot, seq);
+        if !slot.online {
             return Ok(None);
         }
-        entry.deadline = None;
-        entry.flaps += 1;
-        self.offline.insert((entry.last_seen, id));
-        Ok(Some(entry))
+        slot.online = false;
+        slot.flaps = slot.flaps.saturating_add(1);
+        // Its expiry entry is now stale.
+        slot.generation = slot.generation.wrapping_add(1);
+        let last_seen = slot.last_seen;
+        self.online -= 1;
+        self.offline.insert((last_seen, i as u32));
+        self.drop_stale_top();
+        Ok(Some(self.entry(i)))
+    }
+
+    /// Pops stale entries off the top of the heap, so that `next_deadline`
+    /// belongs to a device that is online.
+    fn drop_stale_top(&mut self) {
+        while let Some(Reverse((_, i, generation))) = self.expiry.peek() {
+            let slot = &self.slots[*i as usize];
+            if !slot.is_free() && slot.online && slot.generation == *generation {
+                break;
+            }
+            self.expiry.pop();
+        }
     }
 
     /// Takes offline exactly the devices whose deadline is `<= now`, in
-    /// deadline order, and reports each. Costs O(log n) per expired device and
-    /// O(log n) when nothing is due; it never looks at the others.
-    pub fn expire(&mut self, now: Instant, mut offline: impl FnMut(&DeviceId, &Entry)) {
-        while let Some((filed, _)) = self.by_deadline.first() {
-            if *filed > now {
+    /// deadline order, and reports each. Costs O(log n) per expired device,
+    /// per re-filed or stale entry, and O(1) when nothing is due; it never
+    /// looks at the others.
+    pub fn expire(&mut self, now: Instant, mut offline: impl FnMut(&str, Entry<'_>)) {
+        let now_us = self.micros(now);
+        while let Some(&Reverse((filed, i, generation))) = self.expiry.peek() {
+            if filed > now_us {
                 break;
             }
-            let Some((_, id)) = self.by_deadline.pop_first() else {
-                break;
-            };
-            let Some(entry) = self.by_device.get_mut(&id) else {
+            self.expiry.pop();
+            let slot = &self.slots[i as usize];
+            if slot.is_free() || !slot.online || slot.generation != generation {
                 continue;
-            };
-            match entry.deadline {
-                // Filed early and heartbeats moved it on: re-file at the real
-                // deadline. If that is due too it is popped again in its turn,
-                // so devices still expire in (deadline, id) order.
-                Some(deadline) if deadline != entry.filed => {
-                    entry.filed = deadline;
-                    self.by_deadline.insert((deadline, id));
-                }
-                _ => {
-                    entry.deadline = None;
-                    entry.flaps += 1;
-                    offline(&id, entry);
-                    self.online.remove(&id);
-                    self.offline.insert((entry.last_seen, id));
-                }
             }
+            let deadline = slot.deadline();
+            if deadline != filed {
+                // Filed early and heartbeats moved it on: re-file at the real
+                // deadline. If that is due too it surfaces again in its turn,
+                // so devices still expire in deadline order.
+                self.expiry.push(Reverse((deadline, i, generation)));
+                continue;
+            }
+            let slot = &mut self.slots[i as usize];
+            slot.online = false;
+            slot.flaps = slot.flaps.saturating_add(1);
+            let last_seen = slot.last_seen;
+            self.online -= 1;
+            self.offline.insert((last_seen, i));
+            let entry = self.entry(i as usize);
+            offline(Self::id_of(entry.slot, &self.long_ids), entry);
         }
+        self.drop_stale_top();
     }
 
-    /// When the next sweep is due: the earliest filed deadline. It is never
-    /// later than any online device's deadline, and may be earlier (a sweep
-    /// then only re-files entries), so a caller that sleeps until it never
+    /// When the next sweep is due: the earliest filed deadline of an online
+    /// device (`None` when nobody is online). It is never later than any
+    /// online device's deadline, and may be earlier (a sweep then only
+    /// re-files or drops entries), so a caller that sleeps until it never
     /// notices an expiry late.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.by_deadline.first().map(|(deadline, _)| *deadline)
+        self.expiry.peek().map(|Reverse((deadline, _, _))| self.instant(*deadline))
     }
 
     /// The state of one device, online or not.
-    pub fn get(&self, device: &str) -> Option<&Entry> {
-        self.by_device.get(device)
+    pub fn get(&self, device: &str) -> Option<Entry<'_>> {
+        self.find(device).map(|i| self.entry(i))
     }
 
-    /// Online devices in id order, starting after `cursor` (or at the first
-    /// one). Devices that come or go between two calls do not disturb the
-    /// order of the rest, so a cursor never skips or repeats a device that
-    /// stayed online.
-    pub fn online_after<'t>(
-        &'t self,
-        cursor: Option<&str>,
-    ) -> impl Iterator<Item = (&'t DeviceId, &'t Entry)> + 't {
-        let start = match cursor {
-            Some(cursor) => Bound::Excluded(cursor),
-            None => Bound::Unbounded,
-        };
-        self.online
-            .range::<str, _>((start, Bound::Unbounded))
-            .filter_map(move |id| self.by_device.get_key_value(&**id))
+    /// Online devices in slot order, starting at slot `start`: each with its
+    /// slot number (the next page starts after it), id and entry. A device
+    /// keeps its slot while the table holds it, so paging with slot numbers
+    /// never skips or repeats a device that stays online.
+    pub fn online_from(&self, start: usize) -> impl Iterator<Item = (usize, &str, Entry<'_>)> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .skip(start)
+            .filter(|(_, slot)| slot.online && !slot.is_free())
+            .map(|(i, slot)| (i, Self::id_of(slot, &self.long_ids), Entry { table: self, slot }))
     }
 
     /// How many devices are online.
     pub fn online_count(&self) -> usize {
-        self.online.len()
+        self.online
     }
 
     /// How many devices are known, online or offline.
     pub fn known_count(&self) -> usize {
-        self.by_device.len()
+        self.known
     }
 
     /// The most devices the table holds.
@@ -403,20 +688,34 @@ impl PresenceTable {
     /// Checks that the indexes agree; panics with a message if not.
     /// For tests: it walks every device.
     pub fn assert_invariants(&self) {
-        assert_eq!(self.by_deadline.len(), self.online.len(), "online indexes differ in size");
-        for (filed, id) in &self.by_deadline {
-            let entry = self.by_device.get(id).expect("deadline entry without a device");
-            assert_eq!(entry.filed, *filed, "filed deadline of {id} disagrees");
-            assert!(entry.deadline.is_some_and(|d| d >= *filed), "{id} is filed after its deadline");
-            assert!(self.online.contains(id), "{id} has a deadline but is not in the online set");
+        let mut valid = std::collections::HashMap::new();
+        for Reverse((filed, i, generation)) in self.expiry.iter() {
+            let slot = &self.slots[*i as usize];
+            if !slot.is_free() && slot.online && slot.generation == *generation {
+                assert!(valid.insert(*i, *filed).is_none(), "slot {i} filed twice under one generation");
+            }
         }
-        for (id, entry) in &self.by_device {
-            assert_eq!(entry.is_online(), self.online.contains(id), "online set disagrees on {id}");
-            let in_offline = self.offline.contains(&(entry.last_seen, id.clone()));
-            assert_eq!(!entry.is_online(), in_offline, "offline index disagrees on {id}");
+        let (mut online, mut known) = (0, 0);
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.is_free() {
+                assert!(self.free_slots.contains(&(i as u32)), "free slot {i} not listed");
+                continue;
+            }
+            known += 1;
+            let id = Self::id_of(slot, &self.long_ids);
+            assert_eq!(self.find(id), Some(i), "index disagrees on {id}");
+            let in_offline = self.offline.contains(&(slot.last_seen, i as u32));
+            assert_eq!(!slot.online, in_offline, "offline index disagrees on {id}");
+            if slot.online {
+                online += 1;
+                let filed = valid.get(&(i as u32)).unwrap_or_else(|| panic!("{id} is online but not filed"));
+                assert!(*filed <= slot.deadline(), "{id} is filed after its deadline");
+            }
         }
-        assert_eq!(self.online.len() + self.offline.len(), self.by_device.len(), "indexes differ in size");
-        assert!(self.by_device.len() <= self.max_devices, "over capacity");
+        assert_eq!((online, known), (self.online, self.known), "counts disagree");
+        assert_eq!(self.offline.len(), known - online, "offline index size");
+        assert_eq!(self.index.len(), known, "index size");
+        assert!(known <= self.max_devices, "over capacity");
     }
 }
 

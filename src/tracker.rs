@@ -277,7 +277,7 @@ impl Tracker {
     pub fn new(config: Config, now: Instant, wall: SystemTime) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Tracker {
-            table: PresenceTable::new(config.max_devices),
+            table: PresenceTable::new(config.max_devices, now),
             limiter: RateLimiter::new(config.query_rate, config.query_burst, config.max_query_sources),
             config,
             counters: Counters::default(),
@@ -329,11 +329,11 @@ impl Tracker {
         self.table.expire(now, |id, entry| {
             counters.expirations += 1;
             events.push_back(Event {
-                device: id.clone(),
+                device: id.into(),
                 kind: EventKind::Offline(OfflineReason::Expired),
                 at: now,
-                deadline: Some(entry.last_seen + entry.ttl),
-                addr: entry.addr,
+                deadline: Some(entry.due()),
+                addr: entry.addr(),
             });
         });
     }
@@ -445,7 +445,7 @@ impl Tracker {
         self.authenticate_device(leave.device, tag)?;
         let left = self.table.leave(leave.device, leave.boot, leave.seq).map_err(refusal)?;
         if let Some(entry) = left {
-            let addr = entry.addr;
+            let addr = entry.addr();
             self.events.push_back(Event {
                 device: leave.device.into(),
                 kind: EventKind::Offline(OfflineReason::Left),
@@ -501,11 +501,12 @@ impl Tracker {
     /// Encodes the status answering `query` into `reply`; a page holds as many
     /// entries as fit in `budget` bytes in all. Returns the length.
     fn answer(&mut self, now: Instant, query: Query<'_>, budget: usize, reply: &mut [u8]) -> Option<usize> {
+        let cursor: Option<String>;
         let mut counter_buf = [0u8; DropReason::ALL.len() * 16];
         let body = match query.kind {
             QueryKind::Device(device) => match self.table.get(device) {
                 Some(entry) => {
-                    StatusBody::Device(device_info(self.started, self.started_wall, now, device, entry))
+                    StatusBody::Device(device_info(self.started, self.started_wall, now, device, &entry))
                 }
                 None => StatusBody::UnknownDevice,
             },
@@ -533,28 +534,35 @@ impl Tracker {
                 let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
                 let entries_budget = budget.saturating_sub(PAGE_OVERHEAD);
                 let mut entries = RecordWriter::new(&mut self.page_scratch[..entries_budget]);
-                let mut online = self.table.online_after(after).peekable();
-                let mut last: Option<&DeviceId> = None;
-                while let Some((id, entry)) = online.peek() {
-                    if entries.count() == limit {
-                        break;
+                // The cursor is the slot number to start at, in decimal. An
+                // unreadable cursor gets an empty last page.
+                let start = match after {
+                    None => Some(0),
+                    Some(cursor) => cursor.parse::<usize>().ok(),
+                };
+                let mut next_slot = None;
+                let mut more = false;
+                if let Some(start) = start {
+                    let mut online = self.table.online_from(start).peekable();
+                    while let Some((slot, id, entry)) = online.peek() {
+                        if entries.count() == limit {
+                            break;
+                        }
+                        let info = device_info(self.started, self.started_wall, now, id, entry);
+                        if entries.push(&info).is_err() {
+                            break;
+                        }
+                        next_slot = Some(slot + 1);
+                        online.next();
                     }
-                    let info = device_info(self.started, self.started_wall, now, id, entry);
-                    if entries.push(&info).is_err() {
-                        break;
-                    }
-                    last = Some(id);
-                    online.next();
+                    more = online.peek().is_some();
                 }
-                let more = online.peek().is_some();
-                if more && last.is_none() {
+                if more && next_slot.is_none() {
                     // Not even one entry fits this request: ask for a bigger one.
                     return None;
                 }
-                StatusBody::Page(Page {
-                    next_cursor: if more { last.map(|id| &**id) } else { None },
-                    entries: entries.finish(),
-                })
+                cursor = next_slot.filter(|_| more).map(|slot| slot.to_string());
+                StatusBody::Page(Page { next_cursor: cursor.as_deref(), entries: entries.finish() })
             }
         };
         wire::encode(&Message::Status(Status { request: query.request, body }), reply).ok()
@@ -574,25 +582,25 @@ fn device_info<'e>(
     started_wall: SystemTime,
     now: Instant,
     device: &'e str,
-    entry: &'e Entry,
+    entry: &Entry<'e>,
 ) -> DeviceInfo<'e> {
-    let last_seen_wall = started_wall + entry.last_seen.saturating_duration_since(started);
+    let last_seen_wall = started_wall + entry.last_seen().saturating_duration_since(started);
     DeviceInfo {
         device,
         online: entry.is_online(),
-        addr: entry.addr.into(),
-        last_seen_ago_ms: millis_u64(now.saturating_duration_since(entry.last_seen)),
+        addr: entry.addr().into(),
+        last_seen_ago_ms: millis_u64(now.saturating_duration_since(entry.last_seen())),
         last_seen_unix_ms: millis_u64(last_seen_wall.duration_since(UNIX_EPOCH).unwrap_or_default()),
         expires_in_ms: entry
-            .deadline
+            .deadline()
             .map_or(0, |deadline| millis_u64(deadline.saturating_duration_since(now))),
-        ttl_ms: millis_u32(entry.ttl),
-        interval_ms: millis_u32(entry.interval),
-        boot: entry.window.boot(),
-        seq: entry.window.top(),
-        heartbeats: entry.heartbeats,
-        flaps: entry.flaps,
-        payload: &entry.payload,
+        ttl_ms: millis_u32(entry.ttl()),
+        interval_ms: millis_u32(entry.interval()),
+        boot: entry.window().boot(),
+        seq: entry.window().top(),
+        heartbeats: entry.heartbeats(),
+        flaps: entry.flaps(),
+        payload: entry.payload(),
     }
 }
 

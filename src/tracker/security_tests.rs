@@ -139,7 +139,7 @@ fn reordering_within_the_window_is_accepted_once() {
     // 64 or more behind the highest seq seen: outside the window.
     sim.rejected(&signed(&heartbeat("d", 1, 100 - 64), &key_of("d")), DropReason::Replay);
     sim.accepted(&signed(&heartbeat("d", 1, 100 - 63), &key_of("d")));
-    assert_eq!(sim.tracker.table().get("d").unwrap().window.top(), 100);
+    assert_eq!(sim.tracker.table().get("d").unwrap().window().top(), 100);
 }
 
 #[test]
