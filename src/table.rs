@@ -139,6 +139,13 @@ pub struct Beat<'a> {
     pub payload: &'a [u8],
 }
 
+/// A duration in whole milliseconds, saturating at `u32::MAX` (49 days),
+/// without a u128 division.
+fn whole_millis(d: Duration) -> u32 {
+    u32::try_from(d.as_secs().saturating_mul(1000).saturating_add(u64::from(d.subsec_millis())))
+        .unwrap_or(u32::MAX)
+}
+
 /// Ids up to this many bytes are stored inside the slot.
 const INLINE_ID: usize = 19;
 /// First byte of a slot id that lives in `long_ids`.
@@ -362,28 +369,37 @@ impl PresenceTable {
     }
 
     fn micros(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.epoch).as_micros()).unwrap_or(u64::MAX)
+        // Not `as_micros()`: its u128 division costs more than the rest of a heartbeat's bookkeeping.
+        let since = at.saturating_duration_since(self.epoch);
+        since.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(since.subsec_micros()))
     }
 
     fn instant(&self, micros: u64) -> Instant {
         self.epoch + Duration::from_micros(micros)
     }
 
-    fn id_of<'s>(slot: &'s Slot, long_ids: &'s [Box<str>]) -> &'s str {
+    /// The id's bytes, without checking UTF-8 (for comparing and hashing).
+    fn id_bytes<'s>(slot: &'s Slot, long_ids: &'s [Box<str>]) -> &'s [u8] {
         let bytes = &slot.id.0;
         if bytes[0] == LONG_ID {
             let index = u32::from_le_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-            return &long_ids[index as usize];
+            return long_ids[index as usize].as_bytes();
         }
-        let len = usize::from(bytes[0]);
-        // Only whole `&str`s are ever stored, so this never fails.
-        std::str::from_utf8(&bytes[1..=len]).unwrap_or_default()
+        &bytes[1..=usize::from(bytes[0])]
     }
 
+    fn id_of<'s>(slot: &'s Slot, long_ids: &'s [Box<str>]) -> &'s str {
+        // Only whole `&str`s are ever stored, so this never fails.
+        std::str::from_utf8(Self::id_bytes(slot, long_ids)).unwrap_or_default()
+    }
+
+    /// The slot of `device`. Ids are hashed and compared as bytes everywhere.
     fn find(&self, device: &str) -> Option<usize> {
-        let hash = self.hasher.hash_one(device);
+        let hash = self.hasher.hash_one(device.as_bytes());
         let (slots, long_ids) = (&self.slots, &self.long_ids);
-        self.index.find(hash, |&i| Self::id_of(&slots[i as usize], long_ids) == device).map(|&i| i as usize)
+        self.index
+            .find(hash, |&i| Self::id_bytes(&slots[i as usize], long_ids) == device.as_bytes())
+            .map(|&i| i as usize)
     }
 
     fn entry(&self, slot: usize) -> Entry<'_> {
@@ -464,8 +480,8 @@ impl PresenceTable {
     /// the deadline is seen as a return, not as a continuation.
     pub fn beat(&mut self, now: Instant, device: &str, beat: Beat<'_>) -> Result<bool, Refusal> {
         let now_us = self.micros(now);
-        let ttl_ms = u32::try_from(beat.ttl.as_millis()).unwrap_or(u32::MAX);
-        let interval_ms = u32::try_from(beat.interval.as_millis()).unwrap_or(u32::MAX);
+        let ttl_ms = whole_millis(beat.ttl);
+        let interval_ms = whole_millis(beat.interval);
         let deadline = now_us + u64::from(ttl_ms) * 1000;
         let Some(i) = self.find(device) else {
             return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| true);
@@ -536,10 +552,11 @@ impl PresenceTable {
                 self.slots.len() - 1
             }
         };
-        let hash = self.hasher.hash_one(device);
+        let hash = self.hasher.hash_one(device.as_bytes());
         let (slots, long_ids, hasher) = (&self.slots, &self.long_ids, &self.hasher);
-        self.index
-            .insert_unique(hash, i as u32, |&j| hasher.hash_one(Self::id_of(&slots[j as usize], long_ids)));
+        self.index.insert_unique(hash, i as u32, |&j| {
+            hasher.hash_one(Self::id_bytes(&slots[j as usize], long_ids))
+        });
         self.known += 1;
         self.online += 1;
         let deadline = now_us + u64::from(ttl_ms) * 1000;
@@ -551,7 +568,7 @@ impl PresenceTable {
     fn forget_oldest_offline(&mut self) -> Option<()> {
         let (_, i) = self.offline.pop_first()?;
         let i = i as usize;
-        let hash = self.hasher.hash_one(Self::id_of(&self.slots[i], &self.long_ids));
+        let hash = self.hasher.hash_one(Self::id_bytes(&self.slots[i], &self.long_ids));
         if let Ok(entry) = self.index.find_entry(hash, |&j| j as usize == i) {
             entry.remove();
         }
