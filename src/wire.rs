@@ -251,9 +251,9 @@ pub enum QueryKind<'a> {
     Device(&'a str),
     /// Counts and counters.
     Summary,
-    /// One page of the online devices in id order.
+    /// One page of the online devices, in the server's storage order.
     List {
-        /// Start after this id (the previous page's `next_cursor`); `None` for the first page.
+        /// The previous page's `next_cursor`, unchanged (opaque); `None` for the first page.
         after: Option<&'a str>,
         /// At most this many entries; 0 means "as many as fit".
         limit: u16,
@@ -350,7 +350,7 @@ pub struct Counter {
 pub struct Page<'a> {
     /// Pass this as `after` to get the next page; `None` on the last page.
     pub next_cursor: Option<&'a str>,
-    /// The devices of this page, as records of [`DeviceInfo`], in id order.
+    /// The devices of this page, as records of [`DeviceInfo`].
     #[serde(borrow)]
     pub entries: Records<'a, DeviceInfo<'a>>,
 }
