@@ -493,30 +493,8 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
         socket.connect(addr)?;
-        let mut seq = vec![1u32; steady];
-        let started = Instant::now();
-        let mut sent = 0u64;
-        let mut buf = [0u8; 64];
-        while started.elapsed() < Duration::from_millis(run_ms) {
-            let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-            while sent < due {
-                let i = (sent % steady as u64) as usize;
-                seq[i] += 1;
-                let hb = Message::Heartbeat(Heartbeat {
-                    device: &device_id(i),
-                    boot: 1,
-                    seq: seq[i],
-                    interval_ms: 10_000,
-                    flags: 0,
-                    payload: &[],
-                    tag: None,
-                });
-                let len = wire::encode(&hb, &mut buf).expect("valid");
-                let _ = socket.send(&buf[..len]);
-                sent += 1;
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
+        let mut seqs = vec![1u32; steady];
+        offer(&socket, rate, Duration::from_millis(run_ms), &mut seqs, |n| (n % steady as u64) as usize);
         Ok(())
     });
 
@@ -631,32 +609,12 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
     let tid = tid_rx.recv().expect("receiver started");
     let sender = UdpSocket::bind("127.0.0.1:0")?;
     sender.connect(addr)?;
-    let mut seq = vec![1u32; n];
+    let mut seqs = vec![1u32; n];
     let order = random_devices(n, 1 << 20);
-    let mut buf = [0u8; 64];
     let cpu_before = thread_cpu_ns(tid);
-    let started = Instant::now();
-    let mut sent = 0u64;
-    while started.elapsed() < Duration::from_secs(plan.cpu_seconds) {
-        let due = (started.elapsed().as_secs_f64() * plan.cpu_rate as f64) as u64;
-        while sent < due {
-            let i = order[(sent % order.len() as u64) as usize];
-            seq[i] += 1;
-            let hb = Message::Heartbeat(Heartbeat {
-                device: &device_id(i),
-                boot: 1,
-                seq: seq[i],
-                interval_ms: 10_000,
-                flags: 0,
-                payload: &[],
-                tag: None,
-            });
-            let len = wire::encode(&hb, &mut buf).expect("valid");
-            let _ = sender.send(&buf[..len]);
-            sent += 1;
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    offer(&sender, plan.cpu_rate, Duration::from_secs(plan.cpu_seconds), &mut seqs, |k| {
+        order[(k % order.len() as u64) as usize]
+    });
     // Let the receiver catch up, then read its CPU time before stopping it.
     std::thread::sleep(Duration::from_millis(200));
     let cpu = thread_cpu_ns(tid) - cpu_before;
@@ -664,4 +622,33 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
     stop.stop();
     let received = receiver.join().expect("receiver thread")?;
     Ok(FixedRate { cpu_per_heartbeat_ns: cpu as f64 / received.max(1) as f64, received, drops })
+}
+
+/// Sends unsigned heartbeats on a connected socket at `rate` per second for
+/// `duration`. The `k`th heartbeat is from device `device(k)`, whose seq in
+/// `seqs` goes up by one each time.
+fn offer(socket: &UdpSocket, rate: u64, duration: Duration, seqs: &mut [u32], device: impl Fn(u64) -> usize) {
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut buf = [0u8; 64];
+    while started.elapsed() < duration {
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while sent < due {
+            let i = device(sent);
+            seqs[i] += 1;
+            let hb = Message::Heartbeat(Heartbeat {
+                device: &device_id(i),
+                boot: 1,
+                seq: seqs[i],
+                interval_ms: 10_000,
+                flags: 0,
+                payload: &[],
+                tag: None,
+            });
+            let len = wire::encode(&hb, &mut buf).expect("valid");
+            let _ = socket.send(&buf[..len]);
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }

@@ -1,6 +1,7 @@
 //! Security tests of the engine, in simulated time: forged, replayed and
 //! unauthorised datagrams; amplification; floods; and a bounded fuzz.
 
+use super::tests::Sim;
 use super::*;
 use crate::auth;
 use crate::client::encode_query;
@@ -17,29 +18,9 @@ fn config(auth: AuthMode) -> Config {
     Config { auth, keys: Some(Keys::from_master(&MASTER)), ..Config::default() }
 }
 
-struct Sim {
-    tracker: Tracker,
-    t0: Instant,
-    now: Instant,
-    reply: Vec<u8>,
-}
-
+/// The simulator of the engine tests, with what these tests add.
 impl Sim {
-    fn new(config: Config) -> Sim {
-        let t0 = Instant::now();
-        Sim {
-            tracker: Tracker::new(config, t0, UNIX_EPOCH).unwrap(),
-            t0,
-            now: t0,
-            reply: vec![0; MAX_DATAGRAM],
-        }
-    }
-
-    fn at(&mut self, ms: u64) {
-        self.now = self.t0 + Duration::from_millis(ms);
-    }
-
-    fn send(&mut self, from: SocketAddr, datagram: &[u8]) -> Handled {
+    fn send_from(&mut self, from: SocketAddr, datagram: &[u8]) -> Handled {
         self.tracker.handle(self.now, from, datagram, &mut self.reply)
     }
 
@@ -61,7 +42,7 @@ impl Sim {
     fn rejected(&mut self, datagram: &[u8], reason: DropReason) {
         let before = self.state();
         let count = self.tracker.counters().drops(reason);
-        let handled = self.send(DEVICE, datagram);
+        let handled = self.send_from(DEVICE, datagram);
         assert!(matches!(handled, Handled::Dropped { reason: r, reply: None } if r == reason), "{handled:?}");
         assert_eq!(self.tracker.counters().drops(reason), count + 1);
         assert_eq!(self.state(), before, "a {reason:?} datagram changed the state");
@@ -69,7 +50,7 @@ impl Sim {
     }
 
     fn accepted(&mut self, datagram: &[u8]) {
-        let handled = self.send(DEVICE, datagram);
+        let handled = self.send_from(DEVICE, datagram);
         assert!(matches!(handled, Handled::Done | Handled::Reply(_)), "{handled:?}");
         while self.tracker.poll_event().is_some() {}
     }
@@ -187,9 +168,9 @@ fn query(kind: QueryKind<'_>, key: Option<&Key>) -> Vec<u8> {
 fn queries_need_an_allowed_source_or_the_operator_key() {
     let mut sim = Sim::new(config(AuthMode::Required));
     let operator = auth::operator_key(&MASTER);
-    assert!(matches!(sim.send(LOOPBACK, &query(QueryKind::Summary, None)), Handled::Reply(_)));
+    assert!(matches!(sim.send_from(LOOPBACK, &query(QueryKind::Summary, None)), Handled::Reply(_)));
     let refused = query(QueryKind::List { after: None, limit: 0 }, None);
-    match sim.send(STRANGER, &refused) {
+    match sim.send_from(STRANGER, &refused) {
         Handled::Dropped { reason: DropReason::NotAllowed, reply: Some(n) } => {
             assert!(n <= refused.len());
             let error = wire::decode(&sim.reply[..n]).unwrap();
@@ -198,22 +179,22 @@ fn queries_need_an_allowed_source_or_the_operator_key() {
         other => panic!("{other:?}"),
     }
     let listing = query(QueryKind::List { after: None, limit: 0 }, Some(&operator));
-    assert!(matches!(sim.send(STRANGER, &listing), Handled::Reply(_)));
+    assert!(matches!(sim.send_from(STRANGER, &listing), Handled::Reply(_)));
     let forged = query(QueryKind::List { after: None, limit: 0 }, Some(&[1; 32]));
     assert!(matches!(
-        sim.send(STRANGER, &forged),
+        sim.send_from(STRANGER, &forged),
         Handled::Dropped { reason: DropReason::BadTag, reply: None }
     ));
     // A device key is not an operator key.
     let device_signed = query(QueryKind::Summary, Some(&key_of("d")));
     assert!(matches!(
-        sim.send(STRANGER, &device_signed),
+        sim.send_from(STRANGER, &device_signed),
         Handled::Dropped { reason: DropReason::BadTag, .. }
     ));
     // A server without keys cannot check a tag.
     let mut keyless = Sim::new(Config::default());
     assert!(matches!(
-        keyless.send(LOOPBACK, &listing),
+        keyless.send_from(LOOPBACK, &listing),
         Handled::Dropped { reason: DropReason::UnknownKey, reply: None }
     ));
 }
@@ -222,13 +203,13 @@ fn queries_need_an_allowed_source_or_the_operator_key() {
 fn queries_are_rate_limited_per_source() {
     let mut sim = Sim::new(Config { query_rate: 10, query_burst: 3, ..config(AuthMode::Required) });
     let summary = query(QueryKind::Summary, None);
-    let answered = (0..10).filter(|_| matches!(sim.send(LOOPBACK, &summary), Handled::Reply(_))).count();
+    let answered = (0..10).filter(|_| matches!(sim.send_from(LOOPBACK, &summary), Handled::Reply(_))).count();
     assert_eq!(answered, 3);
     assert_eq!(sim.tracker.counters().drops(DropReason::RateLimited), 7);
     let other_source = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)), 1);
-    assert!(matches!(sim.send(other_source, &summary), Handled::Reply(_)));
+    assert!(matches!(sim.send_from(other_source, &summary), Handled::Reply(_)));
     sim.at(100);
-    assert!(matches!(sim.send(LOOPBACK, &summary), Handled::Reply(_)), "refilled at 10/s");
+    assert!(matches!(sim.send_from(LOOPBACK, &summary), Handled::Reply(_)), "refilled at 10/s");
 }
 
 #[test]
@@ -241,7 +222,7 @@ fn a_small_query_gets_a_small_error_not_a_big_answer() {
         padding: &[],
         tag: None,
     }));
-    let handled = sim.send(LOOPBACK, &small);
+    let handled = sim.send_from(LOOPBACK, &small);
     let n = handled.reply_len().expect("an error reply");
     assert!(n <= small.len());
     let Ok(Message::Error(ErrorReply { code: ErrorCode::RequestTooSmall { needed }, .. })) =
@@ -257,7 +238,7 @@ fn a_small_query_gets_a_small_error_not_a_big_answer() {
         padding: &padding,
         tag: None,
     }));
-    assert!(matches!(sim.send(LOOPBACK, &padded), Handled::Reply(n) if n <= padded.len()));
+    assert!(matches!(sim.send_from(LOOPBACK, &padded), Handled::Reply(n) if n <= padded.len()));
 }
 
 #[test]
@@ -269,7 +250,7 @@ fn a_million_new_ids_keep_the_table_at_max_devices_in_every_mode() {
         for i in 0..1_000_000u32 {
             let id = format!("flood-{i}");
             let len = wire::encode(&heartbeat(&id, 1, 1), &mut buf).unwrap();
-            sim.send(DEVICE, &buf[..len]);
+            sim.send_from(DEVICE, &buf[..len]);
             while sim.tracker.poll_event().is_some() {}
         }
         let table = sim.tracker.table();
@@ -295,7 +276,7 @@ fn a_flood_of_query_sources_keeps_the_rate_limiter_bounded() {
     let summary = query(QueryKind::Summary, None);
     for i in 0..100_000u32 {
         let from = SocketAddr::new(IpAddr::from(i.to_be_bytes()), 1);
-        sim.send(from, &summary);
+        sim.send_from(from, &summary);
         assert!(sim.tracker.query_sources() <= 100);
     }
 }
@@ -321,7 +302,7 @@ proptest! {
             let hb = Message::Heartbeat(Heartbeat {
                 device: id, boot: 1, seq: i as u32, interval_ms: 0, flags: 0, payload, tag: None,
             });
-            sim.send(DEVICE, &unsigned(&hb));
+            sim.send_from(DEVICE, &unsigned(&hb));
         }
         let kind = match kind {
             0 => QueryKind::Device(&device),
@@ -333,7 +314,7 @@ proptest! {
         let Ok(len) = wire::encode(&Message::Query(Query { request: 9, kind, padding: &padding, tag: None }), &mut buf)
         else { return Ok(()); };
         let from = if from_stranger { STRANGER } else { LOOPBACK };
-        let handled = sim.send(from, &buf[..len]);
+        let handled = sim.send_from(from, &buf[..len]);
         if let Some(n) = handled.reply_len() {
             prop_assert!(n <= len, "{} reply bytes for a {}-byte query", n, len);
         }
@@ -349,7 +330,7 @@ proptest! {
         valid_prefix in any::<bool>(),
     ) {
         let mut sim = Sim::new(config(auth));
-        sim.send(DEVICE, &signed(&heartbeat("d", 1, 1), &key_of("d")));
+        sim.send_from(DEVICE, &signed(&heartbeat("d", 1, 1), &key_of("d")));
         for mut datagram in datagrams {
             if valid_prefix && datagram.len() >= 2 {
                 datagram[0] = wire::VERSION;
@@ -357,7 +338,7 @@ proptest! {
             }
             let before = sim.state();
             let drops = sim.tracker.counters().total_drops();
-            let handled = sim.send(DEVICE, &datagram);
+            let handled = sim.send_from(DEVICE, &datagram);
             if let Some(n) = handled.reply_len() {
                 prop_assert!(n <= datagram.len());
             }

@@ -8,15 +8,16 @@ const OPERATOR_ADDR: SocketAddr =
 const DEVICE_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)), 4000);
 
-struct Sim {
-    tracker: Tracker,
-    t0: Instant,
-    now: Instant,
-    reply: Vec<u8>,
+/// An engine driven in simulated time (also used by the security tests).
+pub(super) struct Sim {
+    pub(super) tracker: Tracker,
+    pub(super) t0: Instant,
+    pub(super) now: Instant,
+    pub(super) reply: Vec<u8>,
 }
 
 impl Sim {
-    fn new(config: Config) -> Self {
+    pub(super) fn new(config: Config) -> Self {
         let t0 = Instant::now();
         Sim {
             tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_secs(1_800_000_000)).unwrap(),
@@ -26,7 +27,7 @@ impl Sim {
         }
     }
 
-    fn at(&mut self, ms: u64) {
+    pub(super) fn at(&mut self, ms: u64) {
         self.now = self.t0 + Duration::from_millis(ms);
     }
 
