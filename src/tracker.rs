@@ -129,7 +129,9 @@ impl Config {
             return self.timeout;
         }
         // In whole nanoseconds: cheaper than Duration arithmetic on the hot path.
-        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let nanos = |d: Duration| {
+            d.as_secs().saturating_mul(1_000_000_000).saturating_add(u64::from(d.subsec_nanos()))
+        };
         let ttl = nanos(interval).saturating_mul(u64::from(self.misses));
         let (min, max) = (nanos(self.min_ttl), nanos(self.max_ttl));
         Duration::from_nanos(ttl.clamp(min, max.max(min)))
