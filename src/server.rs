@@ -3,15 +3,17 @@
 //!
 //! The loop asks the engine for its next deadline, arms a one-shot timer
 //! for it, and waits for either the socket or the timer. It then handles the
-//! datagrams that arrived (a bounded batch) and expires what is due. Nothing
+//! datagrams that arrived (received with `recvmmsg`, up to 4 × 64 per wake-up)
+//! and expires what is due. Nothing
 //! scans all devices on a tick, and with no device online the timer is
 //! disarmed and the loop blocks until a datagram comes.
 //!
 //! [`run`] takes an already bound socket and a [`Stop`], so tests bind
 //! `127.0.0.1:0` and stop the loop when they are done.
 
-use std::io::{self, Write};
+use std::io::{self, IoSliceMut, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
@@ -20,8 +22,6 @@ use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
-use std::io::IoSliceMut;
-use std::os::fd::AsRawFd;
 
 use crate::tracker::{Counters, Event, EventKind, Handled, Tracker};
 use crate::wire::{self, DropReason};
