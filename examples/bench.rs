@@ -68,7 +68,8 @@ fn main() -> std::io::Result<()> {
         // Child process for one memory figure: a clean heap.
         let devices: usize =
             std::env::args().skip_while(|a| a != "--devices").nth(1).unwrap().parse().unwrap();
-        println!("{}", memory_per_device(devices, payload.parse().unwrap()));
+        let auth = if std::env::args().any(|a| a == "--auth") { AuthMode::Required } else { AuthMode::Off };
+        println!("{}", memory_per_device(devices, payload.parse().unwrap(), auth));
         return Ok(());
     }
     let plan = if quick {
@@ -149,16 +150,20 @@ fn main() -> std::io::Result<()> {
             server_cpu.drops
         ),
     ));
-    for payload in [0usize, 16] {
+    for (payload, auth) in [(0usize, false), (16, false), (0, true)] {
         let exe = std::env::current_exe()?;
-        let out = std::process::Command::new(exe)
-            .args(["--memory-child", &payload.to_string(), "--devices", &plan.memory_devices.to_string()])
-            .output()?;
+        let mut child = std::process::Command::new(exe);
+        child.args(["--memory-child", &payload.to_string(), "--devices", &plan.memory_devices.to_string()]);
+        if auth {
+            child.arg("--auth");
+        }
+        let out = child.output()?;
         let bytes: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
         rows.push((
             format!(
-                "memory, {} online devices, 16-byte ids, {payload}-byte payload",
-                human(plan.memory_devices)
+                "memory, {} online devices, 16-byte ids, {payload}-byte payload{}",
+                human(plan.memory_devices),
+                if auth { ", auth required" } else { "" }
             ),
             format!("{bytes:.0} B/device"),
             String::new(),
@@ -410,10 +415,10 @@ fn rss() -> usize {
 }
 
 /// Resident memory per device for `n` online devices (run in a child process).
-fn memory_per_device(n: usize, payload_len: usize) -> f64 {
+fn memory_per_device(n: usize, payload_len: usize, auth: AuthMode) -> f64 {
     let payload = vec![0x42u8; payload_len];
     let before = rss();
-    let tracker = populated(n, AuthMode::Off, &payload);
+    let tracker = populated(n, auth, &payload);
     let after = rss();
     assert_eq!(tracker.table().online_count(), n);
     (after - before) as f64 / n as f64
