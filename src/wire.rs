@@ -676,6 +676,11 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, Error> {
     if let Some(heartbeat) = decode_heartbeat_fast(body) {
         return Ok(Message::Heartbeat(heartbeat));
     }
+    decode_body(body)
+}
+
+/// The general decoder: postcard, then no trailing bytes, then validation.
+fn decode_body(body: &[u8]) -> Result<Message<'_>, Error> {
     let (message, rest) = postcard::take_from_bytes::<Message<'_>>(body)?;
     if !rest.is_empty() {
         return Err(Error::TrailingBytes);
@@ -761,13 +766,7 @@ fn decode_heartbeat_fast(body: &[u8]) -> Option<Heartbeat<'_>> {
 /// The general decoder alone, for tests that compare it with the fast path.
 #[cfg(test)]
 fn decode_general(datagram: &[u8]) -> Result<Message<'_>, Error> {
-    let body = datagram.get(1..).ok_or(Error::Truncated)?;
-    let (message, rest) = postcard::take_from_bytes::<Message<'_>>(body)?;
-    if !rest.is_empty() {
-        return Err(Error::TrailingBytes);
-    }
-    message.validate()?;
-    Ok(message)
+    decode_body(datagram.get(1..).ok_or(Error::Truncated)?)
 }
 
 #[cfg(test)]
