@@ -18,6 +18,8 @@
 //!   a socket.
 //! - `limit` (pure): per-source query rate limits.
 //! - `keyfile`: reading and writing master, operator and device key files.
+//! - `shard` (pure): which thread owns a device under `--threads N`, and
+//!   where a datagram that arrived on another thread's socket must go.
 //! - `server`: the one loop that owns the socket and the clock. It sleeps
 //!   exactly until the engine's next deadline.
 //! - `client`: [`client::Client`] (status queries) and [`client::Sender`]
@@ -51,6 +53,8 @@ pub mod keyfile;
 pub mod limit;
 #[cfg(feature = "std")]
 pub mod server;
+#[cfg(feature = "std")]
+pub mod shard;
 #[cfg(feature = "std")]
 pub mod table;
 #[cfg(feature = "std")]

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::auth::{self, Key};
 use crate::limit::RateLimiter;
+use crate::shard;
 use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable, Refusal};
 use crate::wire::{
     self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Heartbeat, Leave, Message, Page,
@@ -217,6 +218,48 @@ impl Counters {
     fn count_drop(&mut self, reason: DropReason) {
         self.drops[usize::from(reason.code()) - 1] += 1;
     }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Counters) {
+        self.heartbeats += other.heartbeats;
+        self.leaves += other.leaves;
+        self.queries += other.queries;
+        self.expirations += other.expirations;
+        for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {
+            *mine += theirs;
+        }
+    }
+
+    /// Datagrams dropped, indexed by `DropReason::code() - 1`.
+    pub fn drops_by_code(&self) -> &[u64; DropReason::ALL.len()] {
+        &self.drops
+    }
+
+    /// Sets the count of datagrams dropped for `reason`.
+    pub fn set_drops(&mut self, reason: DropReason, count: u64) {
+        self.drops[usize::from(reason.code()) - 1] = count;
+    }
+}
+
+/// What a summary reports: table counts and counters. With `--threads`, the
+/// shard answering a summary adds the other shards' totals to its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Devices online.
+    pub online: u64,
+    /// Devices held, online or offline.
+    pub known: u64,
+    /// Everything counted.
+    pub counters: Counters,
+}
+
+impl Totals {
+    /// Adds `other` to these.
+    pub fn add(&mut self, other: &Totals) {
+        self.online += other.online;
+        self.known += other.known;
+        self.counters.add(&other.counters);
+    }
 }
 
 /// What [`Tracker::handle`] did with a datagram.
@@ -272,6 +315,10 @@ pub struct Tracker {
     events: VecDeque<Event>,
     /// Scratch space for the entries of a `Page` reply.
     page_scratch: Box<[u8]>,
+    /// This engine's shard number and the number of shards (`--threads`).
+    shard: (usize, usize),
+    /// The other shards' totals, added to a summary; see [`Tracker::set_peer_totals`].
+    peers: Totals,
 }
 
 impl Tracker {
@@ -287,7 +334,48 @@ impl Tracker {
             started_wall: wall,
             events: VecDeque::new(),
             page_scratch: vec![0; wire::MAX_DATAGRAM].into_boxed_slice(),
+            shard: (0, 1),
+            peers: Totals::default(),
         })
+    }
+
+    /// `count` engines that share the devices by id hash (see
+    /// [`crate::shard`]), each holding up to `max_devices / count` (rounded up).
+    pub fn new_sharded(
+        config: Config,
+        count: usize,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Result<Vec<Self>, ConfigError> {
+        let count = count.max(1);
+        let per_shard = Config { max_devices: config.max_devices.div_ceil(count), ..config };
+        (0..count)
+            .map(|index| {
+                let mut tracker = Tracker::new(per_shard.clone(), now, wall)?;
+                tracker.shard = (index, count);
+                Ok(tracker)
+            })
+            .collect()
+    }
+
+    /// This engine's shard number and the number of shards.
+    pub fn shard(&self) -> (usize, usize) {
+        self.shard
+    }
+
+    /// This engine's own counts and counters.
+    pub fn totals(&self) -> Totals {
+        Totals {
+            online: self.table.online_count() as u64,
+            known: self.table.known_count() as u64,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Sets what the other shards hold and counted, for summaries answered
+    /// from now on. The server refreshes it before passing on a summary query.
+    pub fn set_peer_totals(&mut self, peers: Totals) {
+        self.peers = peers;
     }
 
     /// The rules in force.
@@ -513,22 +601,24 @@ impl Tracker {
                 None => StatusBody::UnknownDevice,
             },
             QueryKind::Summary => {
+                let mut totals = self.totals();
+                totals.add(&self.peers);
                 let mut counters = RecordWriter::new(&mut counter_buf);
                 for reason in DropReason::ALL {
-                    let count = self.counters.drops(reason);
+                    let count = totals.counters.drops(reason);
                     if count > 0 {
                         // Cannot fail: the buffer holds every reason at its largest.
                         let _ = counters.push(&Counter { code: reason.code(), count });
                     }
                 }
                 StatusBody::Summary(Summary {
-                    online: self.table.online_count() as u64,
-                    known: self.table.known_count() as u64,
+                    online: totals.online,
+                    known: totals.known,
                     uptime_ms: millis_u64(now.saturating_duration_since(self.started)),
-                    heartbeats: self.counters.heartbeats,
-                    leaves: self.counters.leaves,
-                    queries: self.counters.queries,
-                    expirations: self.counters.expirations,
+                    heartbeats: totals.counters.heartbeats,
+                    leaves: totals.counters.leaves,
+                    queries: totals.counters.queries,
+                    expirations: totals.counters.expirations,
                     counters: counters.finish(),
                 })
             }
@@ -536,34 +626,40 @@ impl Tracker {
                 let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
                 let entries_budget = budget.saturating_sub(PAGE_OVERHEAD);
                 let mut entries = RecordWriter::new(&mut self.page_scratch[..entries_budget]);
-                // The cursor is the slot number to start at, in decimal. An
-                // unreadable cursor gets an empty last page.
+                let (shard, shards) = self.shard;
+                // The cursor names this shard and the slot to start at. An
+                // unreadable cursor, or one of another shard, gets an empty last page.
                 let start = match after {
                     None => Some(0),
-                    Some(cursor) => cursor.parse::<usize>().ok(),
+                    Some(cursor) => {
+                        shard::parse_cursor(cursor).filter(|(s, _)| *s == shard).map(|(_, slot)| slot)
+                    }
                 };
-                let mut next_slot = None;
-                let mut more = false;
+                let mut next = None;
                 if let Some(start) = start {
                     let mut online = self.table.online_from(start).peekable();
                     while let Some((slot, id, entry)) = online.peek() {
                         if entries.count() == limit {
+                            next = Some((shard, *slot));
                             break;
                         }
                         let info = device_info(self.started, self.started_wall, now, id, entry);
                         if entries.push(&info).is_err() {
+                            if entries.count() == 0 {
+                                // Not even one entry fits this request: ask for a bigger one.
+                                return None;
+                            }
+                            next = Some((shard, *slot));
                             break;
                         }
-                        next_slot = Some(slot + 1);
                         online.next();
                     }
-                    more = online.peek().is_some();
+                    // This shard is done: the listing goes on with the next one.
+                    if next.is_none() && shard + 1 < shards {
+                        next = Some((shard + 1, 0));
+                    }
                 }
-                if more && next_slot.is_none() {
-                    // Not even one entry fits this request: ask for a bigger one.
-                    return None;
-                }
-                cursor = next_slot.filter(|_| more).map(|slot| slot.to_string());
+                cursor = next.map(|(shard, slot)| shard::format_cursor(shard, slot));
                 StatusBody::Page(Page { next_cursor: cursor.as_deref(), entries: entries.finish() })
             }
         };
