@@ -377,7 +377,7 @@ fn drain_server(count: usize, n: usize, auth: AuthMode) -> std::io::Result<f64> 
         let len = encode_query(1, QueryKind::Summary, None, &mut query).expect("valid query");
         client.send(&query[..len])?;
         client.set_read_timeout(Some(Duration::from_secs(120)))?;
-        let stop = Stop::new(addr);
+        let stop = Stop::new();
         let before = tracker.counters().heartbeats;
         let started = Instant::now();
         let loop_stop = stop.clone();
@@ -489,7 +489,7 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
             observed.lock().unwrap().push(event.at.saturating_duration_since(deadline));
         }
     }));
-    let stop = Stop::new(addr);
+    let stop = Stop::new();
     let loop_stop = stop.clone();
     let server =
         std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, &mut events).map(|_| ()));
@@ -586,7 +586,7 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
     let bound = server::bind("127.0.0.1:0".parse().unwrap(), Some(8 << 20))?;
     let addr = bound.local_addr;
     let socket = bound.socket;
-    let stop = Stop::new(addr);
+    let stop = Stop::new();
     let (tid_tx, tid_rx) = std::sync::mpsc::channel();
     let loop_stop = stop.clone();
     let receiver = match devices {

@@ -18,7 +18,7 @@ use presence::auth::{self, Key};
 use presence::client::{Client, DeviceReport, Sender, SummaryReport};
 use presence::keyfile::{KeyFile, parse_hex_key, to_hex};
 use presence::server::{self, EventLog, Stop};
-use presence::tracker::{AuthMode, Config, Keys, Tracker};
+use presence::tracker::{AuthMode, Config, Keys, Totals, Tracker};
 
 /// Exit code for errors (bad flags, no reply, ...). 1 is kept for "offline".
 const EXIT_ERROR: u8 = 2;
@@ -121,6 +121,9 @@ struct ServeArgs {
     /// Status queries a quiet source may send at once.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_BURST")]
     query_burst: u32,
+    /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
+    threads: u16,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -352,8 +355,9 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             EventLog::to_writer(Box::new(BufWriter::new(file)))
         }
     };
-    let bound = server::bind(args.bind, Some(args.recv_buffer))
+    let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
         .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let bound = &group[0];
     if bound.recv_buffer < args.recv_buffer {
         tracing::warn!(
             requested = args.recv_buffer,
@@ -364,6 +368,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     tracing::info!(
         addr = %bound.local_addr,
         recv_buffer = bound.recv_buffer,
+        threads = args.threads,
         timeout = %humantime::format_duration(config.timeout),
         misses = config.misses,
         min_ttl = %humantime::format_duration(config.min_ttl),
@@ -372,17 +377,22 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_devices = config.max_devices,
         "listening"
     );
-    let stop = Stop::new(bound.local_addr);
+    let stop = Stop::new();
     let signal_stop = stop.clone();
     on_signal(move || signal_stop.stop())?;
-    let tracker = Tracker::new(config, Instant::now(), SystemTime::now())?;
-    let tracker = server::run(&bound.socket, tracker, &stop, &mut events).context("server loop failed")?;
-    let counters = tracker.counters();
+    let trackers = Tracker::new_sharded(config, group.len(), Instant::now(), SystemTime::now())?;
+    let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
+    let trackers =
+        server::run_sharded(&sockets, trackers, &stop, &mut events).context("server loop failed")?;
+    let mut totals = Totals::default();
+    for tracker in &trackers {
+        totals.add(&tracker.totals());
+    }
     tracing::info!(
-        online = tracker.table().online_count(),
-        known = tracker.table().known_count(),
-        heartbeats = counters.heartbeats,
-        dropped = counters.total_drops(),
+        online = totals.online,
+        known = totals.known,
+        heartbeats = totals.counters.heartbeats,
+        dropped = totals.counters.total_drops(),
         "stopped"
     );
     Ok(ExitCode::SUCCESS)

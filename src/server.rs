@@ -12,10 +12,10 @@
 //! `127.0.0.1:0` and stop the loop when they are done.
 
 use std::io::{self, IoSliceMut, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
 
 use nix::errno::Errno;
@@ -23,7 +23,10 @@ use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::tracker::{Counters, Event, EventKind, Handled, Tracker};
+use rustix::fd::OwnedFd;
+
+use crate::shard::{self, Route};
+use crate::tracker::{Counters, Event, EventKind, Handled, Totals, Tracker};
 use crate::wire::{self, DropReason};
 
 /// Receive buffer size: larger than [`wire::MAX_DATAGRAM`] so an oversized
@@ -46,9 +49,33 @@ pub struct Bound {
 /// that also receives IPv4. `recv_buffer`, if given, is requested as
 /// SO_RCVBUF; see [`Bound::recv_buffer`] for what was granted.
 pub fn bind(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Bound> {
+    bind_one(addr, recv_buffer, false)
+}
+
+/// Binds `count` sockets to `addr` in one `SO_REUSEPORT` group, one per
+/// thread of [`run_sharded`]; the kernel spreads datagrams over them by
+/// source address. With port 0 they share the port the first one got. A
+/// count of 1 binds one ordinary socket, as [`bind`] does.
+pub fn bind_group(addr: SocketAddr, recv_buffer: Option<usize>, count: usize) -> io::Result<Vec<Bound>> {
+    if count <= 1 {
+        return Ok(vec![bind(addr, recv_buffer)?]);
+    }
+    let first = bind_one(addr, recv_buffer, true)?;
+    let addr = SocketAddr::new(addr.ip(), first.local_addr.port());
+    let mut group = vec![first];
+    for _ in 1..count {
+        group.push(bind_one(addr, recv_buffer, true)?);
+    }
+    Ok(group)
+}
+
+fn bind_one(addr: SocketAddr, recv_buffer: Option<usize>, reuse_port: bool) -> io::Result<Bound> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() && addr.ip().is_unspecified() {
         socket.set_only_v6(false)?;
+    }
+    if reuse_port {
+        rustix::net::sockopt::set_socket_reuseport(&socket, true)?;
     }
     if let Some(size) = recv_buffer {
         socket.set_recv_buffer_size(size)?;
@@ -60,44 +87,56 @@ pub fn bind(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Bound> {
     Ok(Bound { socket, local_addr, recv_buffer: granted })
 }
 
-/// Asks a running [`run`] loop to finish. Cloneable and usable from any
-/// thread (a signal handler thread, a test).
-#[derive(Debug, Clone)]
+/// Asks a running [`run`] or [`run_sharded`] to finish. Cloneable and usable
+/// from any thread (a signal handler thread, a test).
+#[derive(Debug, Clone, Default)]
 pub struct Stop {
-    /// Set once; the loop checks it after every wake-up.
-    requested: Arc<AtomicBool>,
-    /// Where to send the empty datagram that wakes a loop blocked in receive.
-    wake: SocketAddr,
+    inner: Arc<StopInner>,
+}
+
+#[derive(Debug, Default)]
+struct StopInner {
+    /// Set once; the loops check it after every wake-up.
+    requested: AtomicBool,
+    /// The eventfds that wake the loops running under this stop.
+    wakers: Mutex<Vec<Arc<OwnedFd>>>,
 }
 
 impl Stop {
-    /// A stop signal for a loop receiving on `local_addr`.
-    pub fn new(local_addr: SocketAddr) -> Self {
-        let ip = match local_addr.ip() {
-            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-            ip => ip,
-        };
-        Stop { requested: Arc::new(AtomicBool::new(false)), wake: SocketAddr::new(ip, local_addr.port()) }
+    /// A stop signal, not yet requested.
+    pub fn new() -> Self {
+        Stop::default()
     }
 
-    /// Asks the loop to stop and wakes it with an empty datagram.
+    /// Asks the loops to stop and wakes them.
     pub fn stop(&self) {
-        self.requested.store(true, Ordering::SeqCst);
-        let unspecified: SocketAddr = match self.wake {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        // If this fails the loop still stops at its next wake-up.
-        if let Ok(socket) = UdpSocket::bind(unspecified) {
-            let _ = socket.send_to(&[], self.wake);
+        self.inner.requested.store(true, Ordering::SeqCst);
+        for waker in self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            wake(waker);
         }
     }
 
     /// Whether a stop was asked for.
     pub fn is_requested(&self) -> bool {
-        self.requested.load(Ordering::SeqCst)
+        self.inner.requested.load(Ordering::SeqCst)
     }
+
+    /// Has `waker` woken by [`Stop::stop`] (checked by the loop after this returns).
+    fn register(&self, waker: Arc<OwnedFd>) {
+        self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner).push(waker);
+    }
+}
+
+/// Makes an eventfd readable.
+fn wake(waker: &OwnedFd) {
+    // Fails only if the counter would overflow, and then it is readable anyway.
+    let _ = rustix::io::write(waker, &1u64.to_ne_bytes());
+}
+
+/// Resets an eventfd to unreadable.
+fn clear(waker: &OwnedFd) {
+    let mut count = [0u8; 8];
+    let _ = rustix::io::read(waker, &mut count);
 }
 
 /// Where transitions are published: JSON lines, one per event, and a
@@ -235,10 +274,14 @@ impl Timer {
     }
 }
 
-/// Blocks until the socket or the timer is readable (or a signal interrupts).
-fn wait(socket: &UdpSocket, timer: &Timer) -> io::Result<()> {
+/// Blocks until the socket, the timer or the waker is readable (or a signal interrupts).
+fn wait(socket: &UdpSocket, timer: &Timer, waker: &OwnedFd) -> io::Result<()> {
     use rustix::event::{PollFd, PollFlags, poll};
-    let mut fds = [PollFd::new(socket, PollFlags::IN), PollFd::new(&timer.fd, PollFlags::IN)];
+    let mut fds = [
+        PollFd::new(socket, PollFlags::IN),
+        PollFd::new(&timer.fd, PollFlags::IN),
+        PollFd::new(waker, PollFlags::IN),
+    ];
     match poll(&mut fds, None) {
         Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
         Err(e) => Err(e.into()),
@@ -251,24 +294,275 @@ fn wait(socket: &UdpSocket, timer: &Timer) -> io::Result<()> {
 /// The socket is switched to non-blocking mode. Receive errors are logged
 /// and the loop goes on; only a failure of the timer, of poll, or of writing
 /// the event log ends it with an error.
-pub fn run(
-    socket: &UdpSocket,
-    mut tracker: Tracker,
+pub fn run(socket: &UdpSocket, tracker: Tracker, stop: &Stop, events: &mut EventLog) -> io::Result<Tracker> {
+    let trackers = run_sharded(std::slice::from_ref(socket), vec![tracker], stop, events)?;
+    trackers.into_iter().next().ok_or_else(|| io::Error::other("no engine came back"))
+}
+
+/// Runs one loop per socket, each on its own thread (the first on the
+/// calling thread), with `trackers[i]` as shard `i` (see
+/// [`Tracker::new_sharded`] and [`crate::shard`]). A datagram that arrives
+/// on one thread's socket but belongs to another shard is handed to that
+/// thread, which applies it and replies from its own socket of the same
+/// group. Each loop keeps its own timer, so expiry stays exact.
+///
+/// Returns the engines once `stop` is requested, or the first error (which
+/// stops the other loops).
+pub fn run_sharded(
+    sockets: &[UdpSocket],
+    trackers: Vec<Tracker>,
     stop: &Stop,
     events: &mut EventLog,
-) -> io::Result<Tracker> {
+) -> io::Result<Vec<Tracker>> {
+    let shards = sockets.len();
+    let numbered = trackers.iter().enumerate().all(|(k, tracker)| tracker.shard() == (k, shards));
+    if shards == 0 || trackers.len() != shards || !numbered {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "one engine per socket is needed, engine i being shard i of as many as there are sockets",
+        ));
+    }
+    let shared = Shared::new(sockets.len(), events, stop)?;
+    for (k, tracker) in trackers.iter().enumerate() {
+        shared.stats[k].store(&tracker.totals());
+    }
+    let mut trackers = trackers.into_iter();
+    let first = trackers.next().ok_or_else(|| io::Error::other("no engine"))?;
+    std::thread::scope(|scope| {
+        let mut others = Vec::new();
+        for (k, (socket, tracker)) in (1..).zip(sockets[1..].iter().zip(trackers)) {
+            let shared = &shared;
+            let thread = std::thread::Builder::new()
+                .name(format!("presence-{k}"))
+                .spawn_scoped(scope, move || worker(shared, k, socket, tracker));
+            match thread {
+                Ok(thread) => others.push(thread),
+                Err(e) => {
+                    stop.stop();
+                    return Err(e);
+                }
+            }
+        }
+        let mut results = vec![worker(&shared, 0, &sockets[0], first)];
+        for thread in others {
+            results.push(thread.join().unwrap_or_else(|_| Err(io::Error::other("a server thread panicked"))));
+        }
+        results.into_iter().collect()
+    })
+}
+
+/// What the loops of one [`run_sharded`] share.
+struct Shared<'a> {
+    /// Datagrams handed to each shard by the others.
+    inboxes: Vec<Inbox>,
+    /// Each shard's totals as of its last loop turn, for summaries.
+    stats: Vec<ShardStats>,
+    /// Where events are published; one line is written under the lock at a time.
+    events: Mutex<&'a mut EventLog>,
+    /// The stop signal.
+    stop: &'a Stop,
+    /// Datagrams dropped because a shard's inbox was full.
+    handover_drops: AtomicU64,
+}
+
+impl<'a> Shared<'a> {
+    fn new(shards: usize, events: &'a mut EventLog, stop: &'a Stop) -> io::Result<Self> {
+        let mut inboxes = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            use rustix::event::{EventfdFlags, eventfd};
+            let waker = Arc::new(eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?);
+            stop.register(Arc::clone(&waker));
+            inboxes.push(Inbox { parcel: Mutex::new(Parcel::default()), waker });
+        }
+        Ok(Shared {
+            inboxes,
+            stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            events: Mutex::new(events),
+            stop,
+            handover_drops: AtomicU64::new(0),
+        })
+    }
+
+    /// The totals of every shard but `me`.
+    fn peer_totals(&self, me: usize) -> Totals {
+        let mut totals = Totals::default();
+        for (k, stats) in self.stats.iter().enumerate() {
+            if k != me {
+                totals.add(&stats.load());
+            }
+        }
+        totals
+    }
+
+    /// Hands `parcel` to shard `to` and empties it.
+    fn deliver(&self, to: usize, parcel: &mut Parcel) {
+        let inbox = &self.inboxes[to];
+        let was_empty = {
+            let mut queued = inbox.parcel.lock().unwrap_or_else(PoisonError::into_inner);
+            if queued.is_empty() {
+                std::mem::swap(&mut *queued, parcel);
+                true
+            } else {
+                let room = INBOX_LIMIT.saturating_sub(queued.len());
+                let dropped = parcel.len().saturating_sub(room);
+                queued.append(parcel, room);
+                if dropped > 0 {
+                    self.handover_drops.fetch_add(dropped as u64, Ordering::Relaxed);
+                }
+                false
+            }
+        };
+        parcel.clear();
+        // The owner drains its inbox after clearing its waker, so only the
+        // hand-over that fills an empty inbox needs to wake it.
+        if was_empty {
+            wake(&inbox.waker);
+        }
+    }
+}
+
+/// Most datagrams waiting in one shard's inbox; more are dropped (and
+/// counted) rather than queued without bound behind a stalled thread.
+const INBOX_LIMIT: usize = 1 << 16;
+
+/// Datagrams handed to one shard, and the eventfd that tells it so.
+struct Inbox {
+    parcel: Mutex<Parcel>,
+    waker: Arc<OwnedFd>,
+}
+
+/// Datagrams with their sources, packed into one byte buffer.
+#[derive(Default)]
+struct Parcel {
+    /// The datagrams, back to back.
+    bytes: Vec<u8>,
+    /// Each datagram's source and the end of its bytes.
+    items: Vec<(SocketAddr, usize)>,
+}
+
+impl Parcel {
+    fn push(&mut self, from: SocketAddr, datagram: &[u8]) {
+        self.bytes.extend_from_slice(datagram);
+        self.items.push((from, self.bytes.len()));
+    }
+
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.items.clear();
+    }
+
+    /// Moves the first `limit` datagrams of `other` to the end of this one.
+    fn append(&mut self, other: &Parcel, limit: usize) {
+        let base = self.bytes.len();
+        let taken = other.items.len().min(limit);
+        let end = if taken == 0 { 0 } else { other.items[taken - 1].1 };
+        self.bytes.extend_from_slice(&other.bytes[..end]);
+        self.items.extend(other.items[..taken].iter().map(|&(from, e)| (from, base + e)));
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
+        let mut start = 0;
+        self.items.iter().map(move |&(from, end)| {
+            let datagram = &self.bytes[start..end];
+            start = end;
+            (from, datagram)
+        })
+    }
+}
+
+/// One shard's [`Totals`], published after every loop turn.
+#[derive(Default)]
+struct ShardStats {
+    online: AtomicU64,
+    known: AtomicU64,
+    heartbeats: AtomicU64,
+    leaves: AtomicU64,
+    queries: AtomicU64,
+    expirations: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl ShardStats {
+    fn store(&self, totals: &Totals) {
+        let counters = &totals.counters;
+        self.online.store(totals.online, Ordering::Relaxed);
+        self.known.store(totals.known, Ordering::Relaxed);
+        self.heartbeats.store(counters.heartbeats, Ordering::Relaxed);
+        self.leaves.store(counters.leaves, Ordering::Relaxed);
+        self.queries.store(counters.queries, Ordering::Relaxed);
+        self.expirations.store(counters.expirations, Ordering::Relaxed);
+        for (slot, reason) in self.drops.iter().zip(DropReason::ALL) {
+            slot.store(counters.drops(reason), Ordering::Relaxed);
+        }
+    }
+
+    fn load(&self) -> Totals {
+        let mut counters = Counters::default();
+        counters.heartbeats = self.heartbeats.load(Ordering::Relaxed);
+        counters.leaves = self.leaves.load(Ordering::Relaxed);
+        counters.queries = self.queries.load(Ordering::Relaxed);
+        counters.expirations = self.expirations.load(Ordering::Relaxed);
+        for (slot, reason) in self.drops.iter().zip(DropReason::ALL) {
+            counters.set_drops(reason, slot.load(Ordering::Relaxed));
+        }
+        Totals {
+            online: self.online.load(Ordering::Relaxed),
+            known: self.known.load(Ordering::Relaxed),
+            counters,
+        }
+    }
+}
+
+/// One shard's loop: see [`run_sharded`].
+fn worker(shared: &Shared<'_>, me: usize, socket: &UdpSocket, mut tracker: Tracker) -> io::Result<Tracker> {
+    let result = serve(shared, me, socket, &mut tracker);
+    if result.is_err() {
+        // The other loops must not go on without this shard.
+        shared.stop.stop();
+    }
+    result.map(|()| tracker)
+}
+
+fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Tracker) -> io::Result<()> {
     socket.set_nonblocking(true)?;
+    let shards = shared.inboxes.len();
+    let waker = &shared.inboxes[me].waker;
     let mut timer = Timer::new()?;
     let mut batch = Batch::new();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
     let mut warnings = DropWarnings::default();
+    let mut outboxes: Vec<Parcel> = (0..shards).map(|_| Parcel::default()).collect();
+    let mut handed = Parcel::default();
+    let stop = shared.stop;
     'run: while !stop.is_requested() {
         let now = Instant::now();
         tracker.handle_timeout(now);
-        publish(&mut tracker, events)?;
+        publish(tracker, &shared.events)?;
+        shared.stats[me].store(&tracker.totals());
         timer.arm(tracker.poll_timeout(), now)?;
-        wait(socket, &timer)?;
+        wait(socket, &timer, waker)?;
         timer.clear();
+        if shards > 1 {
+            // Datagrams the other shards received for this one's devices.
+            clear(waker);
+            std::mem::swap(
+                &mut *shared.inboxes[me].parcel.lock().unwrap_or_else(PoisonError::into_inner),
+                &mut handed,
+            );
+            let now = Instant::now();
+            for (from, datagram) in handed.iter() {
+                handle(tracker, socket, now, from, datagram, &mut reply);
+            }
+            handed.clear();
+        }
         for _ in 0..BATCHES_PER_WAKE {
             let received = match batch.receive(socket) {
                 Ok(received) => received,
@@ -284,14 +578,14 @@ pub fn run(
                 if stop.is_requested() {
                     break 'run;
                 }
-                match tracker.handle(now, from, datagram, &mut reply) {
-                    Handled::Done => {}
-                    Handled::Reply(n) => send_reply(socket, &reply[..n], from),
-                    Handled::Dropped { reason, reply: answer } => {
-                        log_drop(reason, from, datagram.len());
-                        if let Some(n) = answer {
-                            send_reply(socket, &reply[..n], from);
-                        }
+                match shard::route(datagram, shards) {
+                    Route::Shard(owner) if owner != me => outboxes[owner].push(from, datagram),
+                    Route::Summary if shards > 1 => {
+                        tracker.set_peer_totals(shared.peer_totals(me));
+                        handle(tracker, socket, now, from, datagram, &mut reply);
+                    }
+                    Route::Shard(_) | Route::Summary | Route::Local => {
+                        handle(tracker, socket, now, from, datagram, &mut reply);
                     }
                 }
             }
@@ -299,11 +593,38 @@ pub fn run(
                 break;
             }
         }
-        publish(&mut tracker, events)?;
-        warnings.maybe_warn(Instant::now(), tracker.counters());
+        for (owner, outbox) in outboxes.iter_mut().enumerate() {
+            if !outbox.is_empty() {
+                shared.deliver(owner, outbox);
+            }
+        }
+        publish(tracker, &shared.events)?;
+        warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
     }
-    publish(&mut tracker, events)?;
-    Ok(tracker)
+    publish(tracker, &shared.events)?;
+    shared.stats[me].store(&tracker.totals());
+    Ok(())
+}
+
+/// Applies one datagram and sends the reply, if there is one.
+fn handle(
+    tracker: &mut Tracker,
+    socket: &UdpSocket,
+    now: Instant,
+    from: SocketAddr,
+    datagram: &[u8],
+    reply: &mut [u8],
+) {
+    match tracker.handle(now, from, datagram, reply) {
+        Handled::Done => {}
+        Handled::Reply(n) => send_reply(socket, &reply[..n], from),
+        Handled::Dropped { reason, reply: answer } => {
+            log_drop(reason, from, datagram.len());
+            if let Some(n) = answer {
+                send_reply(socket, &reply[..n], from);
+            }
+        }
+    }
 }
 
 /// Batches received per wake-up before the loop checks its timer again.
@@ -377,7 +698,7 @@ struct DropWarnings {
 impl DropWarnings {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
-    fn maybe_warn(&mut self, now: Instant, counters: &Counters) {
+    fn maybe_warn(&mut self, now: Instant, counters: &Counters, handover_drops: &AtomicU64) {
         if self.last.is_some_and(|last| now.saturating_duration_since(last) < Self::EVERY) {
             return;
         }
@@ -391,6 +712,11 @@ impl DropWarnings {
                 *reported = count;
             }
         }
+        let handover = handover_drops.swap(0, Ordering::Relaxed);
+        if handover > 0 {
+            reasons.push(format!("handover_queue_full={handover}"));
+            total += handover;
+        }
         if total > 0 {
             self.last = Some(now);
             tracing::warn!(dropped = total, reasons = reasons.join(" "), "datagrams dropped or rejected");
@@ -398,16 +724,17 @@ impl DropWarnings {
     }
 }
 
-fn publish(tracker: &mut Tracker, events: &mut EventLog) -> io::Result<()> {
-    let mut any = false;
+/// Publishes the engine's pending events, holding the log's lock while it writes them.
+fn publish(tracker: &mut Tracker, events: &Mutex<&mut EventLog>) -> io::Result<()> {
+    let Some(first) = tracker.poll_event() else {
+        return Ok(());
+    };
+    let mut events = events.lock().unwrap_or_else(PoisonError::into_inner);
+    events.record(&first, tracker.wall_time(first.at))?;
     while let Some(event) = tracker.poll_event() {
         events.record(&event, tracker.wall_time(event.at))?;
-        any = true;
     }
-    if any {
-        events.flush()?;
-    }
-    Ok(())
+    events.flush()
 }
 
 fn send_reply(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {

@@ -490,15 +490,21 @@ impl PresenceTable {
         if !slot.window.is_new(beat.boot, beat.seq) {
             return Err(Refusal::Replay);
         }
+        // A late heartbeat (reordered in the network, or handed over by
+        // another thread) still proves the device alive, but the address and
+        // payload stay those of the newest one.
+        let newest = beat.boot > slot.window.boot() || beat.seq > slot.window.top();
         let (was_online, old_deadline, old_last_seen, old_payload) =
             (slot.online, slot.deadline(), slot.last_seen, slot.payload);
-        let payload = self.store_payload(old_payload, beat.payload);
+        let payload = if newest { self.store_payload(old_payload, beat.payload) } else { old_payload };
         let slot = &mut self.slots[i];
         slot.window.accept(beat.boot, beat.seq);
         slot.last_seen = now_us;
         slot.ttl_ms = ttl_ms;
         slot.interval_ms = interval_ms;
-        slot.addr = beat.addr.into();
+        if newest {
+            slot.addr = beat.addr.into();
+        }
         slot.heartbeats = slot.heartbeats.saturating_add(1);
         slot.payload = payload;
         slot.online = true;

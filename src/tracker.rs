@@ -230,11 +230,6 @@ impl Counters {
         }
     }
 
-    /// Datagrams dropped, indexed by `DropReason::code() - 1`.
-    pub fn drops_by_code(&self) -> &[u64; DropReason::ALL.len()] {
-        &self.drops
-    }
-
     /// Sets the count of datagrams dropped for `reason`.
     pub fn set_drops(&mut self, reason: DropReason, count: u64) {
         self.drops[usize::from(reason.code()) - 1] = count;

@@ -60,6 +60,22 @@ fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
 }
 
 #[test]
+fn a_late_heartbeat_counts_but_keeps_the_newest_address_and_payload() {
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut table = PresenceTable::new(usize::MAX, t0);
+    table.beat(t0, "a", beat(100, 1)).unwrap();
+    table.beat(ms(10), "a", Beat { payload: b"new", ..beat(100, 3) }).unwrap();
+    // seq 2 arrives after seq 3: accepted once (it is in the window), but it is older news.
+    assert_eq!(table.beat(ms(20), "a", Beat { payload: b"old", ..beat(100, 2) }), Ok(false));
+    assert_eq!(table.beat(ms(30), "a", beat(100, 2)), Err(Refusal::Replay));
+    let entry = table.get("a").unwrap();
+    assert_eq!((entry.addr(), entry.payload(), entry.heartbeats()), (addr(1003), &b"new"[..], 3));
+    assert_eq!((entry.window().top(), entry.last_seen()), (3, ms(20)));
+    table.assert_invariants();
+}
+
+#[test]
 fn heartbeats_file_lazily_and_the_sweep_refiles() {
     let t0 = Instant::now();
     let ms = |n| t0 + Duration::from_millis(n);
