@@ -4,6 +4,7 @@
 //! ```text
 //! cargo run --release --example bench            # the full run (a few minutes)
 //! cargo run --release --example bench -- --quick # a smoke run of a few seconds
+//! cargo run --release --example bench -- --drain-only # only the drain figures
 //! ```
 //!
 //! Figures:
@@ -11,9 +12,10 @@
 //!   nothing reads it, then the reader starts and the time until it has
 //!   handled them all is taken (a live sender cannot saturate the receiver on
 //!   a 2-core machine). Bare loops (`recvmmsg` 64 at a time, the baseline,
-//!   and `recv_from`) vs the server, with 10 k and
-//!   1 M devices in random order, and with `--auth required`. Each is the
-//!   median of 3 runs.
+//!   and `recv_from`; and two `recvmmsg` loops on an SO_REUSEPORT pair) vs
+//!   the server with 1 and 2 threads, with 10 k and 1 M devices in random
+//!   order, and with `--auth required`. The datagrams come from 64 source
+//!   ports, each device always from the same one. Each is the median of 3 runs.
 //! - **cpu**: CPU time of the receiving thread per heartbeat while a sender
 //!   offers a fixed rate, bare loop vs server, and the kernel's drop count for
 //!   the socket (from /proc/net/udp) with the server's default buffer.
@@ -35,8 +37,9 @@ use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use presence::auth;
 use presence::client::encode_query;
 use presence::server::{self, EventLog, Stop};
+use presence::shard;
 use presence::tracker::{AuthMode, Config, EventKind, Keys, Tracker};
-use presence::wire::{self, Heartbeat, Message, QueryKind};
+use presence::wire::{self, Heartbeat, Message, QueryKind, Status, StatusBody};
 
 const MASTER: auth::Key = [0x5a; 32];
 
@@ -104,30 +107,44 @@ fn main() -> std::io::Result<()> {
     println!("presence end-to-end benchmark{} on {} cores", if quick { " (quick)" } else { "" }, cores());
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
-    let bare_single =
-        median((0..REPEATS).map(|_| drain_bare_once(plan.drain, false)).collect::<Result<_, _>>()?);
-    let bare = median((0..REPEATS).map(|_| drain_bare_once(plan.drain, true)).collect::<Result<_, _>>()?);
+    let drain_bare = |mmsg: bool, threads: usize| -> std::io::Result<f64> {
+        Ok(median(
+            (0..REPEATS).map(|_| drain_bare_once(plan.drain, mmsg, threads)).collect::<Result<_, _>>()?,
+        ))
+    };
+    let bare = drain_bare(true, 1)?;
+    let bare_single = drain_bare(false, 1)?;
+    let bare_two = drain_bare(true, 2)?;
     rows.push(("drain, bare recvmmsg(64) loop".into(), rate(bare), "1.00 (baseline)".into()));
     rows.push((
         "drain, bare recv_from loop".into(),
         rate(bare_single),
         format!("{:.2} x bare", bare_single / bare),
     ));
+    rows.push((
+        "drain, bare recvmmsg(64), 2 threads (SO_REUSEPORT)".into(),
+        rate(bare_two),
+        format!("{:.2} x bare", bare_two / bare),
+    ));
     for (n, auth) in [
         (plan.devices[0], AuthMode::Off),
         (plan.devices[1], AuthMode::Off),
         (plan.devices[1], AuthMode::Required),
     ] {
-        let served = drain_server(plan.drain, n, auth)?;
+        let one = drain_server(plan.drain, n, auth, 1)?;
+        let two = drain_server(plan.drain, n, auth, 2)?;
+        let label =
+            format!("{} devices, auth {}", human(n), if auth == AuthMode::Off { "off" } else { "required" });
+        rows.push((format!("drain, server, {label}"), rate(one), format!("{:.2} x bare", one / bare)));
         rows.push((
-            format!(
-                "drain, server, {} devices, auth {}",
-                human(n),
-                if auth == AuthMode::Off { "off" } else { "required" }
-            ),
-            rate(served),
-            format!("{:.2} x bare", served / bare),
+            format!("drain, server --threads 2, {label}"),
+            rate(two),
+            format!("{:.2} x bare; {:.2} x 1 thread", two / bare, two / one),
         ));
+    }
+    if std::env::args().any(|a| a == "--drain-only") {
+        print_rows(rows);
+        return Ok(());
     }
     let bare_cpu = fixed_rate(None, &plan)?;
     rows.push((
@@ -186,14 +203,17 @@ fn main() -> std::io::Result<()> {
             ));
         }
     }
+    print_rows(rows);
+    Ok(())
+}
 
+fn print_rows(rows: Vec<(String, String, String)>) {
     let width = rows.iter().map(|r| r.0.len()).max().unwrap_or(10);
     println!();
     println!("{:<width$}  {:>24}  ratio / note", "figure", "value");
     for (name, value, note) in rows {
         println!("{name:<width$}  {value:>24}  {note}");
     }
-    Ok(())
 }
 
 fn cores() -> usize {
@@ -216,14 +236,19 @@ fn micros(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
-/// A socket on 127.0.0.1 whose receive buffer holds a whole drain run.
-fn receiver() -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind("127.0.0.1:0")?;
-    // Needs CAP_NET_ADMIN to pass net.core.rmem_max; falls back to the plain request.
-    if rustix::net::sockopt::set_socket_recv_buffer_size_force(&socket, 1 << 30).is_err() {
-        rustix::net::sockopt::set_socket_recv_buffer_size(&socket, 1 << 30)?;
+/// `count` sockets on one port of 127.0.0.1 (an SO_REUSEPORT group if more
+/// than one), each with a receive buffer that holds a whole drain run.
+fn receivers(count: usize) -> std::io::Result<Vec<UdpSocket>> {
+    let group = server::bind_group("127.0.0.1:0".parse().unwrap(), None, count)?;
+    let mut sockets = Vec::new();
+    for bound in group {
+        // Needs CAP_NET_ADMIN to pass net.core.rmem_max; falls back to the plain request.
+        if rustix::net::sockopt::set_socket_recv_buffer_size_force(&bound.socket, 1 << 30).is_err() {
+            rustix::net::sockopt::set_socket_recv_buffer_size(&bound.socket, 1 << 30)?;
+        }
+        sockets.push(bound.socket);
     }
-    Ok(socket)
+    Ok(sockets)
 }
 
 /// 16-byte ids: "dev-" and 12 digits.
@@ -263,29 +288,48 @@ fn frame(device: &str, seq: u32, payload: &[u8], key: Option<&auth::Key>) -> Vec
     buf[..len].to_vec()
 }
 
-/// Queues `frames` on `to` (nobody reads it yet).
-fn fill(to: SocketAddr, frames: &[Vec<u8>]) -> std::io::Result<UdpSocket> {
-    let sender = UdpSocket::bind("127.0.0.1:0")?;
-    sender.connect(to)?;
-    for frame in frames {
-        sender.send(frame)?;
+/// Source ports the drain datagrams come from. Each device sends from one
+/// of them (as a real device keeps its address), so an SO_REUSEPORT group
+/// gets a share of the devices on each socket, as it would in the field.
+const SOURCES: usize = 64;
+
+/// Queues `frames` (frame `i` from device `devices[i]`) on `to`; nobody reads it yet.
+fn fill(to: SocketAddr, frames: &[Vec<u8>], devices: &[usize]) -> std::io::Result<Vec<UdpSocket>> {
+    let senders: Vec<UdpSocket> =
+        (0..SOURCES).map(|_| UdpSocket::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
+    for (frame, device) in frames.iter().zip(devices) {
+        senders[device % SOURCES].send_to(frame, to)?;
     }
-    Ok(sender)
+    Ok(senders)
 }
 
-/// Bare loop: counts datagrams, nothing else.
 /// A bare loop that only counts datagrams, with `recvmmsg` (64 per call) or
-/// one `recv_from` per datagram.
-fn drain_bare_once(count: usize, mmsg: bool) -> std::io::Result<f64> {
-    let socket = receiver()?;
-    let frames: Vec<Vec<u8>> =
-        random_devices(10_000, count).iter().map(|&i| frame(&device_id(i), 2, &[], None)).collect();
-    let _sender = fill(socket.local_addr()?, &frames)?;
+/// one `recv_from` per datagram; with `threads` > 1, one recvmmsg loop per
+/// socket of an SO_REUSEPORT group, on its own thread.
+fn drain_bare_once(count: usize, mmsg: bool, threads: usize) -> std::io::Result<f64> {
+    let sockets = receivers(threads)?;
+    let devices = random_devices(10_000, count);
+    let frames: Vec<Vec<u8>> = devices.iter().map(|&i| frame(&device_id(i), 2, &[], None)).collect();
+    let _senders = fill(sockets[0].local_addr()?, &frames, &devices)?;
+    let started = Instant::now();
+    let received: usize = std::thread::scope(|scope| {
+        let loops: Vec<_> =
+            sockets.iter().map(|socket| scope.spawn(move || drain_bare(socket, mmsg))).collect();
+        loops.into_iter().map(|l| l.join().expect("drain thread")).sum::<std::io::Result<usize>>()
+    })?;
+    let elapsed = started.elapsed();
+    if received < count {
+        eprintln!("note: the kernel queued only {received} of {count} datagrams");
+    }
+    Ok(received as f64 / elapsed.as_secs_f64())
+}
+
+/// Reads `socket` until it is empty; returns how many datagrams.
+fn drain_bare(socket: &UdpSocket, mmsg: bool) -> std::io::Result<usize> {
     socket.set_nonblocking(true)?;
     let mut buf = [0u8; 2048];
     let mut buffers = Box::new([[0u8; 2048]; 64]);
     let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(64, None);
-    let started = Instant::now();
     let mut received = 0usize;
     let mut bytes = 0usize;
     if mmsg {
@@ -319,12 +363,8 @@ fn drain_bare_once(count: usize, mmsg: bool) -> std::io::Result<f64> {
             }
         }
     }
-    let elapsed = started.elapsed();
     std::hint::black_box(bytes);
-    if received < count {
-        eprintln!("note: the kernel queued only {received} of {count} datagrams");
-    }
-    Ok(received as f64 / elapsed.as_secs_f64())
+    Ok(received)
 }
 
 fn config(auth: AuthMode) -> Config {
@@ -340,27 +380,39 @@ fn config(auth: AuthMode) -> Config {
 
 /// A tracker with `n` devices online (seq 1), fed in-process.
 fn populated(n: usize, auth: AuthMode, payload: &[u8]) -> Tracker {
-    let mut tracker = Tracker::new(config(auth), Instant::now(), SystemTime::now()).expect("valid config");
+    populated_shards(n, auth, payload, 1).remove(0)
+}
+
+/// `threads` tracker shards with `n` devices online (seq 1) between them.
+fn populated_shards(n: usize, auth: AuthMode, payload: &[u8], threads: usize) -> Vec<Tracker> {
+    let mut shards =
+        Tracker::new_sharded(config(auth), threads, Instant::now(), SystemTime::now()).expect("valid config");
     let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
     for i in 0..n {
         let id = device_id(i);
         let key = (auth != AuthMode::Off).then(|| auth::device_key(&MASTER, &id));
+        let tracker = &mut shards[shard::owner(id.as_bytes(), threads)];
         tracker.handle(Instant::now(), from, &frame(&id, 1, payload, key.as_ref()), &mut reply);
         while tracker.poll_event().is_some() {}
     }
-    tracker
+    shards
 }
 
-/// The server loop draining `count` queued heartbeats for `n` known devices.
-fn drain_server(count: usize, n: usize, auth: AuthMode) -> std::io::Result<f64> {
-    let mut tracker = populated(n, auth, &[]);
+fn heartbeats(trackers: &[Tracker]) -> u64 {
+    trackers.iter().map(|t| t.counters().heartbeats).sum()
+}
+
+/// The server (`threads` loops) draining `count` queued heartbeats for `n` known devices.
+fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::io::Result<f64> {
+    let mut trackers = populated_shards(n, auth, &[], threads);
     let mut seqs = vec![1u32; n];
     let mut rates = Vec::new();
     for _ in 0..REPEATS {
-        let socket = receiver()?;
-        let addr = socket.local_addr()?;
-        let frames: Vec<Vec<u8>> = random_devices(n, count)
+        let sockets = receivers(threads)?;
+        let addr = sockets[0].local_addr()?;
+        let devices = random_devices(n, count);
+        let frames: Vec<Vec<u8>> = devices
             .iter()
             .map(|&i| {
                 seqs[i] += 1;
@@ -369,28 +421,38 @@ fn drain_server(count: usize, n: usize, auth: AuthMode) -> std::io::Result<f64> 
                 frame(&id, seqs[i], &[], key.as_ref())
             })
             .collect();
-        let _sender = fill(addr, &frames)?;
-        // The last datagram in the queue is a summary query: its reply marks the end.
+        let _senders = fill(addr, &frames, &devices)?;
+        // Summary queries, asked until they count every queued heartbeat,
+        // mark the end (each waits behind the heartbeats queued before it).
         let client = UdpSocket::bind("127.0.0.1:0")?;
         client.connect(addr)?;
+        client.set_read_timeout(Some(Duration::from_secs(120)))?;
         let mut query = [0u8; wire::MAX_DATAGRAM];
         let len = encode_query(1, QueryKind::Summary, None, &mut query).expect("valid query");
-        client.send(&query[..len])?;
-        client.set_read_timeout(Some(Duration::from_secs(120)))?;
         let stop = Stop::new();
-        let before = tracker.counters().heartbeats;
+        let before = heartbeats(&trackers);
         let started = Instant::now();
         let loop_stop = stop.clone();
         let handle = std::thread::spawn(move || {
             let mut events = EventLog::none();
-            server::run(&socket, tracker, &loop_stop, &mut events)
+            server::run_sharded(&sockets, trackers, &loop_stop, &mut events)
         });
         let mut reply = [0u8; wire::MAX_DATAGRAM];
-        client.recv(&mut reply)?;
-        let elapsed = started.elapsed();
+        let elapsed = loop {
+            client.send(&query[..len])?;
+            let n = client.recv(&mut reply)?;
+            let Ok(Message::Status(Status { body: StatusBody::Summary(summary), .. })) =
+                wire::decode(&reply[..n])
+            else {
+                return Err(std::io::Error::other("not a summary"));
+            };
+            if summary.heartbeats >= before + count as u64 || started.elapsed() > Duration::from_secs(60) {
+                break started.elapsed();
+            }
+        };
         stop.stop();
-        tracker = handle.join().expect("server thread")?;
-        let handled = (tracker.counters().heartbeats - before) as usize;
+        trackers = handle.join().expect("server thread")?;
+        let handled = (heartbeats(&trackers) - before) as usize;
         if handled < count {
             eprintln!("note: the server handled {handled} of {count} queued heartbeats");
         }
@@ -625,6 +687,8 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
     let cpu = thread_cpu_ns(tid) - cpu_before;
     let drops = kernel_drops(addr.port());
     stop.stop();
+    // The bare loop blocks in recv_from: an empty datagram wakes it.
+    sender.send(&[])?;
     let received = receiver.join().expect("receiver thread")?;
     Ok(FixedRate { cpu_per_heartbeat_ns: cpu as f64 / received.max(1) as f64, received, drops })
 }
