@@ -55,7 +55,7 @@ fn beat(seq: u32) -> Beat<'static> {
 fn filled_table(ids: &[Arc<str>], t0: Instant) -> PresenceTable {
     let mut table = PresenceTable::new(usize::MAX, t0);
     for id in ids {
-        table.beat(t0, id, beat(1)).unwrap();
+        table.beat(t0, id.as_bytes(), beat(1)).unwrap();
     }
     table
 }
@@ -71,7 +71,7 @@ fn beat_presence_table(bencher: divan::Bencher, n: usize) {
     bencher.bench_local(|| {
         let id = &ids[order[i % n]];
         let now = t0 + Duration::from_micros(i as u64);
-        let result = table.beat(now, black_box(id), beat((i / n) as u32 + 2));
+        let result = table.beat(now, black_box(id.as_bytes()), beat((i / n) as u32 + 2));
         i += 1;
         result
     });
@@ -147,7 +147,7 @@ fn expire_1000_presence_table(bencher: divan::Bencher, n: usize) {
             // 1 000 devices due at t0 + TTL, the rest a minute later.
             for (i, id) in ids.iter().enumerate() {
                 let at = if i < 1000 { t0 } else { t0 + Duration::from_secs(60) };
-                table.beat(at, id, beat(1)).unwrap();
+                table.beat(at, id.as_bytes(), beat(1)).unwrap();
             }
             table
         })

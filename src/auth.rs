@@ -38,8 +38,8 @@ pub fn device_subkey(master: &Key) -> Key {
 }
 
 /// The key of `device`, given the device subkey.
-pub fn device_key_from_subkey(subkey: &Key, device: &str) -> Key {
-    *blake3::keyed_hash(subkey, device.as_bytes()).as_bytes()
+pub fn device_key_from_subkey(subkey: &Key, device: impl AsRef<[u8]>) -> Key {
+    *blake3::keyed_hash(subkey, device.as_ref()).as_bytes()
 }
 
 /// The key of `device`, given the master secret (provisioning).

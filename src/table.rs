@@ -21,6 +21,7 @@
 //! Each device also carries a [`ReplayWindow`]: a heartbeat or leave is
 //! accepted only if its (boot, seq) is new.
 
+use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::hash::BuildHasher;
@@ -59,6 +60,8 @@ pub enum Refusal {
     Replay,
     /// A new device, and the table is full of online devices.
     OverCapacity,
+    /// A new device whose id is not UTF-8.
+    BadId,
 }
 
 /// How far back, in sequence numbers, a reordered heartbeat is still accepted.
@@ -326,6 +329,8 @@ pub struct PresenceTable {
     index: HashTable<u32>,
     /// Hashes ids for `index`; seeded per process.
     hasher: foldhash::fast::RandomState,
+    /// The last instant converted by `micros`, and the result.
+    last_now: Cell<Option<(Instant, u64)>>,
     /// Online devices by (filed deadline, slot, generation); may hold stale entries.
     expiry: BinaryHeap<Reverse<(u64, u32, u32)>>,
     /// Offline devices by (last seen, slot).
@@ -360,6 +365,7 @@ impl PresenceTable {
             free_payloads: Vec::new(),
             index: HashTable::new(),
             hasher: foldhash::fast::RandomState::default(),
+            last_now: Cell::new(None),
             expiry: BinaryHeap::new(),
             offline: BTreeSet::new(),
             online: 0,
@@ -369,9 +375,19 @@ impl PresenceTable {
     }
 
     fn micros(&self, at: Instant) -> u64 {
+        // The server passes the same `now` for a whole batch of datagrams,
+        // and each is converted twice (expiry check, then the beat).
+        if let Some((last, micros)) = self.last_now.get() {
+            if last == at {
+                return micros;
+            }
+        }
         // Not `as_micros()`: its u128 division costs more than the rest of a heartbeat's bookkeeping.
         let since = at.saturating_duration_since(self.epoch);
-        since.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(since.subsec_micros()))
+        let micros =
+            since.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(since.subsec_micros()));
+        self.last_now.set(Some((at, micros)));
+        micros
     }
 
     fn instant(&self, micros: u64) -> Instant {
@@ -394,11 +410,11 @@ impl PresenceTable {
     }
 
     /// The slot of `device`. Ids are hashed and compared as bytes everywhere.
-    fn find(&self, device: &str) -> Option<usize> {
-        let hash = self.hasher.hash_one(device.as_bytes());
+    fn find(&self, device: &[u8]) -> Option<usize> {
+        let hash = self.hasher.hash_one(device);
         let (slots, long_ids) = (&self.slots, &self.long_ids);
         self.index
-            .find(hash, |&i| Self::id_bytes(&slots[i as usize], long_ids) == device.as_bytes())
+            .find(hash, |&i| Self::id_bytes(&slots[i as usize], long_ids) == device)
             .map(|&i| i as usize)
     }
 
@@ -478,12 +494,17 @@ impl PresenceTable {
     ///
     /// The caller expires due devices first, so a heartbeat that arrives after
     /// the deadline is seen as a return, not as a continuation.
-    pub fn beat(&mut self, now: Instant, device: &str, beat: Beat<'_>) -> Result<bool, Refusal> {
+    ///
+    /// The id may be given as bytes (the server's hot path skips the UTF-8
+    /// check for ids it already holds); a new id that is not UTF-8 is refused.
+    pub fn beat(&mut self, now: Instant, device: impl AsRef<[u8]>, beat: Beat<'_>) -> Result<bool, Refusal> {
+        let device: &[u8] = device.as_ref();
         let now_us = self.micros(now);
         let ttl_ms = whole_millis(beat.ttl);
         let interval_ms = whole_millis(beat.interval);
         let deadline = now_us + u64::from(ttl_ms) * 1000;
         let Some(i) = self.find(device) else {
+            let device = std::str::from_utf8(device).map_err(|_| Refusal::BadId)?;
             return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| true);
         };
         let slot = &self.slots[i];
@@ -597,7 +618,7 @@ impl PresenceTable {
     /// Returns its entry if it was online. An unknown or already offline
     /// device stays as it is (a new pair is still recorded as seen).
     pub fn leave(&mut self, device: &str, boot: u32, seq: u32) -> Result<Option<Entry<'_>>, Refusal> {
-        let Some(i) = self.find(device) else {
+        let Some(i) = self.find(device.as_bytes()) else {
             return Ok(None);
         };
         let slot = &mut self.slots[i];
@@ -677,7 +698,7 @@ impl PresenceTable {
 
     /// The state of one device, online or not.
     pub fn get(&self, device: &str) -> Option<Entry<'_>> {
-        self.find(device).map(|i| self.entry(i))
+        self.find(device.as_bytes()).map(|i| self.entry(i))
     }
 
     /// Online devices in slot order, starting at slot `start`: each with its
@@ -726,7 +747,7 @@ impl PresenceTable {
             }
             known += 1;
             let id = Self::id_of(slot, &self.long_ids);
-            assert_eq!(self.find(id), Some(i), "index disagrees on {id}");
+            assert_eq!(self.find(id.as_bytes()), Some(i), "index disagrees on {id}");
             let in_offline = self.offline.contains(&(slot.last_seen, i as u32));
             assert_eq!(!slot.online, in_offline, "offline index disagrees on {id}");
             if slot.online {

@@ -26,8 +26,8 @@ use crate::limit::RateLimiter;
 use crate::shard;
 use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable, Refusal};
 use crate::wire::{
-    self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Heartbeat, Leave, Message, Page,
-    Query, QueryKind, RecordWriter, Status, StatusBody, Summary, Tag,
+    self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Leave, Message, Page, Query,
+    QueryKind, RawHeartbeat, RecordWriter, Status, StatusBody, Summary, Tag,
 };
 
 /// Whether heartbeats and leaves must carry a valid tag.
@@ -314,6 +314,8 @@ pub struct Tracker {
     shard: (usize, usize),
     /// The other shards' totals, added to a summary; see [`Tracker::set_peer_totals`].
     peers: Totals,
+    /// The last declared interval (ms) seen and the TTL it gets.
+    last_ttl: Option<(u32, Duration)>,
 }
 
 impl Tracker {
@@ -331,6 +333,7 @@ impl Tracker {
             page_scratch: vec![0; wire::MAX_DATAGRAM].into_boxed_slice(),
             shard: (0, 1),
             peers: Totals::default(),
+            last_ttl: None,
         })
     }
 
@@ -436,6 +439,13 @@ impl Tracker {
     /// depend on how promptly the caller calls `handle_timeout`.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], reply: &mut [u8]) -> Handled {
         self.handle_timeout(now);
+        if let Some(hb) = wire::decode_heartbeat_ascii(datagram) {
+            // The usual heartbeat: its tag, if any, is the last 8 bytes.
+            let tag = hb.tag.map(|tag| (&datagram[..datagram.len() - auth::TAG_LEN], tag));
+            return self
+                .heartbeat(now, from, hb, tag, datagram.len(), reply)
+                .unwrap_or_else(|reason| self.drop(reason, None));
+        }
         let message = match wire::decode(datagram) {
             Ok(message) => message,
             Err(error) => {
@@ -448,7 +458,7 @@ impl Tracker {
         };
         let tag = auth::signed_part(datagram, &message);
         let result = match message {
-            Message::Heartbeat(hb) => self.heartbeat(now, from, hb, tag, datagram.len(), reply),
+            Message::Heartbeat(hb) => self.heartbeat(now, from, hb.into(), tag, datagram.len(), reply),
             Message::Leave(leave) => self.leave(now, leave, tag),
             Message::Query(query) => self.query(now, from, query, tag, datagram.len(), reply),
             Message::Status(_) | Message::Ack(_) | Message::Error(_) => Err(DropReason::UnexpectedKind),
@@ -468,7 +478,7 @@ impl Tracker {
     }
 
     /// Checks the tag of a device's frame as `auth` demands.
-    fn authenticate_device(&self, device: &str, tag: Option<(&[u8], Tag)>) -> Result<(), DropReason> {
+    fn authenticate_device(&self, device: &[u8], tag: Option<(&[u8], Tag)>) -> Result<(), DropReason> {
         match (self.config.auth, tag, &self.config.keys) {
             (AuthMode::Off, _, _) | (AuthMode::Optional, None, _) => Ok(()),
             (AuthMode::Required, None, _) => Err(DropReason::MissingTag),
@@ -484,20 +494,29 @@ impl Tracker {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        hb: Heartbeat<'_>,
+        hb: RawHeartbeat<'_>,
         tag: Option<(&[u8], Tag)>,
         request_len: usize,
         reply: &mut [u8],
     ) -> Result<Handled, DropReason> {
         self.authenticate_device(hb.device, tag)?;
         let interval = Duration::from_millis(hb.interval_ms.into());
-        let ttl = self.config.ttl(interval);
+        // A fleet mostly declares one interval: remember the last TTL worked out.
+        let ttl = match self.last_ttl {
+            Some((declared, ttl)) if declared == hb.interval_ms => ttl,
+            _ => {
+                let ttl = self.config.ttl(interval);
+                self.last_ttl = Some((hb.interval_ms, ttl));
+                ttl
+            }
+        };
         let beat = Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload };
         let came_online = self.table.beat(now, hb.device, beat).map_err(refusal)?;
         self.counters.heartbeats += 1;
-        if came_online {
+        // A device that came online was just admitted (or held), so its id is UTF-8.
+        if let Some(device) = came_online.then(|| std::str::from_utf8(hb.device).ok()).flatten() {
             self.events.push_back(Event {
-                device: hb.device.into(),
+                device: device.into(),
                 kind: EventKind::Online,
                 at: now,
                 deadline: None,
@@ -527,7 +546,7 @@ impl Tracker {
         leave: Leave<'_>,
         tag: Option<(&[u8], Tag)>,
     ) -> Result<Handled, DropReason> {
-        self.authenticate_device(leave.device, tag)?;
+        self.authenticate_device(leave.device.as_bytes(), tag)?;
         let left = self.table.leave(leave.device, leave.boot, leave.seq).map_err(refusal)?;
         if let Some(entry) = left {
             let addr = entry.addr();
@@ -666,6 +685,7 @@ fn refusal(refusal: Refusal) -> DropReason {
     match refusal {
         Refusal::Replay => DropReason::Replay,
         Refusal::OverCapacity => DropReason::OverCapacity,
+        Refusal::BadId => DropReason::BadDeviceId,
     }
 }
 

@@ -731,17 +731,79 @@ impl<'a> Fast<'a> {
     }
 }
 
+/// A heartbeat as [`decode_heartbeat_ascii`] reads it: the id as bytes
+/// (known to be ASCII, so valid UTF-8), the rest as in [`Heartbeat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawHeartbeat<'a> {
+    /// The device id's bytes.
+    pub device: &'a [u8],
+    /// As [`Heartbeat::boot`].
+    pub boot: u32,
+    /// As [`Heartbeat::seq`].
+    pub seq: u32,
+    /// As [`Heartbeat::interval_ms`].
+    pub interval_ms: u32,
+    /// As [`Heartbeat::flags`].
+    pub flags: u8,
+    /// As [`Heartbeat::payload`].
+    pub payload: &'a [u8],
+    /// As [`Heartbeat::tag`].
+    pub tag: Option<Tag>,
+}
+
+impl<'a> From<Heartbeat<'a>> for RawHeartbeat<'a> {
+    fn from(hb: Heartbeat<'a>) -> Self {
+        RawHeartbeat {
+            device: hb.device.as_bytes(),
+            boot: hb.boot,
+            seq: hb.seq,
+            interval_ms: hb.interval_ms,
+            flags: hb.flags,
+            payload: hb.payload,
+            tag: hb.tag,
+        }
+    }
+}
+
+/// The server's hot path: a whole frame that is a heartbeat in the usual
+/// encoding, with an ASCII id. Where this returns `Some`, [`decode`] returns
+/// the same heartbeat; where it returns `None`, use [`decode`]. It skips the
+/// general UTF-8 check, which costs more than the rest of the decoding for a
+/// typical id.
+pub fn decode_heartbeat_ascii(datagram: &[u8]) -> Option<RawHeartbeat<'_>> {
+    match datagram {
+        [VERSION, body @ ..] if datagram.len() <= MAX_DATAGRAM => {
+            decode_heartbeat_raw(body).filter(|hb| hb.device.is_ascii())
+        }
+        _ => None,
+    }
+}
+
 /// The hot path: decodes a well-formed heartbeat (the body after the
 /// version byte) without going through serde. It accepts exactly what the
 /// general decoder accepts or returns `None`, in which case the general
 /// decoder runs and reports the precise error; a property test checks that
 /// the two agree on arbitrary input.
 fn decode_heartbeat_fast(body: &[u8]) -> Option<Heartbeat<'_>> {
+    let hb = decode_heartbeat_raw(body)?;
+    Some(Heartbeat {
+        device: core::str::from_utf8(hb.device).ok()?,
+        boot: hb.boot,
+        seq: hb.seq,
+        interval_ms: hb.interval_ms,
+        flags: hb.flags,
+        payload: hb.payload,
+        tag: hb.tag,
+    })
+}
+
+/// [`decode_heartbeat_fast`] but for the UTF-8 check of the id.
+fn decode_heartbeat_raw(body: &[u8]) -> Option<RawHeartbeat<'_>> {
     let mut r = Fast { rest: body };
     if r.byte()? != 0 {
         return None;
     }
-    let device = core::str::from_utf8(r.short_bytes()?).ok()?;
+    let device = r.short_bytes()?;
     let boot = r.u32()?;
     let seq = r.u32()?;
     let interval_ms = r.u32()?;
@@ -760,7 +822,7 @@ fn decode_heartbeat_fast(body: &[u8]) -> Option<Heartbeat<'_>> {
     {
         return None;
     }
-    Some(Heartbeat { device, boot, seq, interval_ms, flags, payload, tag })
+    Some(RawHeartbeat { device, boot, seq, interval_ms, flags, payload, tag })
 }
 
 /// The general decoder alone, for tests that compare it with the fast path.

@@ -266,7 +266,7 @@ proptest! {
             match op {
                 Op::Beat { device, ttl_ms, boot, seq } => {
                     let ttl = Duration::from_millis(ttl_ms);
-                    let got = table.beat(now, &id(device), Beat { ttl, boot, seq, ..beat(ttl_ms, seq) });
+                    let got = table.beat(now, id(device), Beat { ttl, boot, seq, ..beat(ttl_ms, seq) });
                     prop_assert_eq!(got, model.beat(now, &id(device), boot, seq, ttl));
                 }
                 Op::Leave { device, boot, seq } => {

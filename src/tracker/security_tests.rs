@@ -5,7 +5,7 @@ use super::tests::Sim;
 use super::*;
 use crate::auth;
 use crate::client::encode_query;
-use crate::wire::MAX_DATAGRAM;
+use crate::wire::{Heartbeat, MAX_DATAGRAM};
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
 

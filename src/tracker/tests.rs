@@ -1,7 +1,7 @@
 //! Engine tests in simulated time: `now` is a base instant plus offsets.
 
 use super::*;
-use crate::wire::{Addr, MAX_DATAGRAM};
+use crate::wire::{Addr, Heartbeat, MAX_DATAGRAM};
 
 const OPERATOR_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1)), 9000);

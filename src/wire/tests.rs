@@ -468,6 +468,13 @@ proptest! {
             if let Some(fast) = decode_heartbeat_fast(&bytes[1..]) {
                 prop_assert_eq!(decode_general(&bytes), Ok(Message::Heartbeat(fast)));
             }
+            // The server's ASCII path agrees with decode() wherever it answers.
+            if let Some(raw) = decode_heartbeat_ascii(&bytes) {
+                let Ok(Message::Heartbeat(hb)) = decode(&bytes) else {
+                    return Err(TestCaseError::fail("the ASCII path took what decode refuses"));
+                };
+                prop_assert_eq!(raw, RawHeartbeat::from(hb));
+            }
             // And decode() as a whole still matches the general decoder, errors included.
             if bytes[1] < 6 && bytes.len() <= MAX_DATAGRAM {
                 prop_assert_eq!(decode(&bytes), decode_general(&bytes));
@@ -478,11 +485,21 @@ proptest! {
 
 #[test]
 fn fast_path_takes_ordinary_heartbeats() {
+    // A non-ASCII (but valid UTF-8) id is left to decode().
+    let mut buf = [0u8; 64];
+    let hb =
+        Heartbeat {
+            device: "capteur-é", boot: 1, seq: 1, interval_ms: 0, flags: 0, payload: &[], tag: None
+        };
+    let len = encode(&Message::Heartbeat(hb), &mut buf).unwrap();
+    assert_eq!(decode_heartbeat_ascii(&buf[..len]), None);
+    assert_eq!(decode(&buf[..len]), Ok(Message::Heartbeat(hb)));
     for vector in [
         "01000c73656e736f722d3030303432e80701904e000000",
         "0100026431f8acd19101ac020001015a00",
         "01000c73656e736f722d3030303432e80701904e000001b76cdf5164e19cdf",
     ] {
         assert!(decode_heartbeat_fast(&hex(vector)[1..]).is_some(), "{vector}");
+        assert!(decode_heartbeat_ascii(&hex(vector)).is_some(), "{vector}");
     }
 }
