@@ -131,15 +131,20 @@ fn main() -> std::io::Result<()> {
         (plan.devices[1], AuthMode::Off),
         (plan.devices[1], AuthMode::Required),
     ] {
-        let one = drain_server(plan.drain, n, auth, 1)?;
-        let two = drain_server(plan.drain, n, auth, 2)?;
+        let (one, _) = drain_server(plan.drain, n, auth, 1)?;
+        let (two, handed) = drain_server(plan.drain, n, auth, 2)?;
         let label =
             format!("{} devices, auth {}", human(n), if auth == AuthMode::Off { "off" } else { "required" });
         rows.push((format!("drain, server, {label}"), rate(one), format!("{:.2} x bare", one / bare)));
         rows.push((
             format!("drain, server --threads 2, {label}"),
             rate(two),
-            format!("{:.2} x bare; {:.2} x 1 thread", two / bare, two / one),
+            format!(
+                "{:.2} x bare; {:.2} x 1 thread; {:.1}% handed over",
+                two / bare,
+                two / one,
+                handed * 100.0
+            ),
         ));
     }
     if std::env::args().any(|a| a == "--drain-only") {
@@ -238,8 +243,11 @@ fn micros(d: Duration) -> String {
 
 /// `count` sockets on one port of 127.0.0.1 (an SO_REUSEPORT group if more
 /// than one), each with a receive buffer that holds a whole drain run.
-fn receivers(count: usize) -> std::io::Result<Vec<UdpSocket>> {
+fn receivers(count: usize, steer: bool) -> std::io::Result<Vec<UdpSocket>> {
     let group = server::bind_group("127.0.0.1:0".parse().unwrap(), None, count)?;
+    if steer {
+        server::steer_by_id(&group)?;
+    }
     let mut sockets = Vec::new();
     for bound in group {
         // Needs CAP_NET_ADMIN to pass net.core.rmem_max; falls back to the plain request.
@@ -307,7 +315,7 @@ fn fill(to: SocketAddr, frames: &[Vec<u8>], devices: &[usize]) -> std::io::Resul
 /// one `recv_from` per datagram; with `threads` > 1, one recvmmsg loop per
 /// socket of an SO_REUSEPORT group, on its own thread.
 fn drain_bare_once(count: usize, mmsg: bool, threads: usize) -> std::io::Result<f64> {
-    let sockets = receivers(threads)?;
+    let sockets = receivers(threads, false)?;
     let devices = random_devices(10_000, count);
     let frames: Vec<Vec<u8>> = devices.iter().map(|&i| frame(&device_id(i), 2, &[], None)).collect();
     let _senders = fill(sockets[0].local_addr()?, &frames, &devices)?;
@@ -404,12 +412,15 @@ fn heartbeats(trackers: &[Tracker]) -> u64 {
 }
 
 /// The server (`threads` loops) draining `count` queued heartbeats for `n` known devices.
-fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::io::Result<f64> {
+/// Returns the rate and the share of datagrams handed between threads.
+fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::io::Result<(f64, f64)> {
     let mut trackers = populated_shards(n, auth, &[], threads);
+    let mut handed_over = 0u64;
     let mut seqs = vec![1u32; n];
     let mut rates = Vec::new();
     for _ in 0..REPEATS {
-        let sockets = receivers(threads)?;
+        // As `serve` does: the kernel steers heartbeats to their owner's socket.
+        let sockets = receivers(threads, true)?;
         let addr = sockets[0].local_addr()?;
         let devices = random_devices(n, count);
         let frames: Vec<Vec<u8>> = devices
@@ -451,14 +462,16 @@ fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::
             }
         };
         stop.stop();
-        trackers = handle.join().expect("server thread")?;
+        let finished = handle.join().expect("server thread")?;
+        trackers = finished.trackers;
+        handed_over += finished.handed_over;
         let handled = (heartbeats(&trackers) - before) as usize;
         if handled < count {
             eprintln!("note: the server handled {handled} of {count} queued heartbeats");
         }
         rates.push(handled as f64 / elapsed.as_secs_f64());
     }
-    Ok(median(rates))
+    Ok((median(rates), handed_over as f64 / (REPEATS * count) as f64))
 }
 
 /// Each drain figure is the median of this many runs.

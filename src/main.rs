@@ -357,6 +357,13 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     };
     let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
         .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let steering = match server::steer_by_id(&group) {
+        Ok(()) => group.len() > 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot steer datagrams to their owner's thread; handing them over instead");
+            false
+        }
+    };
     let bound = &group[0];
     if bound.recv_buffer < args.recv_buffer {
         tracing::warn!(
@@ -369,6 +376,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         addr = %bound.local_addr,
         recv_buffer = bound.recv_buffer,
         threads = args.threads,
+        steering,
         timeout = %humantime::format_duration(config.timeout),
         misses = config.misses,
         min_ttl = %humantime::format_duration(config.min_ttl),
@@ -382,10 +390,10 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     on_signal(move || signal_stop.stop())?;
     let trackers = Tracker::new_sharded(config, group.len(), Instant::now(), SystemTime::now())?;
     let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
-    let trackers =
+    let finished =
         server::run_sharded(&sockets, trackers, &stop, &mut events).context("server loop failed")?;
     let mut totals = Totals::default();
-    for tracker in &trackers {
+    for tracker in &finished.trackers {
         totals.add(&tracker.totals());
     }
     tracing::info!(
@@ -393,6 +401,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         known = totals.known,
         heartbeats = totals.counters.heartbeats,
         dropped = totals.counters.total_drops(),
+        handed_over = finished.handed_over,
         "stopped"
     );
     Ok(ExitCode::SUCCESS)

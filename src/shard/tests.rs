@@ -293,3 +293,92 @@ proptest! {
         }
     }
 }
+
+/// Runs a classic BPF program on `packet` the way the kernel does, for the
+/// opcodes [`steering_program`] uses; `None` where the kernel would abort
+/// (it then returns 0).
+fn run_bpf(program: &[BpfInsn], packet: &[u8]) -> Option<u32> {
+    let (mut a, mut x, mut mem, mut pc) = (0u32, 0u32, [0u32; 16], 0usize);
+    loop {
+        let insn = program.get(pc)?;
+        pc += 1;
+        let k = insn.k;
+        let jump = |taken: bool| usize::from(if taken { insn.jt } else { insn.jf });
+        match insn.code {
+            op::LD_LEN => a = packet.len() as u32,
+            op::LD_B_ABS => a = u32::from(*packet.get(k as usize)?),
+            op::LD_IMM => a = k,
+            op::LD_MEM => a = mem[k as usize],
+            op::ST => mem[k as usize] = a,
+            op::TAX => x = a,
+            op::SUB_K => a = a.wrapping_sub(k),
+            op::MUL_K => a = a.wrapping_mul(k),
+            op::MOD_K => a %= k,
+            op::XOR_X => a ^= x,
+            op::JA => pc += k as usize,
+            op::JEQ_K => pc += jump(a == k),
+            op::JGT_K => pc += jump(a > k),
+            op::JGE_K => pc += jump(a >= k),
+            op::JGE_X => pc += jump(a >= x),
+            op::RET_A => return Some(a),
+            op::RET_K => return Some(k),
+            other => panic!("opcode {other:#x} not modelled"),
+        }
+    }
+}
+
+#[test]
+fn the_steering_program_is_valid_classic_bpf() {
+    for shards in [2, 3, 8] {
+        let program = steering_program(shards);
+        // The kernel's limits: at most 4096 instructions, jumps only forward
+        // and inside the program, and it ends with a return.
+        assert!(program.len() <= 4096);
+        assert!(matches!(program.last().map(|i| i.code), Some(op::RET_A | op::RET_K)));
+        for (pc, insn) in program.iter().enumerate() {
+            let targets = match insn.code {
+                op::JA => vec![insn.k as usize],
+                op::JEQ_K | op::JGT_K | op::JGE_K | op::JGE_X => vec![insn.jt.into(), insn.jf.into()],
+                op::RET_A | op::RET_K => vec![],
+                _ => vec![0],
+            };
+            for skip in targets {
+                assert!(pc + 1 + skip < program.len(), "jump out of the program at {pc}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_steering_program_picks_the_owner_of_heartbeats_and_leaves() {
+    for shards in [2, 3, 5] {
+        let program = steering_program(shards);
+        for i in 0..300 {
+            let id = format!("{}-{i}", "x".repeat(i % 70));
+            if id.len() > wire::MAX_ID_LEN {
+                continue;
+            }
+            let owner = owner(id.as_bytes(), shards) as u32;
+            assert_eq!(run_bpf(&program, &heartbeat(&id, i as u32)), Some(owner), "{id}");
+            let leave = encode(&Message::Leave(Leave { device: &id, boot: 1, seq: 2, tag: None }));
+            assert_eq!(run_bpf(&program, &leave), Some(owner), "{id}");
+        }
+        // Queries, garbage and cut-off frames get no owner (the kernel then uses its own hash).
+        for packet in [query(QueryKind::Summary), vec![], vec![1], vec![2, 0, 1, b'a'], vec![1, 0, 5, b'a']] {
+            assert_eq!(run_bpf(&program, &packet), Some(NO_OWNER), "{packet:?}");
+        }
+    }
+}
+
+proptest! {
+    /// Whatever the bytes, the program never reads outside the packet, and
+    /// any shard it names is the one `route` picks.
+    #[test]
+    fn the_steering_program_agrees_with_route(bytes in proptest::collection::vec(any::<u8>(), 0..80), shards in 2usize..6) {
+        let picked = run_bpf(&steering_program(shards), &bytes);
+        prop_assert!(picked.is_some(), "the program read outside the packet");
+        if let Some(shard) = picked.filter(|&s| s != NO_OWNER) {
+            prop_assert_eq!(route(&bytes, shards), Route::Shard(shard as usize));
+        }
+    }
+}
