@@ -5,6 +5,7 @@
 //! cargo run --release --example bench            # the full run (a few minutes)
 //! cargo run --release --example bench -- --quick # a smoke run of a few seconds
 //! cargo run --release --example bench -- --drain-only # only the drain figures
+//! cargo run --release --example bench -- --cpu-only   # only the fixed-rate CPU figures
 //! ```
 //!
 //! Figures:
@@ -107,6 +108,81 @@ fn main() -> std::io::Result<()> {
     println!("presence end-to-end benchmark{} on {} cores", if quick { " (quick)" } else { "" }, cores());
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
+    let cpu_only = std::env::args().any(|a| a == "--cpu-only");
+    if !cpu_only {
+        drain_figures(&plan, &mut rows)?;
+    }
+    if std::env::args().any(|a| a == "--drain-only") {
+        print_rows(rows);
+        return Ok(());
+    }
+    let bare_cpu = fixed_rate(None, &plan)?;
+    rows.push((
+        format!("cpu per heartbeat, bare loop, {} /s offered", human(plan.cpu_rate as usize)),
+        format!("{:.0} ns", bare_cpu.cpu_per_heartbeat_ns),
+        format!("1.00 (baseline); {} received, {} kernel drops", bare_cpu.received, bare_cpu.drops),
+    ));
+    let server_cpu = fixed_rate(Some(plan.cpu_devices), &plan)?;
+    rows.push((
+        format!(
+            "cpu per heartbeat, server, {} devices, {} /s offered",
+            human(plan.cpu_devices),
+            human(plan.cpu_rate as usize)
+        ),
+        format!("{:.0} ns", server_cpu.cpu_per_heartbeat_ns),
+        format!(
+            "{:.2} x bare; {} received, {} kernel drops",
+            server_cpu.cpu_per_heartbeat_ns / bare_cpu.cpu_per_heartbeat_ns,
+            server_cpu.received,
+            server_cpu.drops
+        ),
+    ));
+    if cpu_only {
+        print_rows(rows);
+        return Ok(());
+    }
+    for (payload, auth) in [(0usize, false), (16, false), (0, true)] {
+        let exe = std::env::current_exe()?;
+        let mut child = std::process::Command::new(exe);
+        child.args(["--memory-child", &payload.to_string(), "--devices", &plan.memory_devices.to_string()]);
+        if auth {
+            child.arg("--auth");
+        }
+        let out = child.output()?;
+        let bytes: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
+        rows.push((
+            format!(
+                "memory, {} online devices, 16-byte ids, {payload}-byte payload{}",
+                human(plan.memory_devices),
+                if auth { ", auth required" } else { "" }
+            ),
+            format!("{bytes:.0} B/device"),
+            String::new(),
+        ));
+    }
+    for (rate, figure) in [(plan.expiry_rate, "expiry"), (plan.query_rate, "query")] {
+        let live = live(&plan, rate)?;
+        let load = format!("{} devices, {} heartbeats/s", human(plan.live_devices), human(rate as usize));
+        if figure == "expiry" {
+            rows.push((
+                format!("expiry lateness, {load} ({} expiries)", live.expiries),
+                format!("p50 {} p99 {}", micros(live.late_p50), micros(live.late_p99)),
+                format!("max {}", micros(live.late_max)),
+            ));
+        } else {
+            rows.push((
+                format!("query round trip, {load} ({} queries)", live.queries),
+                format!("p50 {} p99 {}", micros(live.rtt_p50), micros(live.rtt_p99)),
+                format!("max {}", micros(live.rtt_max)),
+            ));
+        }
+    }
+    print_rows(rows);
+    Ok(())
+}
+
+/// The drain figures: bare loops and the server, 1 and 2 threads.
+fn drain_figures(plan: &Plan, rows: &mut Vec<(String, String, String)>) -> std::io::Result<()> {
     let drain_bare = |mmsg: bool, threads: usize| -> std::io::Result<f64> {
         Ok(median(
             (0..REPEATS).map(|_| drain_bare_once(plan.drain, mmsg, threads)).collect::<Result<_, _>>()?,
@@ -147,68 +223,6 @@ fn main() -> std::io::Result<()> {
             ),
         ));
     }
-    if std::env::args().any(|a| a == "--drain-only") {
-        print_rows(rows);
-        return Ok(());
-    }
-    let bare_cpu = fixed_rate(None, &plan)?;
-    rows.push((
-        format!("cpu per heartbeat, bare loop, {} /s offered", human(plan.cpu_rate as usize)),
-        format!("{:.0} ns", bare_cpu.cpu_per_heartbeat_ns),
-        format!("1.00 (baseline); {} received, {} kernel drops", bare_cpu.received, bare_cpu.drops),
-    ));
-    let server_cpu = fixed_rate(Some(plan.cpu_devices), &plan)?;
-    rows.push((
-        format!(
-            "cpu per heartbeat, server, {} devices, {} /s offered",
-            human(plan.cpu_devices),
-            human(plan.cpu_rate as usize)
-        ),
-        format!("{:.0} ns", server_cpu.cpu_per_heartbeat_ns),
-        format!(
-            "{:.2} x bare; {} received, {} kernel drops",
-            server_cpu.cpu_per_heartbeat_ns / bare_cpu.cpu_per_heartbeat_ns,
-            server_cpu.received,
-            server_cpu.drops
-        ),
-    ));
-    for (payload, auth) in [(0usize, false), (16, false), (0, true)] {
-        let exe = std::env::current_exe()?;
-        let mut child = std::process::Command::new(exe);
-        child.args(["--memory-child", &payload.to_string(), "--devices", &plan.memory_devices.to_string()]);
-        if auth {
-            child.arg("--auth");
-        }
-        let out = child.output()?;
-        let bytes: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
-        rows.push((
-            format!(
-                "memory, {} online devices, 16-byte ids, {payload}-byte payload{}",
-                human(plan.memory_devices),
-                if auth { ", auth required" } else { "" }
-            ),
-            format!("{bytes:.0} B/device"),
-            String::new(),
-        ));
-    }
-    for (rate, figure) in [(plan.expiry_rate, "expiry"), (plan.query_rate, "query")] {
-        let live = live(&plan, rate)?;
-        let load = format!("{} devices, {} heartbeats/s", human(plan.live_devices), human(rate as usize));
-        if figure == "expiry" {
-            rows.push((
-                format!("expiry lateness, {load} ({} expiries)", live.expiries),
-                format!("p50 {} p99 {}", micros(live.late_p50), micros(live.late_p99)),
-                format!("max {}", micros(live.late_max)),
-            ));
-        } else {
-            rows.push((
-                format!("query round trip, {load} ({} queries)", live.queries),
-                format!("p50 {} p99 {}", micros(live.rtt_p50), micros(live.rtt_p99)),
-                format!("max {}", micros(live.rtt_max)),
-            ));
-        }
-    }
-    print_rows(rows);
     Ok(())
 }
 

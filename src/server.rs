@@ -295,17 +295,55 @@ impl Timer {
     }
 }
 
-/// Blocks until the socket, the timer or the waker is readable (or a signal interrupts).
-fn wait(socket: &UdpSocket, timer: &Timer, waker: &OwnedFd) -> io::Result<()> {
-    use rustix::event::{PollFd, PollFlags, poll};
-    let mut fds = [
-        PollFd::new(socket, PollFlags::IN),
-        PollFd::new(&timer.fd, PollFlags::IN),
-        PollFd::new(waker, PollFlags::IN),
-    ];
-    match poll(&mut fds, None) {
-        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
-        Err(e) => Err(e.into()),
+/// Which of the loop's descriptors [`Waiter::wait`] found readable.
+#[derive(Default)]
+struct Ready {
+    timer: bool,
+    waker: bool,
+}
+
+/// Waits for the loop's socket, timer and waker with epoll: registered once,
+/// so each wait costs less than a `poll` of the same three descriptors.
+struct Waiter {
+    /// The epoll instance.
+    epoll: OwnedFd,
+    /// Events of the last wait.
+    events: Vec<rustix::event::epoll::Event>,
+}
+
+impl Waiter {
+    const SOCKET: u64 = 0;
+    const TIMER: u64 = 1;
+    const WAKER: u64 = 2;
+
+    fn new(socket: &UdpSocket, timer: &Timer, waker: &OwnedFd) -> io::Result<Self> {
+        use rustix::event::epoll::{self, CreateFlags, EventData, EventFlags};
+        let epoll = epoll::create(CreateFlags::CLOEXEC)?;
+        epoll::add(&epoll, socket, EventData::new_u64(Self::SOCKET), EventFlags::IN)?;
+        epoll::add(&epoll, &timer.fd, EventData::new_u64(Self::TIMER), EventFlags::IN)?;
+        epoll::add(&epoll, waker, EventData::new_u64(Self::WAKER), EventFlags::IN)?;
+        Ok(Waiter { epoll, events: Vec::with_capacity(4) })
+    }
+
+    /// Blocks until the socket, the timer or the waker is readable (or a
+    /// signal interrupts), and says which of the timer and the waker are.
+    fn wait(&mut self) -> io::Result<Ready> {
+        use rustix::event::epoll;
+        self.events.clear();
+        match epoll::wait(&self.epoll, rustix::buffer::spare_capacity(&mut self.events), None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => return Ok(Ready::default()),
+            Err(e) => return Err(e.into()),
+        }
+        let mut ready = Ready::default();
+        for event in &self.events {
+            match event.data.u64() {
+                Self::TIMER => ready.timer = true,
+                Self::WAKER => ready.waker = true,
+                _ => {}
+            }
+        }
+        Ok(ready)
     }
 }
 
@@ -572,6 +610,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
     let shards = shared.inboxes.len();
     let waker = &shared.inboxes[me].waker;
     let mut timer = Timer::new()?;
+    let mut waiter = Waiter::new(socket, &timer, waker)?;
     let mut batch = Batch::new();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
     let mut warnings = DropWarnings::default();
@@ -586,9 +625,13 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
             shared.stats[me].store(&tracker.totals());
         }
         timer.arm(tracker.poll_timeout(), now)?;
-        wait(socket, &timer, waker)?;
-        timer.clear();
-        if shards > 1 {
+        let ready = waiter.wait()?;
+        if ready.timer {
+            timer.clear();
+        }
+        // The waker is written only when an inbox goes from empty to not
+        // empty, so an inbox is empty unless its waker is readable.
+        if ready.waker && shards > 1 {
             // Datagrams the other shards received for this one's devices.
             clear(waker);
             std::mem::swap(

@@ -7,8 +7,8 @@
 //!   up to 19 bytes, times as microseconds since the table's epoch, the
 //!   address in 18 bytes); a device's slot number never changes while the
 //!   table holds it;
-//! - `index`: id → slot number, a `HashTable` of 4-byte entries that hashes
-//!   the id stored in the slot;
+//! - `index`: id → slot number, 8-byte buckets of (hash tag, slot) with
+//!   linear probing (`table/index.rs`); the id itself is compared in the slot;
 //! - `expiry`: a min-heap of (deadline, slot, generation) for online
 //!   devices, so a sweep pops only what is due. Entries are filed lazily: a
 //!   heartbeat that moves a deadline later touches no heap entry; when the
@@ -29,7 +29,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hashbrown::HashTable;
+use index::SlotIndex;
 
 /// A device id as events carry it.
 pub type DeviceId = Arc<str>;
@@ -326,7 +326,7 @@ pub struct PresenceTable {
     /// Free `payloads` entries.
     free_payloads: Vec<u32>,
     /// id → slot number.
-    index: HashTable<u32>,
+    index: SlotIndex,
     /// Hashes ids for `index`; seeded per process.
     hasher: foldhash::fast::RandomState,
     /// The last instant converted by `micros`, and the result.
@@ -363,7 +363,7 @@ impl PresenceTable {
             free_long_ids: Vec::new(),
             payloads: vec![Box::default()],
             free_payloads: Vec::new(),
-            index: HashTable::new(),
+            index: SlotIndex::default(),
             hasher: foldhash::fast::RandomState::default(),
             last_now: Cell::new(None),
             expiry: BinaryHeap::new(),
@@ -413,9 +413,7 @@ impl PresenceTable {
     fn find(&self, device: &[u8]) -> Option<usize> {
         let hash = self.hasher.hash_one(device);
         let (slots, long_ids) = (&self.slots, &self.long_ids);
-        self.index
-            .find(hash, |&i| Self::id_bytes(&slots[i as usize], long_ids) == device)
-            .map(|&i| i as usize)
+        self.index.find(hash, |i| Self::id_bytes(&slots[i as usize], long_ids) == device).map(|i| i as usize)
     }
 
     fn entry(&self, slot: usize) -> Entry<'_> {
@@ -579,11 +577,7 @@ impl PresenceTable {
                 self.slots.len() - 1
             }
         };
-        let hash = self.hasher.hash_one(device.as_bytes());
-        let (slots, long_ids, hasher) = (&self.slots, &self.long_ids, &self.hasher);
-        self.index.insert_unique(hash, i as u32, |&j| {
-            hasher.hash_one(Self::id_bytes(&slots[j as usize], long_ids))
-        });
+        self.index.insert(self.hasher.hash_one(device.as_bytes()), i as u32);
         self.known += 1;
         self.online += 1;
         let deadline = now_us + u64::from(ttl_ms) * 1000;
@@ -596,9 +590,7 @@ impl PresenceTable {
         let (_, i) = self.offline.pop_first()?;
         let i = i as usize;
         let hash = self.hasher.hash_one(Self::id_bytes(&self.slots[i], &self.long_ids));
-        if let Ok(entry) = self.index.find_entry(hash, |&j| j as usize == i) {
-            entry.remove();
-        }
+        self.index.remove(hash, i as u32);
         let slot = &mut self.slots[i];
         let (id, payload) = (slot.id, slot.payload);
         slot.id = SlotId([0; INLINE_ID + 1]);
@@ -763,5 +755,6 @@ impl PresenceTable {
     }
 }
 
+mod index;
 #[cfg(test)]
 mod tests;
