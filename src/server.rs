@@ -121,6 +121,9 @@ struct StopInner {
     requested: AtomicBool,
     /// The eventfds that wake the loops running under this stop.
     wakers: Mutex<Vec<Arc<OwnedFd>>>,
+    /// Addresses of sockets whose loop may block in a receive: an empty
+    /// datagram wakes it.
+    datagram_wakes: Mutex<Vec<SocketAddr>>,
 }
 
 impl Stop {
@@ -135,6 +138,14 @@ impl Stop {
         for waker in self.inner.wakers.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             wake(waker);
         }
+        for &addr in self.inner.datagram_wakes.lock().unwrap_or_else(PoisonError::into_inner).iter() {
+            wake_by_datagram(addr);
+        }
+    }
+
+    /// Has [`Stop::stop`] also send an empty datagram to `addr`.
+    fn register_datagram_wake(&self, addr: SocketAddr) {
+        self.inner.datagram_wakes.lock().unwrap_or_else(PoisonError::into_inner).push(addr);
     }
 
     /// Whether a stop was asked for.
@@ -152,6 +163,24 @@ impl Stop {
 fn wake(waker: &OwnedFd) {
     // Fails only if the counter would overflow, and then it is readable anyway.
     let _ = rustix::io::write(waker, &1u64.to_ne_bytes());
+}
+
+/// Sends an empty datagram to a socket bound to `addr` (to the loopback
+/// address of its family if it is bound to all addresses). If that fails,
+/// the loop still stops within [`MAX_BLOCK`].
+fn wake_by_datagram(addr: SocketAddr) {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let local: SocketAddr = match ip {
+        std::net::IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    if let Ok(socket) = UdpSocket::bind(local) {
+        let _ = socket.send_to(&[], SocketAddr::new(ip, addr.port()));
+    }
 }
 
 /// Resets an eventfd to unreadable.
@@ -606,8 +635,17 @@ fn worker(shared: &Shared<'_>, me: usize, socket: &UdpSocket, mut tracker: Track
 }
 
 fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Tracker) -> io::Result<()> {
-    socket.set_nonblocking(true)?;
     let shards = shared.inboxes.len();
+    // One shard may block in the receive call itself while its next deadline
+    // is far (see `far_wait`); the socket is then in blocking mode and every
+    // other receive passes MSG_DONTWAIT. Shards keep to epoll, which also
+    // watches their inboxes.
+    let may_block = shards == 1;
+    socket.set_nonblocking(!may_block)?;
+    if may_block {
+        shared.stop.register_datagram_wake(socket.local_addr()?);
+    }
+    let mut read_timeout = ReadTimeout::default();
     let waker = &shared.inboxes[me].waker;
     let mut timer = Timer::new()?;
     let mut waiter = Waiter::new(socket, &timer, waker)?;
@@ -624,8 +662,20 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
         if shards > 1 {
             shared.stats[me].store(&tracker.totals());
         }
-        timer.arm(tracker.poll_timeout(), now)?;
-        let ready = waiter.wait()?;
+        let deadline = tracker.poll_timeout();
+        let block_for = far_wait(deadline, now).filter(|_| may_block);
+        let ready = match block_for {
+            Some(wait) => {
+                // The first receive below blocks, until a datagram comes or
+                // shortly before the deadline; the timer takes over from there.
+                read_timeout.set(socket, wait)?;
+                Ready::default()
+            }
+            None => {
+                timer.arm(deadline, now)?;
+                waiter.wait()?
+            }
+        };
         if ready.timer {
             timer.clear();
         }
@@ -644,8 +694,13 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
             }
             handed.clear();
         }
-        for _ in 0..BATCHES_PER_WAKE {
-            let received = match batch.receive(socket) {
+        for round in 0..BATCHES_PER_WAKE {
+            let flags = if round == 0 && block_for.is_some() {
+                MsgFlags::MSG_WAITFORONE
+            } else {
+                MsgFlags::MSG_DONTWAIT
+            };
+            let received = match batch.receive(socket, flags) {
                 Ok(received) => received,
                 Err(e) => {
                     tracing::warn!(error = %e, "receive failed");
@@ -708,6 +763,50 @@ fn handle(
     }
 }
 
+/// How long before a deadline a blocking receive must return, leaving the
+/// rest to the precise timerfd. A socket read timeout is rounded up to the
+/// kernel's tick (measured up to 16 ms late here), so this is generous.
+const GUARD: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The longest a receive blocks with nobody due, so that a lost stop
+/// datagram delays a stop by at most this.
+const MAX_BLOCK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How long the loop may block in the receive call itself, if the next
+/// deadline is far enough off that the socket's coarse read timeout can wake
+/// it early enough; `None` if it must wait on the timerfd instead.
+fn far_wait(deadline: Option<Instant>, now: Instant) -> Option<std::time::Duration> {
+    match deadline {
+        None => Some(MAX_BLOCK),
+        Some(deadline) => deadline
+            .checked_duration_since(now)
+            .filter(|wait| *wait > 2 * GUARD)
+            .map(|wait| (wait - GUARD).min(MAX_BLOCK)),
+    }
+}
+
+/// The socket's read timeout (SO_RCVTIMEO), changed only when it would let a
+/// receive overrun what is wanted by more than [`ReadTimeout::SLACK`], or
+/// would wake it needlessly soon: a system call per change, not per wait.
+#[derive(Default)]
+struct ReadTimeout {
+    current: Option<std::time::Duration>,
+}
+
+impl ReadTimeout {
+    const SLACK: std::time::Duration = std::time::Duration::from_millis(20);
+
+    fn set(&mut self, socket: &UdpSocket, wanted: std::time::Duration) -> io::Result<()> {
+        let fits = self.current.is_some_and(|t| t <= wanted + Self::SLACK && t >= wanted / 2);
+        if !fits {
+            let wanted = wanted.max(std::time::Duration::from_millis(1));
+            socket.set_read_timeout(Some(wanted))?;
+            self.current = Some(wanted);
+        }
+        Ok(())
+    }
+}
+
 /// Batches received per wake-up before the loop checks its timer again.
 const BATCHES_PER_WAKE: usize = 4;
 
@@ -731,17 +830,13 @@ impl Batch {
         }
     }
 
-    /// Receives what is waiting, without blocking; returns how many datagrams.
-    fn receive(&mut self, socket: &UdpSocket) -> io::Result<usize> {
+    /// Receives what is waiting; returns how many datagrams. With
+    /// `MSG_DONTWAIT` it never blocks; with `MSG_WAITFORONE` on a blocking
+    /// socket it waits for the first datagram (or the socket's read timeout).
+    fn receive(&mut self, socket: &UdpSocket, flags: MsgFlags) -> io::Result<usize> {
         let mut slices = self.buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
         self.received.clear();
-        let results = match recvmmsg(
-            socket.as_raw_fd(),
-            &mut self.headers,
-            slices.iter_mut(),
-            MsgFlags::MSG_DONTWAIT,
-            None,
-        ) {
+        let results = match recvmmsg(socket.as_raw_fd(), &mut self.headers, slices.iter_mut(), flags, None) {
             Ok(results) => results,
             Err(Errno::EAGAIN | Errno::EINTR) => return Ok(0),
             Err(e) => return Err(e.into()),
