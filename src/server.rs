@@ -913,8 +913,10 @@ fn publish(tracker: &mut Tracker, events: &Mutex<&mut EventLog>) -> io::Result<(
     events.flush()
 }
 
+/// Sends without ever blocking the loop (the socket itself may be in
+/// blocking mode): a reply that finds the send buffer full is dropped.
 fn send_reply(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
-    if let Err(e) = socket.send_to(reply, to) {
+    if let Err(e) = rustix::net::sendto(socket, reply, rustix::net::SendFlags::DONTWAIT, &to) {
         tracing::debug!(error = %e, %to, "reply not sent");
     }
 }
