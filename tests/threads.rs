@@ -106,6 +106,36 @@ fn threads_keep_one_entry_per_device_across_sockets() {
 }
 
 #[test]
+fn the_kernel_delivers_heartbeats_to_their_owners_thread() {
+    let mut server = Server::start(&["--threads", "2"]);
+    // The listening line says whether the kernel took the steering program.
+    let steering = server.listening["fields"]["steering"] == true;
+    let sources: Vec<UdpSocket> = (0..8).map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    for i in 0..200u32 {
+        let id = format!("steered-{i}");
+        sources[i as usize % sources.len()].send_to(&heartbeat(&id, 1), server.addr).unwrap();
+    }
+    // Summaries are answered by whichever thread receives them, never handed over.
+    let mut client = Client::new(server.addr, Duration::from_secs(5)).unwrap();
+    poll("every heartbeat counted", PROMPTLY, || client.summary().ok().filter(|s| s.heartbeats == 200));
+    assert!(server.terminate().success());
+    let mut log = Vec::new();
+    let stopped = poll("the stopped line", PROMPTLY, || {
+        log.extend(server.log.try_iter());
+        log.iter().find(|l| l.contains("\"stopped\"")).cloned()
+    });
+    let stopped: serde_json::Value = serde_json::from_str(&stopped).unwrap();
+    if steering {
+        assert_eq!(stopped["fields"]["handed_over"], 0, "{stopped}");
+    } else {
+        eprintln!(
+            "the kernel refused the steering program; hand-overs: {}",
+            stopped["fields"]["handed_over"]
+        );
+    }
+}
+
+#[test]
 fn zero_threads_is_refused() {
     let out = common::cli(&["serve", "--threads", "0"]);
     assert_eq!(out.status.code(), Some(2));

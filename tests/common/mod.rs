@@ -38,8 +38,10 @@ pub struct Server {
     pub events: PathBuf,
     /// Keeps the events file's directory alive.
     _dir: tempfile::TempDir,
-    /// Log lines from stderr, as they arrive.
+    /// Log lines from stderr, as they arrive (after the listening line).
     pub log: mpsc::Receiver<String>,
+    /// The JSON log record that said where it listens, and with what settings.
+    pub listening: serde_json::Value,
 }
 
 impl Server {
@@ -73,15 +75,16 @@ impl Server {
             }
         });
         let deadline = Instant::now() + PROMPTLY;
-        let addr = loop {
+        let listening = loop {
             let wait = deadline.saturating_duration_since(Instant::now());
             let line = log.recv_timeout(wait).expect("server did not log 'listening' in time");
             let record: serde_json::Value = serde_json::from_str(&line).expect("json log line");
             if record["fields"]["message"] == "listening" {
-                break record["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                break record;
             }
         };
-        Server { child, addr, events, _dir: dir, log }
+        let addr = listening["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        Server { child, addr, events, _dir: dir, log, listening }
     }
 
     /// The events written so far, parsed.
