@@ -121,7 +121,7 @@ struct ServeArgs {
     /// Status queries a quiet source may send at once.
     #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_BURST")]
     query_burst: u32,
-    /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id.
+    /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id (--max-devices is split evenly).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
     threads: u16,
 }
