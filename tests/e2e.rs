@@ -5,7 +5,7 @@ mod common;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use common::{PROMPTLY, Server, cli, poll, stderr, stdout};
+use common::{PROMPTLY, Server, cli, frame, poll, stderr, stdout};
 use presence::client::{Client, Sender};
 use presence::wire::{self, DropReason, Heartbeat, Message, QueryKind, Status, StatusBody};
 
@@ -68,12 +68,6 @@ fn leave_takes_the_device_offline_at_once() {
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
     assert!(!client.device("leaver").unwrap().unwrap().online);
     assert_eq!(client.summary().unwrap().leaves, 1);
-}
-
-fn frame(message: &Message<'_>) -> Vec<u8> {
-    let mut buf = [0u8; wire::MAX_DATAGRAM];
-    let len = wire::encode(message, &mut buf).unwrap();
-    buf[..len].to_vec()
 }
 
 fn heartbeat(seq: u32) -> Vec<u8> {

@@ -7,18 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::UdpSocket;
 use std::time::Duration;
 
-use common::{PROMPTLY, Server, poll};
+use common::{PROMPTLY, Server, frame, poll};
 use presence::client::Client;
-use presence::wire::{self, DropReason, Heartbeat, Leave, Message};
+use presence::wire::{DropReason, Heartbeat, Leave, Message};
 
 const DEVICES: usize = 40;
 const ROUNDS: u32 = 3;
-
-fn frame(message: &Message<'_>) -> Vec<u8> {
-    let mut buf = [0u8; wire::MAX_DATAGRAM];
-    let len = wire::encode(message, &mut buf).unwrap();
-    buf[..len].to_vec()
-}
 
 fn heartbeat(device: &str, seq: u32) -> Vec<u8> {
     frame(&Message::Heartbeat(Heartbeat {

@@ -150,3 +150,10 @@ pub fn stdout(output: &Output) -> String {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+/// A message encoded as one datagram.
+pub fn frame(message: &presence::wire::Message<'_>) -> Vec<u8> {
+    let mut buf = [0u8; presence::wire::MAX_DATAGRAM];
+    let len = presence::wire::encode(message, &mut buf).unwrap();
+    buf[..len].to_vec()
+}
