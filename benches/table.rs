@@ -49,6 +49,7 @@ fn beat(seq: u32) -> Beat<'static> {
         interval: Duration::from_secs(10),
         ttl: TTL,
         payload: &[],
+        signed: false,
     }
 }
 

@@ -59,9 +59,7 @@ fn main() -> std::io::Result<()> {
     let keys: Option<Vec<Key>> = match &args.key_file {
         None => None,
         Some(path) => match KeyFile::read(path).map_err(std::io::Error::other)? {
-            KeyFile::Master(master) | KeyFile::Raw(master) => {
-                Some(ids.iter().map(|id| auth::device_key(&master, id)).collect())
-            }
+            KeyFile::Master(master) => Some(ids.iter().map(|id| auth::device_key(&master, id)).collect()),
             other => {
                 return Err(std::io::Error::other(format!("--key-file needs the master key, not {other:?}")));
             }

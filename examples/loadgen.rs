@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let master = match &args.key_file {
         None => None,
         Some(path) => match KeyFile::read(path)? {
-            KeyFile::Master(key) | KeyFile::Raw(key) => Some(key),
+            KeyFile::Master(key) => Some(key),
             other => return Err(format!("--key-file needs the master key, not {other:?}").into()),
         },
     };

@@ -66,13 +66,19 @@ pub fn verify(key: &Key, signed: &[u8], tag: &Tag) -> bool {
 }
 
 /// Encodes `message` with its tag field set and signed with `key`; returns
-/// the frame's length. Only heartbeats, leaves and queries carry tags.
+/// the frame's length. Only heartbeats, leaves and queries carry tags. A
+/// query keeps the `sent_unix_ms` of its tag field if it has one (set it to
+/// the current time: the server refuses signed queries that are not recent),
+/// and is signed as sent at 0 otherwise.
 pub fn encode_signed(message: &Message<'_>, key: &Key, buf: &mut [u8]) -> Result<usize, wire::Error> {
     let mut message = *message;
     match &mut message {
         Message::Heartbeat(m) => m.tag = Some([0; TAG_LEN]),
         Message::Leave(m) => m.tag = Some([0; TAG_LEN]),
-        Message::Query(m) => m.tag = Some([0; TAG_LEN]),
+        Message::Query(m) => {
+            let sent_unix_ms = m.tag.map_or(0, |t| t.sent_unix_ms);
+            m.tag = Some(wire::QueryTag { sent_unix_ms, tag: [0; TAG_LEN] });
+        }
         Message::Status(_) | Message::Ack(_) | Message::Error(_) => return Err(wire::Error::Malformed),
     }
     let len = wire::encode(&message, buf)?;
@@ -88,7 +94,7 @@ pub fn signed_part<'f>(frame: &'f [u8], message: &Message<'_>) -> Option<(&'f [u
     let tag = match message {
         Message::Heartbeat(m) => m.tag?,
         Message::Leave(m) => m.tag?,
-        Message::Query(m) => m.tag?,
+        Message::Query(m) => m.tag?.tag,
         Message::Status(_) | Message::Ack(_) | Message::Error(_) => return None,
     };
     let signed = frame.get(..frame.len().checked_sub(TAG_LEN)?)?;
@@ -177,13 +183,13 @@ mod tests {
             request: 42,
             kind: crate::wire::QueryKind::Summary,
             padding: &[],
-            tag: None,
+            tag: Some(crate::wire::QueryTag { sent_unix_ms: 1_795_000_000_000, tag: [0; TAG_LEN] }),
         });
         let len = encode_signed(&query, &operator_key(&master), &mut buf).unwrap();
         let signed_query = hex(&buf[..len]);
         for (got, expected) in vectors.iter().map(|(g, e)| (g.as_str(), *e)).chain([
             (signed_hb.as_str(), "01000c73656e736f722d3030303432e80701904e000001b76cdf5164e19cdf"),
-            (signed_query.as_str(), "01022a010001cde0198983191998"),
+            (signed_query.as_str(), "01022a01000180bcd9f29e34828d9a9d3f97fffc"),
         ]) {
             assert_eq!(got, expected);
             assert!(protocol.contains(expected), "PROTOCOL.md lacks {expected}");

@@ -47,6 +47,18 @@ pub enum ClientError {
         "the server refused the query: use --key-file with the master or operator key, or query from an address in its --query-allow"
     )]
     NotAllowed,
+    /// The server refused a signed query because this machine's clock is
+    /// too far from its own.
+    #[error(
+        "the server refused the signed query as stale: this clock is {} {} the server's (at most {}s either way is accepted); fix the clock (NTP)",
+        humantime::format_duration(Duration::from_millis(offset_ms.unsigned_abs())),
+        if *offset_ms > 0 { "ahead of" } else { "behind" },
+        wire::QUERY_SKEW_MS / 1000
+    )]
+    ClockSkew {
+        /// This clock minus the server's, in milliseconds (as of the refusal).
+        offset_ms: i64,
+    },
     /// A frame could not be built (e.g. an id too long).
     #[error(transparent)]
     Wire(#[from] wire::Error),
@@ -72,25 +84,59 @@ impl From<wire::ErrorReply> for ClientError {
             wire::ErrorCode::NotAllowed => ClientError::NotAllowed,
             // Queries are always padded to the largest reply, so this means a broken server.
             wire::ErrorCode::RequestTooSmall { .. } => ClientError::UnexpectedReply,
+            wire::ErrorCode::StaleQuery { server_unix_ms } => {
+                let offset = i128::from(unix_ms_now()) - i128::from(server_unix_ms);
+                ClientError::ClockSkew { offset_ms: i64::try_from(offset).unwrap_or(i64::MAX) }
+            }
         }
     }
 }
 
+/// `id` as it may be shown in a terminal or a log line: control characters
+/// (which a server refuses in ids, but a client may meet elsewhere) are
+/// escaped as `\n`, `\u{1b}` and so on, and so is a backslash.
+pub fn printable(id: &str) -> std::borrow::Cow<'_, str> {
+    if !id.chars().any(|c| c.is_control() || c == '\\') {
+        return std::borrow::Cow::Borrowed(id);
+    }
+    let mut shown = String::with_capacity(id.len() + 8);
+    for c in id.chars() {
+        if c.is_control() || c == '\\' {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown)
+}
+
+/// The wall clock in Unix milliseconds (0 if it reads before 1970).
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Encodes a query padded to [`wire::MAX_DATAGRAM`] bytes, so that no reply
 /// is ever too large for it (the server never replies with more bytes than
-/// it received), and signs it if `key` is given.
+/// it received). With `signer` = (operator key, the wall time now in Unix
+/// milliseconds), the query is signed as sent at that time; the server
+/// answers it once, and only within [`wire::QUERY_SKEW_MS`] of its clock.
 pub fn encode_query(
     request: u32,
     kind: QueryKind<'_>,
-    key: Option<&Key>,
+    signer: Option<(&Key, u64)>,
     out: &mut [u8],
 ) -> Result<usize, wire::Error> {
     let zeros = [0u8; wire::MAX_DATAGRAM];
     let encode = |padding: usize, out: &mut [u8]| {
-        let query = Message::Query(Query { request, kind, padding: &zeros[..padding], tag: None });
-        match key {
-            Some(key) => auth::encode_signed(&query, key, out),
-            None => wire::encode(&query, out),
+        let padding = &zeros[..padding];
+        match signer {
+            Some((key, sent_unix_ms)) => {
+                let tag = Some(wire::QueryTag { sent_unix_ms, tag: [0; auth::TAG_LEN] });
+                auth::encode_signed(&Message::Query(Query { request, kind, padding, tag }), key, out)
+            }
+            None => wire::encode(&Message::Query(Query { request, kind, padding, tag: None }), out),
         }
     };
     let bare = encode(0, out)?;
@@ -205,6 +251,8 @@ pub struct SummaryReport {
     pub expirations: u64,
     /// Dropped datagrams by reason name; only reasons with a count appear.
     pub drops: BTreeMap<String, u64>,
+    /// Event lines the server could not write to its events destination.
+    pub events_lost: u64,
 }
 
 impl SummaryReport {
@@ -278,11 +326,14 @@ impl Client {
         let request = self.next_request;
         self.next_request = self.next_request.wrapping_add(1);
         let mut out = [0u8; wire::MAX_DATAGRAM];
-        let len = encode_query(request, kind, self.operator_key.as_ref(), &mut out)?;
         let mut buf = [0u8; wire::MAX_DATAGRAM + 1];
         let started = Instant::now();
         let give_up = started + self.timeout;
         for attempt in 1..=ATTEMPTS {
+            // Signed afresh each time: the server answers a signed query once,
+            // so a resent copy of one whose reply was lost would be refused.
+            let signer = self.operator_key.as_ref().map(|key| (key, unix_ms_now()));
+            let len = encode_query(request, kind, signer, &mut out)?;
             self.socket.send(&out[..len])?;
             let resend_at = (started + self.timeout * attempt / ATTEMPTS).min(give_up);
             while let Some(n) = recv_until(&self.socket, resend_at, &mut buf)? {
@@ -304,8 +355,13 @@ impl Client {
         self.ask(QueryKind::Summary, |body| match body {
             StatusBody::Summary(s) => {
                 let mut drops = BTreeMap::new();
+                let mut events_lost = 0;
                 for counter in s.counters.iter() {
                     let counter = counter?;
+                    if counter.code == wire::COUNTER_EVENTS_LOST {
+                        events_lost = counter.count;
+                        continue;
+                    }
                     let name = match DropReason::from_code(counter.code) {
                         Some(reason) => reason.name().to_owned(),
                         None => format!("code_{}", counter.code),
@@ -321,6 +377,7 @@ impl Client {
                     queries: s.queries,
                     expirations: s.expirations,
                     drops,
+                    events_lost,
                 })
             }
             _ => Err(ClientError::UnexpectedReply),

@@ -1,11 +1,16 @@
 //! Key files: one line `KIND HEX [ID]`, where KIND is `master`, `operator`
 //! or `device`, HEX is the 32-byte key in hex, and ID is the device id (for
-//! device keys). Lines starting with `#` are comments. A file holding only
-//! 64 hex digits is read as a key of unstated kind.
+//! device keys, the rest of the line). Blank lines and lines starting with
+//! `#` are ignored; the first other line is the key. A bare key without its
+//! kind is refused, so a file always says what it holds.
+//!
+//! Key files must not be readable or writable by group or others: as ssh
+//! does with private keys, reading one that is refuses it, and says how to
+//! fix it (`chmod 600`).
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use crate::auth::{self, KEY_LEN, Key};
@@ -19,8 +24,6 @@ pub enum KeyFile {
     Operator(Key),
     /// One device's key, and the id it belongs to.
     Device(Key, String),
-    /// A bare hex key whose kind the file does not say.
-    Raw(Key),
 }
 
 impl std::fmt::Debug for KeyFile {
@@ -32,13 +35,23 @@ impl std::fmt::Debug for KeyFile {
 /// Why a key file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
-    /// The file could not be read or created.
-    #[error("{path}: {source}")]
+    /// The file could not be read or created (the cause follows as the source).
+    #[error("{path}")]
     Io {
         /// The file.
         path: String,
         /// What failed.
         source: io::Error,
+    },
+    /// The file is readable or writable by group or others.
+    #[error(
+        "{path}: permissions {mode:04o} are too open: a key file must be readable by its owner only; run `chmod 600 {path}`"
+    )]
+    TooOpen {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The file exists and `keygen` does not overwrite keys.
     #[error("{0} already exists; refusing to overwrite a key")]
@@ -78,7 +91,15 @@ impl KeyFile {
             KeyFile::Master(_) => "master",
             KeyFile::Operator(_) => "operator",
             KeyFile::Device(..) => "device",
-            KeyFile::Raw(_) => "raw",
+        }
+    }
+
+    /// The kind with its article, for messages: "a master key", "an operator key".
+    pub fn kind_phrase(&self) -> &'static str {
+        match self {
+            KeyFile::Master(_) => "a master key",
+            KeyFile::Operator(_) => "an operator key",
+            KeyFile::Device(..) => "a device key",
         }
     }
 
@@ -91,25 +112,40 @@ impl KeyFile {
             .ok_or("no key in the file")?;
         let mut words = line.splitn(3, ' ');
         let first = words.next().unwrap_or_default();
-        if words.clone().next().is_none() {
-            return parse_hex_key(first).map(KeyFile::Raw);
+        let Some(hex) = words.next() else {
+            if parse_hex_key(first).is_ok() {
+                return Err("the key's kind is missing: write `master`, `operator` or `device` and a space \
+                     before the hex (a device key is followed by its id)"
+                    .into());
+            }
+            return Err("expected a line `KIND HEX [ID]` (KIND: master, operator or device)".into());
+        };
+        if !matches!(first, "master" | "operator" | "device") {
+            return Err(format!("unknown key kind '{first}' (master, operator or device)"));
         }
-        let key = parse_hex_key(words.next().unwrap_or_default())?;
-        let id = words.next().map(str::trim);
-        match (first, id) {
+        let key = parse_hex_key(hex)?;
+        let rest = words.next().map(str::trim).filter(|rest| !rest.is_empty());
+        match (first, rest) {
             ("master", None) => Ok(KeyFile::Master(key)),
             ("operator", None) => Ok(KeyFile::Operator(key)),
-            ("device", Some(id)) if !id.is_empty() => Ok(KeyFile::Device(key, id.to_string())),
-            ("device", _) => Err("a device key line ends with the device id".into()),
-            (other, _) => Err(format!("unknown key kind '{other}' (master, operator or device)")),
+            ("device", Some(id)) => Ok(KeyFile::Device(key, id.to_string())),
+            ("device", None) => Err("a device key line ends with the device id".into()),
+            (kind, Some(_)) => {
+                Err(format!("a {kind} key line holds only `{kind}` and the key; something follows the key"))
+            }
+            _ => Err(format!("unknown key kind '{first}'")),
         }
     }
 
-    /// Reads a key file.
+    /// Reads a key file; refuses one that group or others may read or write.
     pub fn read(path: &Path) -> Result<KeyFile, KeyFileError> {
         let name = path.display().to_string();
-        let content = std::fs::read_to_string(path)
-            .map_err(|source| KeyFileError::Io { path: name.clone(), source })?;
+        let io_error = |source| KeyFileError::Io { path: name.clone(), source };
+        let mode = std::fs::metadata(path).map_err(io_error)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(KeyFileError::TooOpen { path: name, mode: mode & 0o7777 });
+        }
+        let content = std::fs::read_to_string(path).map_err(io_error)?;
         KeyFile::parse(&content).map_err(|why| KeyFileError::Invalid { path: name, why })
     }
 
@@ -126,13 +162,20 @@ impl KeyFile {
             KeyFile::Device(key, id) => {
                 format!("# presence key of one device\ndevice {} {id}\n", to_hex(key))
             }
-            KeyFile::Raw(key) => format!("{}\n", to_hex(key)),
         }
     }
 
-    /// Writes the key to a new file with mode 0600; an existing file is never overwritten.
+    /// Writes the key to a new file with mode 0600; an existing file is
+    /// never overwritten. A missing parent directory is created, mode 0700.
     pub fn write_new(&self, path: &Path) -> Result<(), KeyFileError> {
         let name = path.display().to_string();
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty() && !dir.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| KeyFileError::Io { path: dir.display().to_string(), source })?;
+        }
         let mut file =
             OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
                 if source.kind() == io::ErrorKind::AlreadyExists {
@@ -150,7 +193,7 @@ impl KeyFile {
     pub fn operator_key(&self) -> Option<Key> {
         match self {
             KeyFile::Master(master) => Some(auth::operator_key(master)),
-            KeyFile::Operator(key) | KeyFile::Raw(key) => Some(*key),
+            KeyFile::Operator(key) => Some(*key),
             KeyFile::Device(..) => None,
         }
     }
@@ -170,12 +213,7 @@ mod tests {
     #[test]
     fn round_trips_every_kind() {
         let key = [0xab; KEY_LEN];
-        for file in [
-            KeyFile::Master(key),
-            KeyFile::Operator(key),
-            KeyFile::Device(key, "boiler 7".into()),
-            KeyFile::Raw(key),
-        ] {
+        for file in [KeyFile::Master(key), KeyFile::Operator(key), KeyFile::Device(key, "boiler 7".into())] {
             assert_eq!(KeyFile::parse(&file.render()), Ok(file));
         }
     }
@@ -185,6 +223,50 @@ mod tests {
         for bad in ["", "# only a comment", "master 00", "device abab", "nonsense 00", &"zz".repeat(32)] {
             assert!(KeyFile::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_bare_key_must_say_its_kind() {
+        let why = KeyFile::parse(&"ab".repeat(32)).unwrap_err();
+        assert!(why.contains("kind is missing") && why.contains("master"), "{why}");
+    }
+
+    #[test]
+    fn trailing_text_after_a_master_key_is_named_as_such() {
+        let why = KeyFile::parse(&format!("master {} extra", "ab".repeat(32))).unwrap_err();
+        assert!(why.contains("something follows the key"), "{why}");
+        assert!(!why.contains("unknown key kind"), "{why}");
+        assert!(KeyFile::parse(&format!("master {}  ", "ab".repeat(32))).is_ok(), "trailing spaces are fine");
+    }
+
+    #[test]
+    fn a_key_file_open_to_others_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        KeyFile::Master([7; KEY_LEN]).write_new(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = KeyFile::read(&path).unwrap_err().to_string();
+        assert!(error.contains("0644") && error.contains("chmod 600"), "{error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(KeyFile::read(&path).is_ok());
+    }
+
+    #[test]
+    fn a_missing_file_names_the_os_error_once() {
+        let error = KeyFile::read(Path::new("/nonexistent/master.key")).unwrap_err();
+        let chain = format!("{:#}", anyhow::Error::from(error));
+        assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
+    }
+
+    #[test]
+    fn write_new_creates_a_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etc/presence/master.key");
+        KeyFile::Master([7; KEY_LEN]).write_new(&path).unwrap();
+        let mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
     }
 
     #[test]

@@ -1,6 +1,5 @@
 //! The `presence` binary: parses flags, sets up logging, and calls the library.
 
-use std::fs::OpenOptions;
 use std::io::{self, BufWriter, IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -15,10 +14,10 @@ use signal_hook::iterator::Signals;
 
 use ipnet::IpNet;
 use presence::auth::{self, Key};
-use presence::client::{Client, DeviceReport, Sender, SummaryReport};
+use presence::client::{Client, DeviceReport, Sender, SummaryReport, printable};
 use presence::keyfile::{KeyFile, parse_hex_key, to_hex};
 use presence::server::{self, EventLog, Stop};
-use presence::tracker::{AuthMode, Config, Keys, Totals, Tracker};
+use presence::tracker::{AuthMode, Config, Keys, MAX_TTL, MIN_TTL, Totals, Tracker};
 
 /// Exit code for errors (bad flags, no reply, ...). 1 is kept for "offline".
 const EXIT_ERROR: u8 = 2;
@@ -83,16 +82,16 @@ struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_BIND")]
     bind: SocketAddr,
     /// TTL of devices that declare no interval.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "PRESENCE_TIMEOUT")]
+    #[arg(long, default_value = "30s", value_parser = parse_ttl, env = "PRESENCE_TIMEOUT")]
     timeout: Duration,
     /// A device is offline after this many missed intervals.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_MISSES")]
     misses: u32,
     /// Smallest TTL given to a device that declares an interval.
-    #[arg(long, default_value = "1s", value_parser = parse_duration, env = "PRESENCE_MIN_TTL")]
+    #[arg(long, default_value = "1s", value_parser = parse_ttl, env = "PRESENCE_MIN_TTL")]
     min_ttl: Duration,
     /// Largest TTL given to a device that declares an interval.
-    #[arg(long, default_value = "1h", value_parser = parse_duration, env = "PRESENCE_MAX_TTL")]
+    #[arg(long, default_value = "1h", value_parser = parse_ttl, env = "PRESENCE_MAX_TTL")]
     max_ttl: Duration,
     /// Socket receive buffer to ask for (SO_RCVBUF), e.g. 8MiB, 512KiB, 262144.
     #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "PRESENCE_RECV_BUFFER")]
@@ -208,6 +207,22 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Parses a TTL: a duration from 1 ms to 49 days 17 h (TTLs travel as
+/// 32-bit milliseconds, and are kept in whole milliseconds).
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < MIN_TTL {
+        return Err(format!("{s} is shorter than 1ms, the smallest TTL (TTLs are whole milliseconds)"));
+    }
+    if d > MAX_TTL {
+        return Err(format!(
+            "{s} is longer than {}, the longest TTL (TTLs travel as 32-bit milliseconds)",
+            humantime::format_duration(MAX_TTL)
+        ));
+    }
+    Ok(d)
+}
+
 /// Parses a byte size: a number with an optional K/M/G (powers of 1024) suffix,
 /// written KiB, K or k (and likewise for M and G).
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -308,8 +323,10 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     let keys = match &args.key_file {
         None => None,
         Some(path) => match KeyFile::read(path)? {
-            KeyFile::Master(master) | KeyFile::Raw(master) => Some(Keys::from_master(&master)),
-            other => bail!("{}: the server needs the master key, not a {} key", path.display(), other.kind()),
+            KeyFile::Master(master) => Some(Keys::from_master(&master)),
+            other => {
+                bail!("{}: the server needs the master key, not {}", path.display(), other.kind_phrase())
+            }
         },
     };
     let auth = match (args.auth, &keys) {
@@ -330,6 +347,12 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
             args.bind
         );
     }
+    if auth == AuthMode::Optional && !args.bind.ip().is_loopback() && !args.insecure {
+        bail!(
+            "refusing to listen on {} with --auth optional: anyone who can reach it could invent unsigned devices and forge unsigned heartbeats for devices that never signed; use --auth required once the fleet signs, or --insecure while it migrates",
+            args.bind
+        );
+    }
     let config = Config {
         timeout: args.timeout,
         misses: args.misses,
@@ -346,14 +369,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     let mut events = match args.events.as_deref() {
         None => EventLog::none(),
         Some("-") => EventLog::to_writer(Box::new(BufWriter::new(io::stdout()))),
-        Some(path) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open events file '{path}'"))?;
-            EventLog::to_writer(Box::new(BufWriter::new(file)))
-        }
+        Some(path) => EventLog::to_file(path).with_context(|| format!("cannot open events file '{path}'"))?,
     };
     let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
         .with_context(|| format!("cannot listen on {}", args.bind))?;
@@ -427,11 +443,15 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
         (None, Some(path)) => match KeyFile::read(path)? {
             KeyFile::Device(key, id) if id == args.id => Some(key),
             KeyFile::Device(_, id) => {
-                bail!("{} holds the key of '{id}', not of '{}'", path.display(), args.id)
+                bail!(
+                    "{} holds the key of '{}', not of '{}'",
+                    path.display(),
+                    printable(&id),
+                    printable(&args.id)
+                )
             }
-            KeyFile::Raw(key) => Some(key),
             other => {
-                bail!("{}: a device needs its own device key, not a {} key", path.display(), other.kind())
+                bail!("{}: a device needs its own device key, not {}", path.display(), other.kind_phrase())
             }
         },
         (None, None) => None,
@@ -451,7 +471,7 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
     })?;
     println!(
         "beating as '{}' to {server} every {} (boot {boot})",
-        args.id,
+        printable(&args.id),
         humantime::format_duration(args.interval)
     );
     let started = Instant::now();
@@ -535,7 +555,7 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
         } else {
             match &report {
                 Some(report) => write_device(&mut out, report)?,
-                None => writeln!(out, "{device}  unknown (the server has not heard from it)")?,
+                None => writeln!(out, "{}  unknown (the server has not heard from it)", printable(device))?,
             }
         }
         return Ok(if online { ExitCode::SUCCESS } else { ExitCode::from(1) });
@@ -565,6 +585,9 @@ fn write_summary(out: &mut impl Write, server: SocketAddr, s: &SummaryReport) ->
     writeln!(out, "online      {} of {} known devices", s.online, s.known)?;
     writeln!(out, "received    {} heartbeats, {} leaves, {} queries", s.heartbeats, s.leaves, s.queries)?;
     writeln!(out, "expired     {}", s.expirations)?;
+    if s.events_lost > 0 {
+        writeln!(out, "events      {} lost (the server could not write them; see its log)", s.events_lost)?;
+    }
     if s.drops.is_empty() {
         writeln!(out, "dropped     0")?;
     } else {
@@ -586,10 +609,11 @@ fn payload_text(report: &DeviceReport) -> String {
 
 fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
     let last_seen = UNIX_EPOCH + Duration::from_millis(r.last_seen_unix_ms);
+    let device = printable(&r.device);
     if r.online {
-        writeln!(out, "{}  online, expires in {}", r.device, fmt_ms(r.expires_in_ms))?;
+        writeln!(out, "{device}  online, expires in {}", fmt_ms(r.expires_in_ms))?;
     } else {
-        writeln!(out, "{}  offline", r.device)?;
+        writeln!(out, "{device}  offline")?;
     }
     writeln!(out, "  address     {}", r.address)?;
     writeln!(
@@ -609,7 +633,7 @@ fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
 }
 
 fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> {
-    let width = devices.iter().map(|d| d.device.chars().count()).max().unwrap_or(6).max(6);
+    let width = devices.iter().map(|d| printable(&d.device).chars().count()).max().unwrap_or(6).max(6);
     writeln!(
         out,
         "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
@@ -619,7 +643,7 @@ fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> 
         writeln!(
             out,
             "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
-            d.device,
+            printable(&d.device),
             d.address.to_string(),
             format!("{}s ago", d.last_seen_ago_ms / 1000),
             format!("in {}s", d.expires_in_ms.div_ceil(1000)),
@@ -647,9 +671,9 @@ fn keygen(args: KeygenArgs) -> Result<ExitCode> {
 
 fn derive_key(args: DeriveKeyArgs) -> Result<ExitCode> {
     let master = match KeyFile::read(&args.key_file)? {
-        KeyFile::Master(master) | KeyFile::Raw(master) => master,
+        KeyFile::Master(master) => master,
         other => {
-            bail!("{}: derive-key needs the master key, not a {} key", args.key_file.display(), other.kind())
+            bail!("{}: derive-key needs the master key, not {}", args.key_file.display(), other.kind_phrase())
         }
     };
     let file = match &args.id {
@@ -668,7 +692,7 @@ fn derive_key(args: DeriveKeyArgs) -> Result<ExitCode> {
         }
         None => match &file {
             KeyFile::Device(key, _) | KeyFile::Operator(key) => println!("{}", to_hex(key)),
-            KeyFile::Master(_) | KeyFile::Raw(_) => {}
+            KeyFile::Master(_) => {}
         },
     }
     Ok(ExitCode::SUCCESS)

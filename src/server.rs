@@ -11,23 +11,26 @@
 //! [`run`] takes an already bound socket and a [`Stop`], so tests bind
 //! `127.0.0.1:0` and stop the loop when they are done.
 
-use std::io::{self, IoSliceMut, Write};
+use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
-use serde::Serialize;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use rustix::fd::OwnedFd;
 
 use crate::shard::{self, Route};
-use crate::tracker::{Counters, Event, EventKind, Handled, Totals, Tracker};
+use crate::tracker::{Counters, Handled, Totals, Tracker};
 use crate::wire::{self, DropReason};
+
+mod events;
+
+pub use events::{EventLog, EventObserver};
 
 /// Receive buffer size: larger than [`wire::MAX_DATAGRAM`] so an oversized
 /// datagram is seen as oversized rather than silently cut to fit.
@@ -56,9 +59,17 @@ pub fn bind(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Bound> {
 /// thread of [`run_sharded`]; the kernel spreads datagrams over them by
 /// source address. With port 0 they share the port the first one got. A
 /// count of 1 binds one ordinary socket, as [`bind`] does.
+///
+/// `SO_REUSEPORT` would let a second server (of the same user) join the
+/// group on a fixed port and silently take a share of the datagrams; so
+/// before binding the group, a plain socket is bound to the port and closed
+/// again, which fails if anything, such a group included, holds it.
 pub fn bind_group(addr: SocketAddr, recv_buffer: Option<usize>, count: usize) -> io::Result<Vec<Bound>> {
     if count <= 1 {
         return Ok(vec![bind(addr, recv_buffer)?]);
+    }
+    if addr.port() != 0 {
+        drop(bind_one(addr, None, false)?);
     }
     let first = bind_one(addr, recv_buffer, true)?;
     let addr = SocketAddr::new(addr.ip(), first.local_addr.port());
@@ -187,87 +198,6 @@ fn wake_by_datagram(addr: SocketAddr) {
 fn clear(waker: &OwnedFd) {
     let mut count = [0u8; 8];
     let _ = rustix::io::read(waker, &mut count);
-}
-
-/// Where transitions are published: JSON lines, one per event, and a
-/// tracing record. Flushed after each batch, so a reader sees an event as
-/// soon as the loop has handled it.
-pub struct EventLog {
-    /// The JSON lines destination, if `--events` was given.
-    out: Option<Box<dyn Write + Send>>,
-    /// Called with every event and its wall time; for measurements.
-    observer: Option<EventObserver>,
-}
-
-/// A callback that sees every event, for measurements.
-pub type EventObserver = Box<dyn FnMut(&Event) + Send>;
-
-/// One line of the events file.
-#[derive(Serialize)]
-struct EventLine<'a> {
-    /// RFC 3339 wall time, milliseconds.
-    time: String,
-    /// The device id.
-    device: &'a str,
-    /// `online` or `offline`.
-    event: &'static str,
-    /// `expired` or `left`, for offline events.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<&'static str>,
-    /// The device's last known address.
-    address: SocketAddr,
-}
-
-impl EventLog {
-    /// Events go to the log only.
-    pub fn none() -> Self {
-        EventLog { out: None, observer: None }
-    }
-
-    /// Events also go to `out` as JSON lines.
-    pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
-        EventLog { out: Some(out), observer: None }
-    }
-
-    /// Events are also passed to `observer` (the benchmark measures expiry
-    /// precision this way).
-    pub fn with_observer(mut self, observer: EventObserver) -> Self {
-        self.observer = Some(observer);
-        self
-    }
-
-    /// Publishes one event that happened at wall time `wall`.
-    pub fn record(&mut self, event: &Event, wall: SystemTime) -> io::Result<()> {
-        if let Some(observer) = &mut self.observer {
-            observer(event);
-        }
-        let reason = match event.kind {
-            EventKind::Online => None,
-            EventKind::Offline(reason) => Some(reason.name()),
-        };
-        let address = SocketAddr::from(wire::Addr::from(event.addr));
-        tracing::info!(device = %event.device, event = event.kind.name(), reason, %address, "transition");
-        let Some(out) = &mut self.out else {
-            return Ok(());
-        };
-        let line = EventLine {
-            time: humantime::format_rfc3339_millis(wall).to_string(),
-            device: &event.device,
-            event: event.kind.name(),
-            reason,
-            address,
-        };
-        serde_json::to_writer(&mut *out, &line)?;
-        out.write_all(b"\n")
-    }
-
-    /// Flushes the JSON lines destination.
-    pub fn flush(&mut self) -> io::Result<()> {
-        match &mut self.out {
-            Some(out) => out.flush(),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Datagrams received per `recvmmsg` call.
@@ -456,8 +386,10 @@ struct Shared<'a> {
     inboxes: Vec<Inbox>,
     /// Each shard's totals as of its last loop turn, for summaries.
     stats: Vec<ShardStats>,
-    /// Where events are published; one line is written under the lock at a time.
+    /// Where events are published; one batch is written under the lock at a time.
     events: Mutex<&'a mut EventLog>,
+    /// Event lines the log could not write, as of its last batch.
+    events_lost: AtomicU64,
     /// The stop signal.
     stop: &'a Stop,
     /// Datagrams dropped because a shard's inbox was full.
@@ -479,15 +411,17 @@ impl<'a> Shared<'a> {
             inboxes,
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
             events: Mutex::new(events),
+            events_lost: AtomicU64::new(0),
             stop,
             handover_drops: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
         })
     }
 
-    /// The totals of every shard but `me`.
+    /// The totals of every shard but `me`, and the server's own counts.
     fn peer_totals(&self, me: usize) -> Totals {
-        let mut totals = Totals::default();
+        let mut totals =
+            Totals { events_lost: self.events_lost.load(Ordering::Relaxed), ..Totals::default() };
         for (k, stats) in self.stats.iter().enumerate() {
             if k != me {
                 totals.add(&stats.load());
@@ -620,6 +554,7 @@ impl ShardStats {
             online: self.online.load(Ordering::Relaxed),
             known: self.known.load(Ordering::Relaxed),
             counters,
+            events_lost: 0,
         }
     }
 }
@@ -658,7 +593,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
     'run: while !stop.is_requested() {
         let now = Instant::now();
         tracker.handle_timeout(now);
-        publish(tracker, &shared.events)?;
+        publish(tracker, shared);
         if shards > 1 {
             shared.stats[me].store(&tracker.totals());
         }
@@ -716,11 +651,11 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                 }
                 match shard::route(datagram, shards) {
                     Route::Shard(owner) if owner != me => outboxes[owner].push(from, datagram),
-                    Route::Summary if shards > 1 => {
+                    Route::Summary => {
                         tracker.set_peer_totals(shared.peer_totals(me));
                         handle(tracker, socket, now, from, datagram, &mut reply);
                     }
-                    Route::Shard(_) | Route::Summary | Route::Local => {
+                    Route::Shard(_) | Route::Local => {
                         handle(tracker, socket, now, from, datagram, &mut reply);
                     }
                 }
@@ -734,10 +669,13 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                 shared.deliver(owner, outbox);
             }
         }
-        publish(tracker, &shared.events)?;
+        publish(tracker, shared);
         warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
     }
-    publish(tracker, &shared.events)?;
+    // Devices whose deadline passed while the loop was busy or stalled
+    // still get their offline events before it exits.
+    tracker.handle_timeout(Instant::now());
+    publish(tracker, shared);
     shared.stats[me].store(&tracker.totals());
     Ok(())
 }
@@ -900,17 +838,19 @@ impl DropWarnings {
     }
 }
 
-/// Publishes the engine's pending events, holding the log's lock while it writes them.
-fn publish(tracker: &mut Tracker, events: &Mutex<&mut EventLog>) -> io::Result<()> {
+/// Publishes the engine's pending events, holding the log's lock while it
+/// writes them. A destination that fails is counted, never fatal.
+fn publish(tracker: &mut Tracker, shared: &Shared<'_>) {
     let Some(first) = tracker.poll_event() else {
-        return Ok(());
+        return;
     };
-    let mut events = events.lock().unwrap_or_else(PoisonError::into_inner);
-    events.record(&first, tracker.wall_time(first.at))?;
+    let mut events = shared.events.lock().unwrap_or_else(PoisonError::into_inner);
+    events.record(&first, tracker.wall_time(first.at));
     while let Some(event) = tracker.poll_event() {
-        events.record(&event, tracker.wall_time(event.at))?;
+        events.record(&event, tracker.wall_time(event.at));
     }
-    events.flush()
+    events.flush();
+    shared.events_lost.store(events.lost(), Ordering::Relaxed);
 }
 
 /// Sends without ever blocking the loop (the socket itself may be in

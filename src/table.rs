@@ -16,7 +16,10 @@
 //!   An entry whose generation is not its slot's is stale and skipped (the
 //!   device left, or its deadline moved earlier and was filed again);
 //! - `offline`: offline devices by (last seen, slot), so that when the table
-//!   is full the longest-silent one makes room.
+//!   is full the longest-silent one makes room;
+//! - `online_slots`: the slot numbers of online devices as a bitmap
+//!   hierarchy (`table/levels.rs`), so a listing page jumps from one online
+//!   device to the next whatever the table holds.
 //!
 //! Each device also carries a [`ReplayWindow`]: a heartbeat or leave is
 //! accepted only if its (boot, seq) is new.
@@ -30,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use index::SlotIndex;
+use levels::LevelSet;
 
 /// A device id as events carry it.
 pub type DeviceId = Arc<str>;
@@ -62,6 +66,8 @@ pub enum Refusal {
     OverCapacity,
     /// A new device whose id is not UTF-8.
     BadId,
+    /// An unsigned frame for a device that has sent signed frames (`--auth optional`).
+    Unsigned,
 }
 
 /// How far back, in sequence numbers, a reordered heartbeat is still accepted.
@@ -140,6 +146,10 @@ pub struct Beat<'a> {
     pub ttl: Duration,
     /// The application payload.
     pub payload: &'a [u8],
+    /// Whether the frame carried a tag that verified. Once a device has sent
+    /// one, unsigned frames for it are refused ([`Refusal::Unsigned`]); see
+    /// [`PresenceTable::beat`].
+    pub signed: bool,
 }
 
 /// A duration in whole milliseconds, saturating at `u32::MAX` (49 days),
@@ -215,6 +225,9 @@ struct Slot {
     payload: u32,
     /// Whether it is online.
     online: bool,
+    /// Whether it has sent a frame with a valid tag: from then on unsigned
+    /// frames for it are refused.
+    signed: bool,
 }
 
 impl Slot {
@@ -292,6 +305,11 @@ impl<'t> Entry<'t> {
         self.slot.window
     }
 
+    /// Whether it has sent a signed frame (unsigned ones are refused since).
+    pub fn is_signed(&self) -> bool {
+        self.slot.signed
+    }
+
     /// Payload of its last heartbeat.
     pub fn payload(&self) -> &'t [u8] {
         &self.table.payloads[self.slot.payload as usize]
@@ -335,6 +353,8 @@ pub struct PresenceTable {
     expiry: BinaryHeap<Reverse<(u64, u32, u32)>>,
     /// Offline devices by (last seen, slot).
     offline: BTreeSet<(u64, u32)>,
+    /// Slots of the online devices, for listing in O(entries listed).
+    online_slots: LevelSet,
     /// Devices online now.
     online: usize,
     /// Devices held now.
@@ -368,6 +388,7 @@ impl PresenceTable {
             last_now: Cell::new(None),
             expiry: BinaryHeap::new(),
             offline: BTreeSet::new(),
+            online_slots: LevelSet::default(),
             online: 0,
             known: 0,
             max_devices: max_devices.clamp(1, u32::MAX as usize),
@@ -490,6 +511,17 @@ impl PresenceTable {
     /// unknown or offline). Refuses an old (boot, seq) and, when the table is
     /// full of online devices, a new device; a refusal changes nothing.
     ///
+    /// A heartbeat older than the newest seen (reordered or withheld on the
+    /// way, inside the replay window) is recorded as seen and counted, but
+    /// moves nothing: not the deadline the newest set, not the address or
+    /// payload, and it does not bring an offline device back.
+    ///
+    /// Signatures: once a device has sent a signed frame, unsigned ones for
+    /// it are refused ([`Refusal::Unsigned`]). The first signed frame of a
+    /// device known only from unsigned frames is accepted whatever its
+    /// (boot, seq) and starts a fresh replay window, since unsigned frames
+    /// prove nothing (one with boot 2³²−1 must not lock the device out).
+    ///
     /// The caller expires due devices first, so a heartbeat that arrives after
     /// the deadline is seen as a return, not as a continuation.
     ///
@@ -506,29 +538,35 @@ impl PresenceTable {
             return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| true);
         };
         let slot = &self.slots[i];
-        if !slot.window.is_new(beat.boot, beat.seq) {
-            return Err(Refusal::Replay);
+        let fresh_window = check_frame(slot, beat.signed, beat.boot, beat.seq)?;
+        let newest = fresh_window || beat.boot > slot.window.boot() || beat.seq > slot.window.top();
+        if !newest {
+            // Late: it proves nothing the newest did not, so it only fills its window bit.
+            let slot = &mut self.slots[i];
+            slot.window.accept(beat.boot, beat.seq);
+            slot.heartbeats = slot.heartbeats.saturating_add(1);
+            return Ok(false);
         }
-        // A late heartbeat (reordered in the network, or handed over by
-        // another thread) still proves the device alive, but the address and
-        // payload stay those of the newest one.
-        let newest = beat.boot > slot.window.boot() || beat.seq > slot.window.top();
         let (was_online, old_deadline, old_last_seen, old_payload) =
             (slot.online, slot.deadline(), slot.last_seen, slot.payload);
-        let payload = if newest { self.store_payload(old_payload, beat.payload) } else { old_payload };
+        let payload = self.store_payload(old_payload, beat.payload);
         let slot = &mut self.slots[i];
-        slot.window.accept(beat.boot, beat.seq);
+        if fresh_window {
+            slot.window = ReplayWindow::new(beat.boot, beat.seq);
+        } else {
+            slot.window.accept(beat.boot, beat.seq);
+        }
+        slot.signed |= beat.signed;
         slot.last_seen = now_us;
         slot.ttl_ms = ttl_ms;
         slot.interval_ms = interval_ms;
-        if newest {
-            slot.addr = beat.addr.into();
-        }
+        slot.addr = beat.addr.into();
         slot.heartbeats = slot.heartbeats.saturating_add(1);
         slot.payload = payload;
         slot.online = true;
         if !was_online {
             self.offline.remove(&(old_last_seen, i as u32));
+            self.online_slots.insert(i);
             self.online += 1;
             self.file(i, deadline);
         } else if deadline < old_deadline {
@@ -565,6 +603,7 @@ impl PresenceTable {
             generation: 0,
             payload,
             online: true,
+            signed: beat.signed,
         };
         let i = match self.free_slots.pop() {
             Some(i) => {
@@ -574,9 +613,11 @@ impl PresenceTable {
             }
             None => {
                 self.slots.push(slot);
+                self.online_slots.grow(self.slots.len());
                 self.slots.len() - 1
             }
         };
+        self.online_slots.insert(i);
         self.index.insert(self.hasher.hash_one(device.as_bytes()), i as u32);
         self.known += 1;
         self.online += 1;
@@ -606,18 +647,28 @@ impl PresenceTable {
         Some(())
     }
 
-    /// Takes `device` offline because it left, if (boot, seq) is new.
-    /// Returns its entry if it was online. An unknown or already offline
-    /// device stays as it is (a new pair is still recorded as seen).
-    pub fn leave(&mut self, device: &str, boot: u32, seq: u32) -> Result<Option<Entry<'_>>, Refusal> {
+    /// Takes `device` offline because it left, if (boot, seq) is new (and
+    /// the leave is signed if the device has signed before; see
+    /// [`PresenceTable::beat`] for both rules). Returns its entry if it was
+    /// online. An unknown or already offline device stays as it is (a new
+    /// pair is still recorded as seen).
+    pub fn leave(
+        &mut self,
+        device: &str,
+        boot: u32,
+        seq: u32,
+        signed: bool,
+    ) -> Result<Option<Entry<'_>>, Refusal> {
         let Some(i) = self.find(device.as_bytes()) else {
             return Ok(None);
         };
         let slot = &mut self.slots[i];
-        if !slot.window.is_new(boot, seq) {
-            return Err(Refusal::Replay);
+        if check_frame(slot, signed, boot, seq)? {
+            slot.window = ReplayWindow::new(boot, seq);
+        } else {
+            slot.window.accept(boot, seq);
         }
-        slot.window.accept(boot, seq);
+        slot.signed |= signed;
         if !slot.online {
             return Ok(None);
         }
@@ -627,6 +678,7 @@ impl PresenceTable {
         slot.generation = slot.generation.wrapping_add(1);
         let last_seen = slot.last_seen;
         self.online -= 1;
+        self.online_slots.remove(i);
         self.offline.insert((last_seen, i as u32));
         self.drop_stale_top();
         Ok(Some(self.entry(i)))
@@ -672,6 +724,7 @@ impl PresenceTable {
             slot.flaps = slot.flaps.saturating_add(1);
             let last_seen = slot.last_seen;
             self.online -= 1;
+            self.online_slots.remove(i as usize);
             self.offline.insert((last_seen, i));
             let entry = self.entry(i as usize);
             offline(Self::id_of(entry.slot, &self.long_ids), entry);
@@ -697,13 +750,17 @@ impl PresenceTable {
     /// slot number (the next page starts after it), id and entry. A device
     /// keeps its slot while the table holds it, so paging with slot numbers
     /// never skips or repeats a device that stays online.
+    ///
+    /// Each step jumps to the next online slot through a bitmap hierarchy, so
+    /// taking k devices costs O(k log₆₄ n) whatever the table holds offline.
     pub fn online_from(&self, start: usize) -> impl Iterator<Item = (usize, &str, Entry<'_>)> + '_ {
-        self.slots
-            .iter()
-            .enumerate()
-            .skip(start)
-            .filter(|(_, slot)| slot.online && !slot.is_free())
-            .map(|(i, slot)| (i, Self::id_of(slot, &self.long_ids), Entry { table: self, slot }))
+        let mut at = start;
+        std::iter::from_fn(move || {
+            let i = self.online_slots.next_from(at)?;
+            at = i + 1;
+            let slot = &self.slots[i];
+            Some((i, Self::id_of(slot, &self.long_ids), Entry { table: self, slot }))
+        })
     }
 
     /// How many devices are online.
@@ -714,6 +771,11 @@ impl PresenceTable {
     /// How many devices are known, online or offline.
     pub fn known_count(&self) -> usize {
         self.known
+    }
+
+    /// Slots allocated (held devices plus free slots): every slot number is below this.
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
     }
 
     /// The most devices the table holds.
@@ -742,6 +804,7 @@ impl PresenceTable {
             assert_eq!(self.find(id.as_bytes()), Some(i), "index disagrees on {id}");
             let in_offline = self.offline.contains(&(slot.last_seen, i as u32));
             assert_eq!(!slot.online, in_offline, "offline index disagrees on {id}");
+            assert_eq!(slot.online, self.online_slots.contains(i), "online bitmap disagrees on {id}");
             if slot.online {
                 online += 1;
                 let filed = valid.get(&(i as u32)).unwrap_or_else(|| panic!("{id} is online but not filed"));
@@ -750,11 +813,25 @@ impl PresenceTable {
         }
         assert_eq!((online, known), (self.online, self.known), "counts disagree");
         assert_eq!(self.offline.len(), known - online, "offline index size");
+        assert_eq!(self.online_slots.len(), online, "online bitmap size");
         assert_eq!(self.index.len(), known, "index size");
         assert!(known <= self.max_devices, "over capacity");
     }
 }
 
+/// Checks a heartbeat's or leave's signature state and (boot, seq) against
+/// `slot`. Returns whether the frame starts a fresh replay window: the first
+/// signed frame of a device known only from unsigned ones.
+fn check_frame(slot: &Slot, signed: bool, boot: u32, seq: u32) -> Result<bool, Refusal> {
+    match (slot.signed, signed) {
+        (true, false) => Err(Refusal::Unsigned),
+        (false, true) => Ok(true),
+        _ if slot.window.is_new(boot, seq) => Ok(false),
+        _ => Err(Refusal::Replay),
+    }
+}
+
 mod index;
+mod levels;
 #[cfg(test)]
 mod tests;

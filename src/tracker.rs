@@ -19,16 +19,23 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::auth::{self, Key};
-use crate::limit::RateLimiter;
+use crate::limit::{QueryGate, Repeat};
 use crate::shard;
 use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable, Refusal};
 use crate::wire::{
     self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Leave, Message, Page, Query,
     QueryKind, RawHeartbeat, RecordWriter, Status, StatusBody, Summary, Tag,
 };
+
+/// The shortest TTL the engine accepts: TTLs are kept in whole milliseconds.
+pub const MIN_TTL: Duration = Duration::from_millis(1);
+/// The longest TTL the engine accepts: the protocol carries TTLs as 32-bit
+/// milliseconds (about 49 days 17 hours).
+pub const MAX_TTL: Duration = Duration::from_millis(u32::MAX as u64);
 
 /// Whether heartbeats and leaves must carry a valid tag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +127,9 @@ pub enum ConfigError {
     /// `min_ttl` is larger than `max_ttl`.
     #[error("the minimum TTL is larger than the maximum TTL")]
     TtlRange,
+    /// A TTL setting is below [`MIN_TTL`] or above [`MAX_TTL`].
+    #[error("TTLs must be between 1ms and 49days 17h 2m 47s 295ms (32-bit milliseconds)")]
+    TtlOutOfRange,
 }
 
 impl Config {
@@ -150,6 +160,10 @@ impl Config {
         }
         if self.min_ttl > self.max_ttl {
             return Err(ConfigError::TtlRange);
+        }
+        let in_range = |ttl: Duration| (MIN_TTL..=MAX_TTL).contains(&ttl);
+        if !(in_range(self.timeout) && in_range(self.min_ttl) && in_range(self.max_ttl)) {
+            return Err(ConfigError::TtlOutOfRange);
         }
         Ok(())
     }
@@ -246,6 +260,9 @@ pub struct Totals {
     pub known: u64,
     /// Everything counted.
     pub counters: Counters,
+    /// Events the server could not write to its events destination. The
+    /// engine does not write events; the server passes this count in.
+    pub events_lost: u64,
 }
 
 impl Totals {
@@ -254,6 +271,7 @@ impl Totals {
         self.online += other.online;
         self.known += other.known;
         self.counters.add(&other.counters);
+        self.events_lost += other.events_lost;
     }
 }
 
@@ -285,10 +303,23 @@ impl Handled {
     }
 }
 
-/// Bytes a `Page` reply needs besides its entries: version, kind, request
-/// id (varint u32, ≤ 5), body tag, cursor option tag, cursor (length + ≤ 64
-/// bytes), and the entries' length prefix (≤ 2 bytes below 16 KiB).
-const PAGE_OVERHEAD: usize = 1 + 1 + 5 + 1 + 1 + (1 + wire::MAX_ID_LEN) + 2;
+/// Bytes added to an exact `RequestTooSmall.needed`: an answer can grow
+/// between the refusal and the padded retry (times and counters take more
+/// varint bytes), so the client is told a little more than it needs now.
+pub const NEEDED_HEADROOM: usize = 16;
+
+/// Bytes of a varint holding `n`.
+fn varint_len(n: u64) -> usize {
+    (64 - (n | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// The exact length of a `Page` status frame: version, kind, request id,
+/// body variant, the cursor option (and cursor), and the entries as a
+/// length-prefixed byte string.
+fn page_len(request: u32, cursor: Option<usize>, entries: usize) -> usize {
+    let cursor = cursor.map_or(1, |len| 1 + varint_len(len as u64) + len);
+    1 + 1 + varint_len(request.into()) + 1 + cursor + varint_len(entries as u64) + entries
+}
 
 /// The protocol engine. One per server; see the module docs for the loop.
 #[derive(Debug)]
@@ -297,8 +328,9 @@ pub struct Tracker {
     config: Config,
     /// Who is online.
     table: PresenceTable,
-    /// Query rate limits by source.
-    limiter: RateLimiter,
+    /// Query rate limits and the signed queries answered recently, shared
+    /// by all shards so limits hold for the server as a whole.
+    gate: Arc<Mutex<QueryGate>>,
     /// What has been counted.
     counters: Counters,
     /// The `now` the engine was created at; uptime counts from here.
@@ -310,6 +342,8 @@ pub struct Tracker {
     events: VecDeque<Event>,
     /// Scratch space for the entries of a `Page` reply.
     page_scratch: Box<[u8]>,
+    /// The slot and the end offset of each entry in `page_scratch`.
+    page_ends: Vec<(usize, usize)>,
     /// This engine's shard number and the number of shards (`--threads`).
     shard: (usize, usize),
     /// The other shards' totals, added to a summary; see [`Tracker::set_peer_totals`].
@@ -322,15 +356,17 @@ impl Tracker {
     /// A new engine whose clocks read `now` and `wall` at creation.
     pub fn new(config: Config, now: Instant, wall: SystemTime) -> Result<Self, ConfigError> {
         config.validate()?;
+        let gate = QueryGate::new(config.query_rate, config.query_burst, config.max_query_sources);
         Ok(Tracker {
             table: PresenceTable::new(config.max_devices, now),
-            limiter: RateLimiter::new(config.query_rate, config.query_burst, config.max_query_sources),
+            gate: Arc::new(Mutex::new(gate)),
             config,
             counters: Counters::default(),
             started: now,
             started_wall: wall,
             events: VecDeque::new(),
             page_scratch: vec![0; wire::MAX_DATAGRAM].into_boxed_slice(),
+            page_ends: Vec::new(),
             shard: (0, 1),
             peers: Totals::default(),
             last_ttl: None,
@@ -347,13 +383,16 @@ impl Tracker {
     ) -> Result<Vec<Self>, ConfigError> {
         let count = count.max(1);
         let per_shard = Config { max_devices: config.max_devices.div_ceil(count), ..config };
-        (0..count)
-            .map(|index| {
-                let mut tracker = Tracker::new(per_shard.clone(), now, wall)?;
-                tracker.shard = (index, count);
-                Ok(tracker)
-            })
-            .collect()
+        let mut shards: Vec<Tracker> = Vec::with_capacity(count);
+        for index in 0..count {
+            let mut tracker = Tracker::new(per_shard.clone(), now, wall)?;
+            tracker.shard = (index, count);
+            if let Some(first) = shards.first() {
+                tracker.gate = Arc::clone(&first.gate);
+            }
+            shards.push(tracker);
+        }
+        Ok(shards)
     }
 
     /// This engine's shard number and the number of shards.
@@ -367,6 +406,7 @@ impl Tracker {
             online: self.table.online_count() as u64,
             known: self.table.known_count() as u64,
             counters: self.counters.clone(),
+            events_lost: 0,
         }
     }
 
@@ -391,9 +431,19 @@ impl Tracker {
         &self.counters
     }
 
-    /// Query sources the rate limiter tracks now.
+    /// Query sources the rate limiters track now (unsigned and operator).
     pub fn query_sources(&self) -> usize {
-        self.limiter.sources()
+        let gate = self.gate();
+        gate.unsigned.sources() + gate.operator.sources()
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, QueryGate> {
+        self.gate.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The wall time at `now` in Unix milliseconds.
+    fn unix_ms(&self, now: Instant) -> u64 {
+        millis_u64(self.wall_time(now).duration_since(UNIX_EPOCH).unwrap_or_default())
     }
 
     /// The wall time corresponding to the monotonic instant `at`.
@@ -464,10 +514,12 @@ impl Tracker {
             Message::Status(_) | Message::Ack(_) | Message::Error(_) => Err(DropReason::UnexpectedKind),
         };
         result.unwrap_or_else(|reason| {
-            let answer = match reason {
-                DropReason::NotAllowed => error_reply(ErrorCode::NotAllowed, datagram.len(), reply),
+            let code = match reason {
+                DropReason::NotAllowed => Some(ErrorCode::NotAllowed),
+                DropReason::StaleQuery => Some(ErrorCode::StaleQuery { server_unix_ms: self.unix_ms(now) }),
                 _ => None,
             };
+            let answer = code.and_then(|code| error_reply(code, datagram.len(), reply));
             self.drop(reason, answer)
         })
     }
@@ -477,15 +529,17 @@ impl Tracker {
         Handled::Dropped { reason, reply }
     }
 
-    /// Checks the tag of a device's frame as `auth` demands.
-    fn authenticate_device(&self, device: &[u8], tag: Option<(&[u8], Tag)>) -> Result<(), DropReason> {
+    /// Checks the tag of a device's frame as `auth` demands; returns
+    /// whether the frame is signed (a tag that verified). Under `Off` tags
+    /// are ignored, so no frame counts as signed.
+    fn authenticate_device(&self, device: &[u8], tag: Option<(&[u8], Tag)>) -> Result<bool, DropReason> {
         match (self.config.auth, tag, &self.config.keys) {
-            (AuthMode::Off, _, _) | (AuthMode::Optional, None, _) => Ok(()),
+            (AuthMode::Off, _, _) | (AuthMode::Optional, None, _) => Ok(false),
             (AuthMode::Required, None, _) => Err(DropReason::MissingTag),
             (_, Some(_), None) => Err(DropReason::UnknownKey),
             (_, Some((signed, tag)), Some(keys)) => {
                 let key = auth::device_key_from_subkey(&keys.device_subkey, device);
-                if auth::verify(&key, signed, &tag) { Ok(()) } else { Err(DropReason::BadTag) }
+                if auth::verify(&key, signed, &tag) { Ok(true) } else { Err(DropReason::BadTag) }
             }
         }
     }
@@ -499,7 +553,7 @@ impl Tracker {
         request_len: usize,
         reply: &mut [u8],
     ) -> Result<Handled, DropReason> {
-        self.authenticate_device(hb.device, tag)?;
+        let signed = self.authenticate_device(hb.device, tag)?;
         let interval = Duration::from_millis(hb.interval_ms.into());
         // A fleet mostly declares one interval: remember the last TTL worked out.
         let ttl = match self.last_ttl {
@@ -510,7 +564,8 @@ impl Tracker {
                 ttl
             }
         };
-        let beat = Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload };
+        let beat =
+            Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload, signed };
         let came_online = self.table.beat(now, hb.device, beat).map_err(refusal)?;
         self.counters.heartbeats += 1;
         // A device that came online was just admitted (or held), so its id is UTF-8.
@@ -546,8 +601,8 @@ impl Tracker {
         leave: Leave<'_>,
         tag: Option<(&[u8], Tag)>,
     ) -> Result<Handled, DropReason> {
-        self.authenticate_device(leave.device.as_bytes(), tag)?;
-        let left = self.table.leave(leave.device, leave.boot, leave.seq).map_err(refusal)?;
+        let signed = self.authenticate_device(leave.device.as_bytes(), tag)?;
+        let left = self.table.leave(leave.device, leave.boot, leave.seq, signed).map_err(refusal)?;
         if let Some(entry) = left {
             let addr = entry.addr();
             self.events.push_back(Event {
@@ -568,6 +623,45 @@ impl Tracker {
         self.config.query_allow.iter().any(|net| net.contains(&ip))
     }
 
+    /// Decides whether a query is answered. Unsigned queries must come from
+    /// `--query-allow` and keep to their source's rate; the others never
+    /// reach a bucket. A signed query must verify, carry a time within
+    /// [`wire::QUERY_SKEW_MS`] of the server's clock, not have been answered
+    /// before, and keep to its source's operator rate. A flood without the
+    /// key thus touches no bucket and no memory an operator relies on.
+    fn admit_query(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        query: &Query<'_>,
+        tag: Option<(&[u8], Tag)>,
+    ) -> Result<(), DropReason> {
+        let ip = from.ip();
+        let Some((signed, tag)) = tag else {
+            if !self.allowed(ip) {
+                return Err(DropReason::NotAllowed);
+            }
+            return if self.gate().unsigned.allow(now, ip) { Ok(()) } else { Err(DropReason::RateLimited) };
+        };
+        let keys = self.config.keys.as_ref().ok_or(DropReason::UnknownKey)?;
+        if !auth::verify(&keys.operator, signed, &tag) {
+            return Err(DropReason::BadTag);
+        }
+        let sent = query.tag.map_or(0, |t| t.sent_unix_ms);
+        if sent.abs_diff(self.unix_ms(now)) > wire::QUERY_SKEW_MS {
+            return Err(DropReason::StaleQuery);
+        }
+        let mut gate = self.gate();
+        // Repeats are refused before the bucket, so replaying an operator's
+        // captured queries cannot spend its tokens.
+        match gate.recent.admit(now, tag) {
+            Ok(()) => {}
+            Err(Repeat::Seen) => return Err(DropReason::Replay),
+            Err(Repeat::Full) => return Err(DropReason::RateLimited),
+        }
+        if gate.operator.allow(now, ip) { Ok(()) } else { Err(DropReason::RateLimited) }
+    }
+
     fn query(
         &mut self,
         now: Instant,
@@ -577,36 +671,32 @@ impl Tracker {
         request_len: usize,
         reply: &mut [u8],
     ) -> Result<Handled, DropReason> {
-        if !self.limiter.allow(now, from.ip().to_canonical()) {
-            return Err(DropReason::RateLimited);
-        }
-        let operator = match (tag, &self.config.keys) {
-            (None, _) => false,
-            (Some(_), None) => return Err(DropReason::UnknownKey),
-            (Some((signed, tag)), Some(keys)) if auth::verify(&keys.operator, signed, &tag) => true,
-            (Some(_), Some(_)) => return Err(DropReason::BadTag),
-        };
-        if !operator && !self.allowed(from.ip()) {
-            return Err(DropReason::NotAllowed);
-        }
+        self.admit_query(now, from, &query, tag)?;
         self.counters.queries += 1;
         let budget = request_len.min(wire::MAX_DATAGRAM);
-        let len = self.answer(now, query, budget, reply);
-        if let Some(len) = len.filter(|len| *len <= request_len) {
-            return Ok(Handled::Reply(len));
-        }
-        let needed = u16::try_from(len.unwrap_or(wire::MAX_DATAGRAM)).unwrap_or(u16::MAX);
+        let needed = match self.answer(now, query, budget, reply) {
+            Ok(len) if len <= request_len => return Ok(Handled::Reply(len)),
+            Ok(len) | Err(len) => len,
+        };
+        let needed = u16::try_from((needed + NEEDED_HEADROOM).min(wire::MAX_DATAGRAM)).unwrap_or(u16::MAX);
         Ok(match error_reply(ErrorCode::RequestTooSmall { needed }, request_len, reply) {
             Some(n) => Handled::Reply(n),
             None => Handled::Done,
         })
     }
 
-    /// Encodes the status answering `query` into `reply`; a page holds as many
-    /// entries as fit in `budget` bytes in all. Returns the length.
-    fn answer(&mut self, now: Instant, query: Query<'_>, budget: usize, reply: &mut [u8]) -> Option<usize> {
+    /// Encodes the status answering `query` into `reply`; a page holds as
+    /// many entries as fit in `budget` bytes in all. Returns the length, or
+    /// `Err` with the exact size a page needs when not even one entry fits.
+    fn answer(
+        &mut self,
+        now: Instant,
+        query: Query<'_>,
+        budget: usize,
+        reply: &mut [u8],
+    ) -> Result<usize, usize> {
         let cursor: Option<String>;
-        let mut counter_buf = [0u8; DropReason::ALL.len() * 16];
+        let mut counter_buf = [0u8; (DropReason::ALL.len() + 1) * 16];
         let body = match query.kind {
             QueryKind::Device(device) => match self.table.get(device) {
                 Some(entry) => {
@@ -618,11 +708,12 @@ impl Tracker {
                 let mut totals = self.totals();
                 totals.add(&self.peers);
                 let mut counters = RecordWriter::new(&mut counter_buf);
-                for reason in DropReason::ALL {
-                    let count = totals.counters.drops(reason);
+                let drops =
+                    DropReason::ALL.into_iter().map(|reason| (reason.code(), totals.counters.drops(reason)));
+                for (code, count) in drops.chain([(wire::COUNTER_EVENTS_LOST, totals.events_lost)]) {
                     if count > 0 {
-                        // Cannot fail: the buffer holds every reason at its largest.
-                        let _ = counters.push(&Counter { code: reason.code(), count });
+                        // Cannot fail: the buffer holds every counter at its largest.
+                        let _ = counters.push(&Counter { code, count });
                     }
                 }
                 StatusBody::Summary(Summary {
@@ -637,47 +728,91 @@ impl Tracker {
                 })
             }
             QueryKind::List { after, limit } => {
-                let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
-                let entries_budget = budget.saturating_sub(PAGE_OVERHEAD);
-                let mut entries = RecordWriter::new(&mut self.page_scratch[..entries_budget]);
-                let (shard, shards) = self.shard;
-                // The cursor names this shard and the slot to start at. An
-                // unreadable cursor, or one of another shard, gets an empty last page.
-                let start = match after {
-                    None => Some(0),
-                    Some(cursor) => {
-                        shard::parse_cursor(cursor).filter(|(s, _)| *s == shard).map(|(_, slot)| slot)
-                    }
-                };
-                let mut next = None;
-                if let Some(start) = start {
-                    let mut online = self.table.online_from(start).peekable();
-                    while let Some((slot, id, entry)) = online.peek() {
-                        if entries.count() == limit {
-                            next = Some((shard, *slot));
-                            break;
-                        }
-                        let info = device_info(self.started, self.started_wall, now, id, entry);
-                        if entries.push(&info).is_err() {
-                            if entries.count() == 0 {
-                                // Not even one entry fits this request: ask for a bigger one.
-                                return None;
-                            }
-                            next = Some((shard, *slot));
-                            break;
-                        }
-                        online.next();
-                    }
-                    // This shard is done: the listing goes on with the next one.
-                    if next.is_none() && shard + 1 < shards {
-                        next = Some((shard + 1, 0));
-                    }
-                }
+                let (entries_len, next) = self.fill_page(now, query.request, after, limit, budget)?;
                 cursor = next.map(|(shard, slot)| shard::format_cursor(shard, slot));
-                StatusBody::Page(Page { next_cursor: cursor.as_deref(), entries: entries.finish() })
+                let entries = wire::Records::from_bytes(&self.page_scratch[..entries_len]);
+                StatusBody::Page(Page { next_cursor: cursor.as_deref(), entries })
             }
         };
-        wire::encode(&Message::Status(Status { request: query.request, body }), reply).ok()
+        wire::encode(&Message::Status(Status { request: query.request, body }), reply)
+            .map_err(|_| wire::MAX_DATAGRAM)
+    }
+
+    /// Writes the entries of a list page into `page_scratch`: as many online
+    /// devices, from the cursor on, as fit in a `budget`-byte reply together
+    /// with the header and the cursor the page ends up needing. Returns the
+    /// entries' length and where the next page starts (`None` on the last).
+    /// Costs O(entries) whatever the table holds offline.
+    fn fill_page(
+        &mut self,
+        now: Instant,
+        request: u32,
+        after: Option<&str>,
+        limit: u16,
+        budget: usize,
+    ) -> Result<(usize, Option<(usize, usize)>), usize> {
+        let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
+        let (shard, shards) = self.shard;
+        // The longest cursor this page could end with: a slot of this shard,
+        // or the start of the next shard.
+        let cursor_max = shard::format_cursor(shard, self.table.slot_count())
+            .len()
+            .max(shard::format_cursor(shard + 1, 0).len());
+        // The cursor names this shard and the slot to start at. An
+        // unreadable cursor, or one of another shard, gets an empty last page.
+        let start = match after {
+            None => Some(0),
+            Some(cursor) => shard::parse_cursor(cursor).filter(|(s, _)| *s == shard).map(|(_, slot)| slot),
+        };
+        let Some(start) = start else {
+            return Ok((0, None));
+        };
+        self.page_ends.clear();
+        let mut more = None;
+        let mut end = 0;
+        // The size of the first entry, for a `needed` if none fits.
+        let mut first_len = None;
+        for (slot, id, entry) in self.table.online_from(start) {
+            if self.page_ends.len() == limit {
+                more = Some(slot);
+                break;
+            }
+            let info = device_info(self.started, self.started_wall, now, id, &entry);
+            let written = postcard::to_slice(&info, &mut self.page_scratch[end..]).map(|b| b.len());
+            if let (None, Ok(n)) = (first_len, &written) {
+                first_len = Some(*n);
+            }
+            match written {
+                Ok(n) if page_len(request, None, end + n) <= budget => {
+                    end += n;
+                    self.page_ends.push((slot, end));
+                }
+                _ => {
+                    more = Some(slot);
+                    break;
+                }
+            }
+        }
+        let mut next = match more {
+            Some(slot) => Some((shard, slot)),
+            // This shard is done: the listing goes on with the next one.
+            None if shard + 1 < shards => Some((shard + 1, 0)),
+            None => None,
+        };
+        // A page that continues needs room for its cursor: give back entries
+        // from the end until it fits; the next page starts with them.
+        if next.is_some() {
+            while page_len(request, Some(cursor_max), end) > budget {
+                let Some((slot, _)) = self.page_ends.pop() else { break };
+                next = Some((shard, slot));
+                end = self.page_ends.last().map_or(0, |(_, e)| *e);
+            }
+        }
+        if self.page_ends.is_empty() && next.is_some_and(|(s, _)| s == shard) {
+            // Not even one entry fits this request: say what would.
+            return Err(page_len(request, Some(cursor_max), first_len.unwrap_or(0)));
+        }
+        Ok((end, next))
     }
 }
 
@@ -686,6 +821,7 @@ fn refusal(refusal: Refusal) -> DropReason {
         Refusal::Replay => DropReason::Replay,
         Refusal::OverCapacity => DropReason::OverCapacity,
         Refusal::BadId => DropReason::BadDeviceId,
+        Refusal::Unsigned => DropReason::MissingTag,
     }
 }
 

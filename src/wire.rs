@@ -53,6 +53,9 @@ pub enum Error {
     BadDeviceId,
     /// A payload is longer than [`MAX_PAYLOAD_LEN`].
     PayloadTooLong,
+    /// A device id holds a control character (C0, DEL or C1), which could
+    /// forge lines in logs and terminals that show it.
+    IdControlChar,
     /// Encoding only: the caller's buffer cannot hold the frame.
     BufferTooSmall,
 }
@@ -68,6 +71,7 @@ impl fmt::Display for Error {
             Error::TrailingBytes => f.write_str("trailing bytes after the frame"),
             Error::BadDeviceId => write!(f, "device id must be 1..={MAX_ID_LEN} bytes"),
             Error::PayloadTooLong => write!(f, "payload longer than {MAX_PAYLOAD_LEN} bytes"),
+            Error::IdControlChar => f.write_str("device id holds a control character"),
             Error::BufferTooSmall => f.write_str("buffer too small for the frame"),
         }
     }
@@ -122,13 +126,19 @@ pub enum DropReason {
     RateLimited = 14,
     /// A query without an operator tag from a source outside `--query-allow`.
     NotAllowed = 15,
-    /// A heartbeat or leave without a tag under `--auth required`.
+    /// A heartbeat or leave without a tag under `--auth required`, or an
+    /// unsigned one under `--auth optional` for a device that has signed before.
     MissingTag = 16,
+    /// See [`Error::IdControlChar`].
+    IdControlChar = 17,
+    /// A signed query whose time is outside the server's window
+    /// ([`QUERY_SKEW_MS`] either side of its clock).
+    StaleQuery = 18,
 }
 
 impl DropReason {
     /// Every reason, in code order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Truncated,
         DropReason::Oversized,
         DropReason::UnsupportedVersion,
@@ -145,6 +155,8 @@ impl DropReason {
         DropReason::RateLimited,
         DropReason::NotAllowed,
         DropReason::MissingTag,
+        DropReason::IdControlChar,
+        DropReason::StaleQuery,
     ];
 
     /// The code carried in [`Counter::code`].
@@ -176,6 +188,8 @@ impl DropReason {
             DropReason::RateLimited => "rate_limited",
             DropReason::NotAllowed => "not_allowed",
             DropReason::MissingTag => "missing_tag",
+            DropReason::IdControlChar => "id_control_char",
+            DropReason::StaleQuery => "stale_query",
         }
     }
 }
@@ -191,6 +205,7 @@ impl From<Error> for DropReason {
             Error::TrailingBytes => DropReason::TrailingBytes,
             Error::BadDeviceId => DropReason::BadDeviceId,
             Error::PayloadTooLong => DropReason::PayloadTooLong,
+            Error::IdControlChar => DropReason::IdControlChar,
         }
     }
 }
@@ -240,8 +255,25 @@ pub struct Query<'a> {
     /// Ignored bytes that make the request as large as the reply it asks
     /// for: the server never replies with more bytes than it received.
     pub padding: &'a [u8],
-    /// MAC with the operator key, as for [`Heartbeat::tag`]; optional.
-    pub tag: Option<Tag>,
+    /// The operator's signature: the time it was sent and a MAC with the
+    /// operator key; optional. See [`QueryTag`].
+    pub tag: Option<QueryTag>,
+}
+
+/// How far, in milliseconds, a signed query's time may be from the
+/// server's clock, either way (30 s). Outside it the query is dropped as
+/// [`DropReason::StaleQuery`]; inside it, each signed query is answered once.
+pub const QUERY_SKEW_MS: u64 = 30_000;
+
+/// An operator's signature on a [`Query`]: the sender's wall time, then the
+/// tag over every frame byte before the tag (the time included), so a
+/// captured query cannot be answered again later or twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryTag {
+    /// When the query was signed: Unix time in milliseconds, by the sender's clock.
+    pub sent_unix_ms: u64,
+    /// MAC with the operator key, as for [`Heartbeat::tag`].
+    pub tag: Tag,
 }
 
 /// The three questions the server answers.
@@ -336,10 +368,16 @@ pub struct Summary<'a> {
     pub counters: Records<'a, Counter>,
 }
 
+/// [`Counter::code`] of the events the server could not write to its events
+/// destination. Codes below 256 are [`DropReason`] codes; codes from 256 on
+/// count other things.
+pub const COUNTER_EVENTS_LOST: u16 = 256;
+
 /// One named counter inside a [`Summary`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
-    /// What is counted; for drops, a [`DropReason::code`].
+    /// What is counted: a [`DropReason::code`] (below 256), or
+    /// [`COUNTER_EVENTS_LOST`].
     pub code: u16,
     /// How many.
     pub count: u64,
@@ -388,8 +426,15 @@ pub enum ErrorCode {
     /// The reply would be larger than the query: pad the query to at least
     /// `needed` bytes (or to [`MAX_DATAGRAM`]) and ask again.
     RequestTooSmall {
-        /// The smallest request size that gets the reply.
+        /// At least this many bytes are needed (with some headroom, as
+        /// answers grow); pad to it or more and ask again.
         needed: u16,
+    },
+    /// A signed query's time is too far from the server's clock (see
+    /// [`QUERY_SKEW_MS`]); fix the clock or resign with the current time.
+    StaleQuery {
+        /// The server's wall time when it refused the query, Unix milliseconds.
+        server_unix_ms: u64,
     },
 }
 
@@ -582,7 +627,40 @@ impl<'b, T: Serialize> RecordWriter<'b, T> {
 }
 
 fn check_id(id: &str) -> Result<(), Error> {
-    if id.is_empty() || id.len() > MAX_ID_LEN { Err(Error::BadDeviceId) } else { Ok(()) }
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(Error::BadDeviceId);
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::IdControlChar);
+    }
+    Ok(())
+}
+
+/// Whether every byte of an id is printable ASCII (no control characters):
+/// such an id is valid UTF-8 and needs no further character check.
+fn is_printable_ascii(id: &[u8]) -> bool {
+    id.iter().all(|b| (0x20..0x7f).contains(b))
+}
+
+/// Reads a varint `u32` (non-minimal forms allowed, at most 5 bytes) from
+/// the start of `bytes`.
+fn leading_varint(bytes: &[u8]) -> Result<u32, Error> {
+    let mut value = 0u32;
+    for (i, &b) in bytes.iter().take(5).enumerate() {
+        if i == 4 && b > 0x0f {
+            return Err(Error::Malformed);
+        }
+        value |= u32::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    if bytes.len() < 5 { Err(Error::Truncated) } else { Err(Error::Malformed) }
+}
+
+/// A listing cursor is opaque, but bounded like an id.
+fn check_cursor(cursor: &str) -> Result<(), Error> {
+    if cursor.is_empty() || cursor.len() > MAX_ID_LEN { Err(Error::Malformed) } else { Ok(()) }
 }
 
 fn check_payload(payload: &[u8]) -> Result<(), Error> {
@@ -622,7 +700,7 @@ impl Message<'_> {
             Message::Leave(leave) => check_id(leave.device),
             Message::Query(q) => match q.kind {
                 QueryKind::Device(id) => check_id(id),
-                QueryKind::List { after: Some(id), .. } => check_id(id),
+                QueryKind::List { after: Some(cursor), .. } => check_cursor(cursor),
                 QueryKind::List { after: None, .. } | QueryKind::Summary => Ok(()),
             },
             Message::Status(status) => match &status.body {
@@ -631,7 +709,7 @@ impl Message<'_> {
                 StatusBody::Summary(summary) => check_records(&summary.counters, |_| Ok(())),
                 StatusBody::Page(page) => {
                     if let Some(cursor) = page.next_cursor {
-                        check_id(cursor)?;
+                        check_cursor(cursor)?;
                     }
                     check_records(&page.entries, check_device_info)
                 }
@@ -667,11 +745,13 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, Error> {
     if version != VERSION {
         return Err(Error::UnsupportedVersion(version));
     }
-    // The kind is a varint; every v1 kind fits in one byte below KIND_COUNT.
-    match body.first() {
-        None => return Err(Error::Truncated),
-        Some(&kind) if kind >= KIND_COUNT => return Err(Error::UnknownKind),
-        Some(_) => {}
+    // The kind is a varint (decoders accept non-minimal forms, as for every
+    // varint); every v1 kind is below KIND_COUNT.
+    if body.is_empty() {
+        return Err(Error::Truncated);
+    }
+    if leading_varint(body)? >= u32::from(KIND_COUNT) {
+        return Err(Error::UnknownKind);
     }
     if let Some(heartbeat) = decode_heartbeat_fast(body) {
         return Ok(Message::Heartbeat(heartbeat));
@@ -766,14 +846,14 @@ impl<'a> From<Heartbeat<'a>> for RawHeartbeat<'a> {
 }
 
 /// The server's hot path: a whole frame that is a heartbeat in the usual
-/// encoding, with an ASCII id. Where this returns `Some`, [`decode`] returns
+/// encoding, with a printable ASCII id. Where this returns `Some`, [`decode`] returns
 /// the same heartbeat; where it returns `None`, use [`decode`]. It skips the
 /// general UTF-8 check, which costs more than the rest of the decoding for a
 /// typical id.
 pub fn decode_heartbeat_ascii(datagram: &[u8]) -> Option<RawHeartbeat<'_>> {
     match datagram {
         [VERSION, body @ ..] if datagram.len() <= MAX_DATAGRAM => {
-            decode_heartbeat_raw(body).filter(|hb| hb.device.is_ascii())
+            decode_heartbeat_raw(body).filter(|hb| is_printable_ascii(hb.device))
         }
         _ => None,
     }
@@ -786,8 +866,12 @@ pub fn decode_heartbeat_ascii(datagram: &[u8]) -> Option<RawHeartbeat<'_>> {
 /// the two agree on arbitrary input.
 fn decode_heartbeat_fast(body: &[u8]) -> Option<Heartbeat<'_>> {
     let hb = decode_heartbeat_raw(body)?;
+    let device = core::str::from_utf8(hb.device).ok()?;
+    if !is_printable_ascii(hb.device) && device.chars().any(char::is_control) {
+        return None;
+    }
     Some(Heartbeat {
-        device: core::str::from_utf8(hb.device).ok()?,
+        device,
         boot: hb.boot,
         seq: hb.seq,
         interval_ms: hb.interval_ms,

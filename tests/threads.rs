@@ -59,7 +59,7 @@ fn threads_keep_one_entry_per_device_across_sockets() {
     // Each device has one record with every heartbeat and its latest address.
     for id in &ids {
         let report = client.device(id).unwrap().expect("known device");
-        assert!(report.online, "{id}");
+        assert!(report.online, "{id}: {report:?}");
         assert_eq!((report.heartbeats, report.seq, report.flaps), (u64::from(ROUNDS), ROUNDS, 0), "{id}");
         assert_eq!(report.address, last_source[id], "{id}");
     }

@@ -14,6 +14,7 @@ fn beat(ttl_ms: u64, seq: u32) -> Beat<'static> {
         interval: Duration::ZERO,
         ttl: Duration::from_millis(ttl_ms),
         payload: b"p",
+        signed: false,
     }
 }
 
@@ -60,7 +61,7 @@ fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
 }
 
 #[test]
-fn a_late_heartbeat_counts_but_keeps_the_newest_address_and_payload() {
+fn a_late_heartbeat_counts_but_moves_nothing_the_newest_set() {
     let t0 = Instant::now();
     let ms = |n| t0 + Duration::from_millis(n);
     let mut table = PresenceTable::new(usize::MAX, t0);
@@ -71,7 +72,64 @@ fn a_late_heartbeat_counts_but_keeps_the_newest_address_and_payload() {
     assert_eq!(table.beat(ms(30), "a", beat(100, 2)), Err(Refusal::Replay));
     let entry = table.get("a").unwrap();
     assert_eq!((entry.addr(), entry.payload(), entry.heartbeats()), (addr(1003), &b"new"[..], 3));
-    assert_eq!((entry.window().top(), entry.last_seen()), (3, ms(20)));
+    assert_eq!((entry.window().top(), entry.last_seen()), (3, ms(10)), "the newest set last seen");
+    assert_eq!(entry.deadline(), Some(ms(110)), "and the deadline: a late heartbeat does not extend it");
+    table.assert_invariants();
+}
+
+#[test]
+fn withheld_heartbeats_released_after_death_keep_nobody_alive() {
+    // An on-path attacker holds back every odd heartbeat of a device that
+    // then dies, and releases them one by one afterwards.
+    let t0 = Instant::now();
+    let ms = |n| t0 + Duration::from_millis(n);
+    let mut table = PresenceTable::new(usize::MAX, t0);
+    for seq in (2..=40).step_by(2) {
+        table.beat(ms(u64::from(seq) * 10), "a", beat(100, seq)).unwrap();
+    }
+    // The last heartbeat (seq 40) came at 400 ms: due at 500 ms.
+    assert_eq!(table.get("a").unwrap().deadline(), Some(ms(500)));
+    for (i, seq) in (1..40).step_by(2).enumerate() {
+        let at = ms(420 + 20 * i as u64);
+        expired(&mut table, at);
+        assert_eq!(table.beat(at, "a", beat(100, seq)), Ok(false), "accepted once, but late");
+        assert_eq!(
+            table.get("a").unwrap().deadline().filter(|_| at < ms(500)),
+            (at < ms(500)).then(|| ms(500))
+        );
+    }
+    assert_eq!(expired(&mut table, ms(500)), Vec::<String>::new(), "went offline at 500 ms already");
+    assert!(!table.get("a").unwrap().is_online(), "released heartbeats did not bring it back");
+    table.assert_invariants();
+}
+
+#[test]
+fn once_a_device_signs_unsigned_frames_for_it_are_refused() {
+    let t0 = Instant::now();
+    let mut table = PresenceTable::new(usize::MAX, t0);
+    let signed = |seq| Beat { signed: true, ..beat(100, seq) };
+    assert_eq!(table.beat(t0, "a", signed(1)), Ok(true));
+    assert!(table.get("a").unwrap().is_signed());
+    // An unsigned frame with the largest boot: refused, and it changes nothing.
+    let forged = Beat { boot: u32::MAX, ..beat(100, 9) };
+    assert_eq!(table.beat(t0, "a", forged), Err(Refusal::Unsigned));
+    assert!(matches!(table.leave("a", u32::MAX, 9, false), Err(Refusal::Unsigned)));
+    assert!(table.get("a").unwrap().is_online());
+    assert_eq!(table.beat(t0, "a", signed(2)), Ok(false), "the device's own next heartbeat is fine");
+    table.assert_invariants();
+}
+
+#[test]
+fn the_first_signed_frame_resets_a_window_that_unsigned_frames_set() {
+    let t0 = Instant::now();
+    let mut table = PresenceTable::new(usize::MAX, t0);
+    // Before the device ever signed, someone sent an unsigned heartbeat with boot 2^32 - 1.
+    assert_eq!(table.beat(t0, "a", Beat { boot: u32::MAX, ..beat(100, 1) }), Ok(true));
+    // The device's genuine signed heartbeats, with its real (smaller) boot, are accepted.
+    assert_eq!(table.beat(t0, "a", Beat { signed: true, boot: 5, ..beat(100, 1) }), Ok(false));
+    assert_eq!(table.get("a").unwrap().window().boot(), 5);
+    assert_eq!(table.beat(t0, "a", Beat { signed: true, boot: 5, ..beat(100, 2) }), Ok(false));
+    assert_eq!(table.beat(t0, "a", Beat { signed: true, boot: 5, ..beat(100, 2) }), Err(Refusal::Replay));
     table.assert_invariants();
 }
 
@@ -97,10 +155,10 @@ fn leave_takes_a_device_offline_once() {
     let t0 = Instant::now();
     let mut table = PresenceTable::new(usize::MAX, t0);
     table.beat(t0, "a", beat(100, 1)).unwrap();
-    assert!(table.leave("a", 1, 2).unwrap().is_some());
-    assert!(matches!(table.leave("a", 1, 2), Err(Refusal::Replay)), "the same leave again");
-    assert!(table.leave("a", 1, 3).unwrap().is_none(), "already offline");
-    assert!(table.leave("unknown", 1, 1).unwrap().is_none());
+    assert!(table.leave("a", 1, 2, false).unwrap().is_some());
+    assert!(matches!(table.leave("a", 1, 2, false), Err(Refusal::Replay)), "the same leave again");
+    assert!(table.leave("a", 1, 3, false).unwrap().is_none(), "already offline");
+    assert!(table.leave("unknown", 1, 1, false).unwrap().is_none());
     assert_eq!(table.next_deadline(), None);
     assert_eq!(table.get("a").unwrap().flaps(), 1);
     assert_eq!(table.beat(t0, "a", beat(100, 4)), Ok(true), "a return is an online transition");
@@ -149,6 +207,8 @@ struct ModelDevice {
     top: u32,
     /// Every seq seen in `boot`.
     seen: std::collections::BTreeSet<u32>,
+    /// Whether it has sent a signed frame.
+    signed: bool,
 }
 
 impl ModelDevice {
@@ -156,6 +216,26 @@ impl ModelDevice {
         boot > self.boot
             || (boot == self.boot
                 && (seq > self.top || (self.top - seq < REPLAY_WINDOW && !self.seen.contains(&seq))))
+    }
+
+    /// Checks a frame as the table must; `Ok(true)` if it starts a fresh window.
+    fn check(&self, signed: bool, boot: u32, seq: u32) -> Result<bool, Refusal> {
+        match (self.signed, signed) {
+            (true, false) => Err(Refusal::Unsigned),
+            (false, true) => Ok(true),
+            _ if self.is_new(boot, seq) => Ok(false),
+            _ => Err(Refusal::Replay),
+        }
+    }
+
+    fn accept_checked(&mut self, fresh: bool, signed: bool, boot: u32, seq: u32) {
+        if fresh {
+            self.boot = boot;
+            self.top = seq;
+            self.seen.clear();
+        }
+        self.signed |= signed;
+        self.accept(boot, seq);
     }
 
     fn accept(&mut self, boot: u32, seq: u32) {
@@ -191,10 +271,21 @@ impl Model {
         due.into_iter().map(|(_, id)| id).collect()
     }
 
-    fn beat(&mut self, now: Instant, id: &str, boot: u32, seq: u32, ttl: Duration) -> Result<bool, Refusal> {
+    fn beat(
+        &mut self,
+        now: Instant,
+        id: &str,
+        (boot, seq, signed): (u32, u32, bool),
+        ttl: Duration,
+    ) -> Result<bool, Refusal> {
+        let mut fresh = false;
         if let Some(d) = self.devices.get_mut(id) {
-            if !d.is_new(boot, seq) {
-                return Err(Refusal::Replay);
+            fresh = d.check(signed, boot, seq)?;
+            if !fresh && boot == d.boot && seq < d.top {
+                // Late: only its window bit and the count.
+                d.accept(boot, seq);
+                d.heartbeats += 1;
+                return Ok(false);
             }
         } else if self.devices.len() >= self.max {
             let oldest = self
@@ -214,9 +305,10 @@ impl Model {
             boot,
             top: seq,
             seen: Default::default(),
+            signed,
         });
         let came_online = d.deadline.is_none();
-        d.accept(boot, seq);
+        d.accept_checked(fresh, signed, boot, seq);
         d.deadline = Some(now + ttl);
         d.last_seen = now;
         d.heartbeats += 1;
@@ -226,15 +318,17 @@ impl Model {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Beat { device: u8, ttl_ms: u64, boot: u32, seq: u32 },
-    Leave { device: u8, boot: u32, seq: u32 },
+    Beat { device: u8, ttl_ms: u64, boot: u32, seq: u32, signed: bool },
+    Leave { device: u8, boot: u32, seq: u32, signed: bool },
     Advance { ms: u64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0u8..12, 1u64..200, 0u32..3, 0u32..150).prop_map(|(device, ttl_ms, boot, seq)| Op::Beat { device, ttl_ms, boot, seq }),
-        1 => (0u8..12, 0u32..3, 0u32..150).prop_map(|(device, boot, seq)| Op::Leave { device, boot, seq }),
+        4 => (0u8..12, 1u64..200, 0u32..3, 0u32..150, prop::bool::weighted(0.1))
+            .prop_map(|(device, ttl_ms, boot, seq, signed)| Op::Beat { device, ttl_ms, boot, seq, signed }),
+        1 => (0u8..12, 0u32..3, 0u32..150, prop::bool::weighted(0.1))
+            .prop_map(|(device, boot, seq, signed)| Op::Leave { device, boot, seq, signed }),
         3 => (0u64..120).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -264,24 +358,26 @@ proptest! {
             prop_assert_eq!(got, expected);
             let id = |d: u8| format!("dev-{d:02}");
             match op {
-                Op::Beat { device, ttl_ms, boot, seq } => {
+                Op::Beat { device, ttl_ms, boot, seq, signed } => {
                     let ttl = Duration::from_millis(ttl_ms);
-                    let got = table.beat(now, id(device), Beat { ttl, boot, seq, ..beat(ttl_ms, seq) });
-                    prop_assert_eq!(got, model.beat(now, &id(device), boot, seq, ttl));
+                    let got = table.beat(now, id(device), Beat { ttl, boot, seq, signed, ..beat(ttl_ms, seq) });
+                    prop_assert_eq!(got, model.beat(now, &id(device), (boot, seq, signed), ttl));
                 }
-                Op::Leave { device, boot, seq } => {
-                    let got = table.leave(&id(device), boot, seq).map(|e| e.is_some());
+                Op::Leave { device, boot, seq, signed } => {
+                    let got = table.leave(&id(device), boot, seq, signed).map(|e| e.is_some());
                     let expected = match model.devices.get_mut(&id(device)) {
                         None => Ok(false),
-                        Some(d) if !d.is_new(boot, seq) => Err(Refusal::Replay),
-                        Some(d) => {
-                            d.accept(boot, seq);
+                        Some(d) => match d.check(signed, boot, seq) {
+                            Err(refusal) => Err(refusal),
+                            Ok(fresh) => {
+                            d.accept_checked(fresh, signed, boot, seq);
                             let was_online = d.deadline.take().is_some();
                             if was_online {
                                 d.flaps += 1;
                             }
                             Ok(was_online)
-                        }
+                            }
+                        },
                     };
                     prop_assert_eq!(got, expected);
                 }

@@ -158,9 +158,11 @@ fn auth_modes_need_a_key() {
     }
 }
 
+/// A query padded as the CLI pads it, signed with `key` (if given) at the
+/// simulator's start time.
 fn query(kind: QueryKind<'_>, key: Option<&Key>) -> Vec<u8> {
     let mut buf = [0u8; MAX_DATAGRAM];
-    let len = encode_query(1, kind, key, &mut buf).unwrap();
+    let len = encode_query(1, kind, key.map(|key| (key, super::tests::WALL0_MS)), &mut buf).unwrap();
     buf[..len].to_vec()
 }
 

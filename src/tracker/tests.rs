@@ -8,6 +8,9 @@ const OPERATOR_ADDR: SocketAddr =
 const DEVICE_ADDR: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 7)), 4000);
 
+/// The simulator's wall time at its start, in Unix milliseconds.
+pub(super) const WALL0_MS: u64 = 1_800_000_000_000;
+
 /// An engine driven in simulated time (also used by the security tests).
 pub(super) struct Sim {
     pub(super) tracker: Tracker,
@@ -20,7 +23,7 @@ impl Sim {
     pub(super) fn new(config: Config) -> Self {
         let t0 = Instant::now();
         Sim {
-            tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_secs(1_800_000_000)).unwrap(),
+            tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_millis(WALL0_MS)).unwrap(),
             t0,
             now: t0,
             reply: vec![0; MAX_DATAGRAM],

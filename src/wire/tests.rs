@@ -319,6 +319,7 @@ fn owned() -> impl Strategy<Value = Owned> {
 /// Builds the borrowed message for `owned`, using `scratch` for records.
 fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOnce(Message<'_>) -> R) -> R {
     let mut scratch = [0u8; 4096];
+    let query_tag = tag.map(|tag| QueryTag { sent_unix_ms: u64::from_le_bytes(tag), tag });
     let message = match owned {
         Owned::Heartbeat(d, b, s, i, fl, p) => Message::Heartbeat(Heartbeat {
             device: d,
@@ -331,16 +332,16 @@ fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOn
         }),
         Owned::Leave(d, b, s) => Message::Leave(Leave { device: d, boot: *b, seq: *s, tag }),
         Owned::QueryDevice(r, d) => {
-            Message::Query(Query { request: *r, kind: QueryKind::Device(d), padding, tag })
+            Message::Query(Query { request: *r, kind: QueryKind::Device(d), padding, tag: query_tag })
         }
         Owned::QuerySummary(r) => {
-            Message::Query(Query { request: *r, kind: QueryKind::Summary, padding, tag })
+            Message::Query(Query { request: *r, kind: QueryKind::Summary, padding, tag: query_tag })
         }
         Owned::QueryList(r, a, l) => Message::Query(Query {
             request: *r,
             kind: QueryKind::List { after: a.as_deref(), limit: *l },
             padding,
-            tag,
+            tag: query_tag,
         }),
         Owned::StatusDevice(r, i) => {
             Message::Status(Status { request: *r, body: StatusBody::Device(i.borrow()) })

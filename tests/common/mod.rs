@@ -51,13 +51,21 @@ impl Server {
         Server::start_on("127.0.0.1:0", extra)
     }
 
-    /// Starts the server bound to `bind`, with `extra` flags.
+    /// Starts the server bound to `bind`, with `extra` flags. Unless they
+    /// set `--query-rate`, queries are not rate-limited in practice: tests
+    /// poll the server, and rate limits have tests of their own.
     pub fn start_on(bind: &str, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("events.jsonl");
+        let unlimited: &[&str] = if extra.contains(&"--query-rate") {
+            &[]
+        } else {
+            &["--query-rate", "100000", "--query-burst", "100000"]
+        };
         let mut child = Command::new(BIN)
             .args(["--log-format", "json", "serve", "--bind", bind, "--events"])
             .arg(&events)
+            .args(unlimited)
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
