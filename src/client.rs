@@ -555,3 +555,22 @@ impl Sender {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_for_display() {
+        assert_eq!(printable("boiler-7"), "boiler-7");
+        assert_eq!(printable("café ☃"), "café ☃");
+        assert_eq!(printable("a\nINFO forged"), "a\\nINFO forged");
+        assert_eq!(printable("\u{1b}[31mred"), "\\u{1b}[31mred");
+        assert_eq!(printable("c1\u{9b}"), "c1\\u{9b}");
+        assert_eq!(
+            printable("back\\slash"),
+            "back\\\\slash",
+            "a backslash is escaped, so escapes cannot be forged"
+        );
+    }
+}

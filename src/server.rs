@@ -593,7 +593,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
     'run: while !stop.is_requested() {
         let now = Instant::now();
         tracker.handle_timeout(now);
-        publish(tracker, shared);
+        publish(tracker, shared, me);
         if shards > 1 {
             shared.stats[me].store(&tracker.totals());
         }
@@ -669,13 +669,13 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                 shared.deliver(owner, outbox);
             }
         }
-        publish(tracker, shared);
+        publish(tracker, shared, me);
         warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
     }
     // Devices whose deadline passed while the loop was busy or stalled
     // still get their offline events before it exits.
     tracker.handle_timeout(Instant::now());
-    publish(tracker, shared);
+    publish(tracker, shared, me);
     shared.stats[me].store(&tracker.totals());
     Ok(())
 }
@@ -840,7 +840,7 @@ impl DropWarnings {
 
 /// Publishes the engine's pending events, holding the log's lock while it
 /// writes them. A destination that fails is counted, never fatal.
-fn publish(tracker: &mut Tracker, shared: &Shared<'_>) {
+fn publish(tracker: &mut Tracker, shared: &Shared<'_>, me: usize) {
     let Some(first) = tracker.poll_event() else {
         return;
     };
@@ -850,7 +850,12 @@ fn publish(tracker: &mut Tracker, shared: &Shared<'_>) {
         events.record(&event, tracker.wall_time(event.at));
     }
     events.flush();
-    shared.events_lost.store(events.lost(), Ordering::Relaxed);
+    let lost = events.lost();
+    drop(events);
+    if shared.events_lost.swap(lost, Ordering::Relaxed) != lost {
+        // Summaries report it; a single shard has no other moment to learn it.
+        tracker.set_peer_totals(shared.peer_totals(me));
+    }
 }
 
 /// Sends without ever blocking the loop (the socket itself may be in

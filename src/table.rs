@@ -783,6 +783,12 @@ impl PresenceTable {
         self.max_devices
     }
 
+    /// Words of the online bitmap read by listings so far.
+    #[cfg(test)]
+    pub(crate) fn listing_reads(&self) -> u64 {
+        self.online_slots.reads.get()
+    }
+
     /// Checks that the indexes agree; panics with a message if not.
     /// For tests: it walks every device.
     pub fn assert_invariants(&self) {

@@ -884,6 +884,8 @@ fn millis_u32(d: Duration) -> u32 {
 }
 
 #[cfg(test)]
+mod hardening_tests;
+#[cfg(test)]
 mod security_tests;
 #[cfg(test)]
 mod tests;

@@ -17,6 +17,9 @@ pub(super) struct LevelSet {
     levels: Vec<Vec<u64>>,
     /// Members.
     len: usize,
+    /// Words read by searches, so tests can check what a search costs.
+    #[cfg(test)]
+    pub(super) reads: std::cell::Cell<u64>,
 }
 
 impl LevelSet {
@@ -106,6 +109,8 @@ impl LevelSet {
     /// The smallest set bit `>= i` in level `level`.
     fn next_at(&self, level: usize, i: usize) -> Option<usize> {
         let words = self.levels.get(level)?;
+        #[cfg(test)]
+        self.reads.set(self.reads.get() + 1);
         let w = i / 64;
         let here = words.get(w)? & (u64::MAX << (i % 64));
         if here != 0 {

@@ -9,23 +9,23 @@ use crate::wire::{Heartbeat, MAX_DATAGRAM};
 use proptest::prelude::*;
 use std::net::Ipv4Addr;
 
-const MASTER: Key = [7; 32];
-const DEVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), 5000);
-const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 6000);
-const STRANGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 7000);
+pub(super) const MASTER: Key = [7; 32];
+pub(super) const DEVICE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), 5000);
+pub(super) const LOOPBACK: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 6000);
+pub(super) const STRANGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9)), 7000);
 
-fn config(auth: AuthMode) -> Config {
+pub(super) fn config(auth: AuthMode) -> Config {
     Config { auth, keys: Some(Keys::from_master(&MASTER)), ..Config::default() }
 }
 
 /// The simulator of the engine tests, with what these tests add.
 impl Sim {
-    fn send_from(&mut self, from: SocketAddr, datagram: &[u8]) -> Handled {
+    pub(super) fn send_from(&mut self, from: SocketAddr, datagram: &[u8]) -> Handled {
         self.tracker.handle(self.now, from, datagram, &mut self.reply)
     }
 
     /// State that no rejected datagram may change.
-    fn state(&self) -> String {
+    pub(super) fn state(&self) -> String {
         let t = self.tracker.table();
         let entries: Vec<String> = ["d", "other"].iter().map(|id| format!("{:?}", t.get(id))).collect();
         format!(
@@ -39,7 +39,7 @@ impl Sim {
     }
 
     /// Sends `datagram` and checks it is dropped for `reason` with no other effect.
-    fn rejected(&mut self, datagram: &[u8], reason: DropReason) {
+    pub(super) fn rejected(&mut self, datagram: &[u8], reason: DropReason) {
         let before = self.state();
         let count = self.tracker.counters().drops(reason);
         let handled = self.send_from(DEVICE, datagram);
@@ -49,34 +49,34 @@ impl Sim {
         assert_eq!(self.tracker.poll_event(), None);
     }
 
-    fn accepted(&mut self, datagram: &[u8]) {
+    pub(super) fn accepted(&mut self, datagram: &[u8]) {
         let handled = self.send_from(DEVICE, datagram);
         assert!(matches!(handled, Handled::Done | Handled::Reply(_)), "{handled:?}");
         while self.tracker.poll_event().is_some() {}
     }
 }
 
-fn heartbeat(device: &str, boot: u32, seq: u32) -> Message<'_> {
+pub(super) fn heartbeat(device: &str, boot: u32, seq: u32) -> Message<'_> {
     Message::Heartbeat(Heartbeat { device, boot, seq, interval_ms: 1000, flags: 0, payload: b"", tag: None })
 }
 
-fn leave(device: &str, boot: u32, seq: u32) -> Message<'_> {
+pub(super) fn leave(device: &str, boot: u32, seq: u32) -> Message<'_> {
     Message::Leave(Leave { device, boot, seq, tag: None })
 }
 
-fn signed(message: &Message<'_>, key: &Key) -> Vec<u8> {
+pub(super) fn signed(message: &Message<'_>, key: &Key) -> Vec<u8> {
     let mut buf = [0u8; MAX_DATAGRAM];
     let len = auth::encode_signed(message, key, &mut buf).unwrap();
     buf[..len].to_vec()
 }
 
-fn unsigned(message: &Message<'_>) -> Vec<u8> {
+pub(super) fn unsigned(message: &Message<'_>) -> Vec<u8> {
     let mut buf = [0u8; MAX_DATAGRAM];
     let len = wire::encode(message, &mut buf).unwrap();
     buf[..len].to_vec()
 }
 
-fn key_of(device: &str) -> Key {
+pub(super) fn key_of(device: &str) -> Key {
     auth::device_key(&MASTER, device)
 }
 
@@ -160,7 +160,7 @@ fn auth_modes_need_a_key() {
 
 /// A query padded as the CLI pads it, signed with `key` (if given) at the
 /// simulator's start time.
-fn query(kind: QueryKind<'_>, key: Option<&Key>) -> Vec<u8> {
+pub(super) fn query(kind: QueryKind<'_>, key: Option<&Key>) -> Vec<u8> {
     let mut buf = [0u8; MAX_DATAGRAM];
     let len = encode_query(1, kind, key.map(|key| (key, super::tests::WALL0_MS)), &mut buf).unwrap();
     buf[..len].to_vec()

@@ -34,11 +34,11 @@ impl Sim {
         self.now = self.t0 + Duration::from_millis(ms);
     }
 
-    fn send_bytes(&mut self, bytes: &[u8]) -> Handled {
+    pub(super) fn send_bytes(&mut self, bytes: &[u8]) -> Handled {
         self.tracker.handle(self.now, DEVICE_ADDR, bytes, &mut self.reply)
     }
 
-    fn send(&mut self, message: Message<'_>) -> Handled {
+    pub(super) fn send(&mut self, message: Message<'_>) -> Handled {
         let mut buf = [0u8; MAX_DATAGRAM];
         let len = wire::encode(&message, &mut buf).unwrap();
         self.send_bytes(&buf[..len])

@@ -176,7 +176,7 @@ fn each_decode_error_has_its_reason() {
     let mut kind = good.clone();
     kind[1] = 6;
     assert_eq!(decode(&kind), Err(Error::UnknownKind));
-    kind[1] = 0x80; // a multi-byte varint is never a v1 kind
+    kind[1] = 0x80; // 80 02: the varint 256
     assert_eq!(decode(&kind), Err(Error::UnknownKind));
     assert_eq!(decode(&[0u8; MAX_DATAGRAM + 1]), Err(Error::Oversized));
     // Empty id, and an id of 65 bytes.
@@ -195,6 +195,44 @@ fn each_decode_error_has_its_reason() {
     assert_eq!(decode(&hex("01020103")), Err(Error::Malformed));
     // A page whose record is cut short inside its byte string.
     assert_eq!(decode(&hex("0103090300020264")), Err(Error::Malformed));
+}
+
+/// Issue 8, item 13: the kind is a varint, and decoders accept
+/// non-minimal varints, so `01 80 00 ...` is a heartbeat.
+#[test]
+fn a_non_minimal_kind_varint_is_accepted_like_any_varint() {
+    let minimal = hex("01000c73656e736f722d3030303432e80701904e000000"); // vector 1
+    let mut non_minimal = vec![0x01, 0x80, 0x00];
+    non_minimal.extend_from_slice(&minimal[2..]);
+    assert_eq!(decode(&non_minimal), decode(&minimal));
+    assert!(matches!(decode(&non_minimal), Ok(Message::Heartbeat(_))));
+    // Leave, vector 3, with its kind 1 as the five-byte varint 81 80 80 80 00.
+    assert_eq!(
+        decode(&hex("0181808080000264310708 00".replace(' ', "").as_str())),
+        decode(&hex("0101026431070800"))
+    );
+    assert_eq!(decode(&hex("0186000264310708")), Err(Error::UnknownKind), "86 00 is 6");
+    assert_eq!(decode(&hex("01ffffffff0f")), Err(Error::UnknownKind));
+    assert_eq!(decode(&hex("01ffffffffff")), Err(Error::Malformed), "a varint too long for a u32");
+    assert_eq!(decode(&hex("0180")), Err(Error::Truncated));
+}
+
+/// Issue 8, item 8: ids with control characters (C0, DEL, C1) are refused
+/// by the decoder (the fast path included) and by the encoder.
+#[test]
+fn ids_with_control_characters_are_refused() {
+    for id in ["a\nb", "\u{1b}[2J", "tab\t", "\u{0}", "del\u{7f}", "c1\u{9b}31m"] {
+        let mut frame = vec![1, 0, id.len() as u8];
+        frame.extend_from_slice(id.as_bytes());
+        frame.extend_from_slice(&[1, 1, 0, 0, 0, 0]);
+        assert_eq!(decode(&frame), Err(Error::IdControlChar), "{id:?}");
+        assert_eq!(decode_heartbeat_ascii(&frame), None, "{id:?}");
+        let hb = Heartbeat { device: id, boot: 1, seq: 1, interval_ms: 0, flags: 0, payload: &[], tag: None };
+        assert_eq!(encode(&Message::Heartbeat(hb), &mut [0u8; 64]), Err(Error::IdControlChar), "{id:?}");
+        let query = Query { request: 1, kind: QueryKind::Device(id), padding: &[], tag: None };
+        assert_eq!(encode(&Message::Query(query), &mut [0u8; 64]), Err(Error::IdControlChar), "{id:?}");
+    }
+    assert_eq!(DropReason::from(Error::IdControlChar).name(), "id_control_char");
 }
 
 #[test]

@@ -57,6 +57,20 @@ impl Server {
     pub fn start_on(bind: &str, extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let events = dir.path().join("events.jsonl");
+        Server::launch(bind, events.to_str().unwrap(), dir, extra)
+    }
+
+    /// Starts the server on 127.0.0.1:0 with `--events EVENTS` (a path or
+    /// `-`) instead of the harness's own file, which then stays empty.
+    pub fn start_with_events(events: &str, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = Server::launch("127.0.0.1:0", events, dir, extra);
+        server.events = server._dir.path().join("unused.jsonl");
+        server
+    }
+
+    fn launch(bind: &str, events: &str, dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        let events = PathBuf::from(events);
         let unlimited: &[&str] = if extra.contains(&"--query-rate") {
             &[]
         } else {
@@ -69,10 +83,12 @@ impl Server {
             .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            // `--events -` writes to a pipe whose reader is gone at once (see below).
+            .stdout(if events.as_os_str() == "-" { Stdio::piped() } else { Stdio::null() })
             .stderr(Stdio::piped())
             .spawn()
             .expect("start presence serve");
+        drop(child.stdout.take());
         let stderr = child.stderr.take().unwrap();
         let (tx, log) = mpsc::channel();
         std::thread::spawn(move || {
