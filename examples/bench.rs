@@ -6,6 +6,7 @@
 //! cargo run --release --example bench -- --quick # a smoke run of a few seconds
 //! cargo run --release --example bench -- --drain-only # only the drain figures
 //! cargo run --release --example bench -- --cpu-only   # only the fixed-rate CPU figures
+//! cargo run --release --example bench -- --list-only  # only the list page figures
 //! ```
 //!
 //! Figures:
@@ -26,6 +27,10 @@
 //! - **expiry**: lateness of offline events (event time − deadline) while
 //!   heartbeats arrive at a fixed rate.
 //! - **query**: round trip of status queries while heartbeats arrive.
+//! - **list page**: engine CPU per first `List` page (a 1200-byte query, as
+//!   the CLI sends) with 1 M devices held of which 10 are online, against
+//!   the same page with only those 10 held, measured in-process in the same
+//!   run (a page must cost what it returns, not what the table holds).
 //!
 //! Everything sends only to 127.0.0.1 and stops by itself.
 
@@ -109,6 +114,11 @@ fn main() -> std::io::Result<()> {
     println!("presence end-to-end benchmark{} on {} cores", if quick { " (quick)" } else { "" }, cores());
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
+    list_page_figures(&plan, &mut rows);
+    if std::env::args().any(|a| a == "--list-only") {
+        print_rows(rows);
+        return Ok(());
+    }
     let cpu_only = std::env::args().any(|a| a == "--cpu-only");
     if !cpu_only {
         drain_figures(&plan, &mut rows)?;
@@ -233,6 +243,54 @@ fn drain_figures(plan: &Plan, rows: &mut Vec<(String, String, String)>) -> std::
         ));
     }
     Ok(())
+}
+
+/// Engine CPU per first list page with `held` devices held and 10 online,
+/// against the same with only the 10 held.
+fn list_page_figures(plan: &Plan, rows: &mut Vec<(String, String, String)>) {
+    let held = plan.devices[1];
+    let small = list_page_ns(10);
+    let large = list_page_ns(held);
+    rows.push((
+        "list page (1200 B query), 10 devices held, 10 online".into(),
+        format!("{small:.0} ns"),
+        "1.00 (baseline)".into(),
+    ));
+    rows.push((
+        format!("list page (1200 B query), {} devices held, 10 online", human(held)),
+        format!("{large:.0} ns"),
+        format!("{:.2} x the page with 10 held", large / small),
+    ));
+}
+
+/// Median engine time per first `List` page (10 entries), over 20 rounds of
+/// 100 pages, with `held` devices held of which the last 10 are online.
+fn list_page_ns(held: usize) -> f64 {
+    let mut tracker = populated(held.saturating_sub(10), AuthMode::Off, &[]);
+    // Everyone populated so far expires; then 10 devices come online.
+    let later = Instant::now() + Duration::from_secs(7200);
+    tracker.handle_timeout(later);
+    while tracker.poll_event().is_some() {}
+    let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    for i in 0..10 {
+        tracker.handle(later, from, &frame(&format!("online-{i}"), 1, &[], None), &mut reply);
+    }
+    while tracker.poll_event().is_some() {}
+    assert_eq!(tracker.table().online_count(), 10);
+    let mut query = [0u8; wire::MAX_DATAGRAM];
+    let len = encode_query(1, QueryKind::List { after: None, limit: 0 }, None, &mut query).expect("valid query");
+    let rounds: Vec<f64> = (0..20)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..100 {
+                let handled = tracker.handle(later, from, &query[..len], &mut reply);
+                std::hint::black_box(handled);
+            }
+            started.elapsed().as_nanos() as f64 / 100.0
+        })
+        .collect();
+    median(rounds)
 }
 
 fn print_rows(rows: Vec<(String, String, String)>) {
