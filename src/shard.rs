@@ -180,6 +180,12 @@ pub fn format_cursor(shard: usize, slot: usize) -> String {
     format!("{shard}.{slot}")
 }
 
+/// The length of [`format_cursor`]`(shard, slot)`, without formatting it.
+pub fn cursor_len(shard: usize, slot: usize) -> usize {
+    let digits = |n: usize| n.checked_ilog10().map_or(1, |d| d as usize + 1);
+    digits(shard) + 1 + digits(slot)
+}
+
 /// Reads a cursor written by [`format_cursor`].
 pub fn parse_cursor(cursor: &str) -> Option<(usize, usize)> {
     let (shard, slot) = cursor.split_once('.')?;

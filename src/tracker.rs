@@ -755,9 +755,8 @@ impl Tracker {
         let (shard, shards) = self.shard;
         // The longest cursor this page could end with: a slot of this shard,
         // or the start of the next shard.
-        let cursor_max = shard::format_cursor(shard, self.table.slot_count())
-            .len()
-            .max(shard::format_cursor(shard + 1, 0).len());
+        let cursor_max =
+            shard::cursor_len(shard, self.table.slot_count()).max(shard::cursor_len(shard + 1, 0));
         // The cursor names this shard and the slot to start at. An
         // unreadable cursor, or one of another shard, gets an empty last page.
         let start = match after {

@@ -98,6 +98,9 @@ fn a_heartbeat_with_a_long_length_prefix_still_reaches_its_owner() {
 #[test]
 fn cursors_round_trip_and_junk_is_refused() {
     assert_eq!(parse_cursor(&format_cursor(3, 1_000_000)), Some((3, 1_000_000)));
+    for (shard, slot) in [(0, 0), (0, 9), (9, 10), (10, 99), (255, 4_294_967_295), (3, 1_000_000)] {
+        assert_eq!(cursor_len(shard, slot), format_cursor(shard, slot).len(), "{shard}.{slot}");
+    }
     for junk in ["", ".", "1.", ".1", "1", "a.1", "1.b", "+1.2", "1.-2", "1.2.3", "99999999999999999999999.1"]
     {
         assert_eq!(parse_cursor(junk), None, "{junk:?}");
