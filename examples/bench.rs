@@ -629,8 +629,9 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
         } else {
             (200 + (i - steady) as u64 * (run_ms - 400) / expiring) as u32 / 3
         };
+        let id = device_id(i);
         let hb = Message::Heartbeat(Heartbeat {
-            device: &device_id(i),
+            device: &id,
             boot: 1,
             seq: 1,
             interval_ms,
@@ -813,8 +814,9 @@ fn offer(socket: &UdpSocket, rate: u64, duration: Duration, seqs: &mut [u32], de
         while sent < due {
             let i = device(sent);
             seqs[i] += 1;
+            let id = device_id(i);
             let hb = Message::Heartbeat(Heartbeat {
-                device: &device_id(i),
+                device: &id,
                 boot: 1,
                 seq: seqs[i],
                 interval_ms: 10_000,
