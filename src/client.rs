@@ -176,8 +176,18 @@ fn recv_until(socket: &UdpSocket, deadline: Instant, buf: &mut [u8]) -> io::Resu
 pub struct DeviceReport {
     /// The device id.
     pub device: String,
+    /// Whether the server knows it (always true in a report from the server;
+    /// the CLI prints unknown devices in the same shape with `false`).
+    pub known: bool,
     /// Whether it is online now.
     pub online: bool,
+    /// Why it is offline: `expired` or `left` (`None` while online; `unknown`
+    /// for a reason this client does not know).
+    pub offline_reason: Option<&'static str>,
+    /// Since when it is offline, for an expired device: its deadline, Unix
+    /// milliseconds. (A device that left went offline when its leave came,
+    /// after its last heartbeat.)
+    pub offline_since_unix_ms: Option<u64>,
     /// Source address of its last heartbeat.
     pub address: SocketAddr,
     /// Milliseconds since its last heartbeat.
@@ -214,9 +224,19 @@ impl DeviceReport {
 
 impl From<&DeviceInfo<'_>> for DeviceReport {
     fn from(info: &DeviceInfo<'_>) -> Self {
+        let offline_reason = match (info.online, info.offline_reason) {
+            (true, _) => None,
+            (false, wire::OFFLINE_EXPIRED) => Some("expired"),
+            (false, wire::OFFLINE_LEFT) => Some("left"),
+            (false, _) => Some("unknown"),
+        };
         DeviceReport {
             device: info.device.to_owned(),
+            known: true,
             online: info.online,
+            offline_reason,
+            offline_since_unix_ms: (offline_reason == Some("expired"))
+                .then(|| info.last_seen_unix_ms.saturating_add(info.ttl_ms.into())),
             address: info.addr.into(),
             last_seen_ago_ms: info.last_seen_ago_ms,
             last_seen_unix_ms: info.last_seen_unix_ms,
@@ -429,6 +449,74 @@ impl Client {
     }
 }
 
+/// A boot epoch counter kept in a file, for devices (and `presence beat`)
+/// that have no better source: each [`BootCounter::next`] returns a boot
+/// larger than every one it returned before on this machine, and at least
+/// the Unix time in seconds, so two runs within one second still differ.
+/// The file holds the last boot in decimal; it is locked while it is
+/// updated, so concurrent runs get different boots.
+#[derive(Debug, Clone)]
+pub struct BootCounter {
+    /// The counter file.
+    path: std::path::PathBuf,
+}
+
+impl BootCounter {
+    /// A counter in `path`.
+    pub fn new(path: impl Into<std::path::PathBuf>) -> Self {
+        BootCounter { path: path.into() }
+    }
+
+    /// The counter of this user: `$PRESENCE_STATE_DIR/boot`, or
+    /// `$XDG_STATE_HOME/presence/boot`, or `~/.local/state/presence/boot`.
+    pub fn default_location() -> io::Result<Self> {
+        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+        let dir = var("PRESENCE_STATE_DIR")
+            .or_else(|| var("XDG_STATE_HOME").map(|d| d.join("presence")))
+            .or_else(|| var("HOME").map(|h| h.join(".local/state/presence")))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "no HOME, XDG_STATE_HOME or PRESENCE_STATE_DIR")
+            })?;
+        Ok(BootCounter::new(dir.join("boot")))
+    }
+
+    /// The next boot: `max(last + 1, Unix seconds now)`, recorded before it is returned.
+    pub fn next(&self) -> io::Result<u32> {
+        use std::io::{Read, Seek, Write};
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        let last: Option<u32> = text.trim().parse().ok();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+        let next = match last {
+            Some(last) => {
+                last.checked_add(1).ok_or_else(|| io::Error::other("the boot counter is at its maximum"))?
+            }
+            None => 0,
+        }
+        .max(now);
+        file.set_len(0)?;
+        file.rewind()?;
+        file.write_all(format!("{next}\n").as_bytes())?;
+        file.sync_all()?;
+        Ok(next)
+    }
+}
+
 /// Sends one device's heartbeats: a fixed boot epoch and an increasing
 /// sequence number, as a device would.
 #[derive(Debug)]
@@ -559,6 +647,20 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_boot_counter_grows_even_within_one_second() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = BootCounter::new(dir.path().join("state/boot"));
+        let boots: Vec<u32> = (0..5).map(|_| counter.next().unwrap()).collect();
+        assert!(boots.windows(2).all(|w| w[1] > w[0]), "{boots:?}");
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as u32;
+        assert!(boots[0] >= now - 1, "at least the Unix time");
+        // A counter ahead of the clock keeps counting from where it is.
+        std::fs::write(dir.path().join("state/boot"), format!("{}\n", now + 1000)).unwrap();
+        assert_eq!(counter.next().unwrap(), now + 1001);
+    }
 
     #[test]
     fn printable_escapes_control_characters_for_display() {

@@ -19,15 +19,45 @@ use presence::keyfile::{KeyFile, parse_hex_key, to_hex};
 use presence::server::{self, EventLog, Stop};
 use presence::tracker::{AuthMode, Config, Keys, MAX_TTL, MIN_TTL, Totals, Tracker};
 
+/// Prints a line on stdout; unlike `println!`, a closed stdout is an error
+/// to return (and end quietly on), not a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        writeln!(io::stdout(), $($arg)*)
+    };
+}
+
 /// Exit code for errors (bad flags, no reply, ...). 1 is kept for "offline".
 const EXIT_ERROR: u8 = 2;
 
-/// A lightweight presence tracker over UDP.
+/// Default `--query-rate`: listing a million devices takes about 35 000
+/// pages, so allowed sources and operators may ask quickly (a page costs the
+/// server a few microseconds); sources outside `--query-allow` without the
+/// operator key get no bucket at all.
+const DEFAULT_QUERY_RATE: u32 = 5_000;
+/// Default `--query-burst`.
+const DEFAULT_QUERY_BURST: u32 = 10_000;
+
+/// A lightweight presence tracker over UDP: devices send heartbeats, the
+/// server knows who is alive.
 #[derive(Debug, Parser)]
-#[command(name = "presence", version, about)]
+#[command(
+    name = "presence",
+    version,
+    about,
+    arg_required_else_help = true,
+    after_help = "Examples:\n  presence serve                          run the tracker on 127.0.0.1:7787\n  presence beat --id boiler-7 --ack       send heartbeats as device boiler-7\n  presence status --list                  list who is online\n\nSee `presence COMMAND --help` for each command's flags."
+)]
 struct Cli {
-    /// Log format on stderr; the level comes from RUST_LOG (default: info).
-    #[arg(long, global = true, value_enum, default_value = "text", env = "PRESENCE_LOG_FORMAT")]
+    /// Log format on stderr (text or json). The level is set with RUST_LOG (info unless set).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value = "text",
+        env = "PRESENCE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -42,86 +72,99 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the tracker.
+    #[command(
+        after_help = "Examples:\n  presence serve\n  presence keygen --out /etc/presence/master.key\n  presence serve --bind [::]:7787 --key-file /etc/presence/master.key --events /var/lib/presence/events.jsonl\n  presence serve --timeout 2m --misses 5 --threads 2"
+    )]
     Serve(ServeArgs),
     /// Send heartbeats as a device would (Ctrl-C sends a Leave).
+    #[command(
+        after_help = "Examples:\n  presence beat --id boiler-7 --interval 5s --ack\n  presence beat --id boiler-7 --count 1 --payload \"fw=1.4.2\"\n  presence beat --id boiler-7 --key-file boiler-7.key --server tracker.example:7787"
+    )]
     Beat(BeatArgs),
     /// Ask a server for a summary, one device, or the online list.
+    #[command(
+        after_help = "Examples:\n  presence status                          the server's summary\n  presence status boiler-7                 one device (exit 0 if online, 1 if not)\n  presence status --list --json            every online device, as JSON\n  presence status --server tracker.example:7787 --key-file operator.key --list"
+    )]
     Status(StatusArgs),
     /// Write a new random master secret to a file (mode 0600).
+    #[command(after_help = "Example:\n  presence keygen --out /etc/presence/master.key")]
     Keygen(KeygenArgs),
     /// Print (or write) the key of one device, or the operator key, derived from the master.
+    #[command(
+        after_help = "Examples:\n  presence derive-key --key-file /etc/presence/master.key --id boiler-7\n  presence derive-key --key-file /etc/presence/master.key --id boiler-7 --out boiler-7.key\n  presence derive-key --key-file /etc/presence/master.key --operator --out operator.key"
+    )]
     DeriveKey(DeriveKeyArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct KeygenArgs {
-    /// Where to write the master secret; an existing file is never overwritten.
-    #[arg(long)]
+    /// Where to write the master secret (its directory is created, mode 0700); an existing file is never overwritten.
+    #[arg(long, value_name = "PATH")]
     out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
 struct DeriveKeyArgs {
     /// The master key file (from `presence keygen`).
-    #[arg(long, env = "PRESENCE_KEY_FILE")]
+    #[arg(long, value_name = "PATH", env = "PRESENCE_KEY_FILE")]
     key_file: PathBuf,
     /// The device whose key to derive.
-    #[arg(long, required_unless_present = "operator", conflicts_with = "operator")]
+    #[arg(long, value_name = "ID", required_unless_present = "operator", conflicts_with = "operator")]
     id: Option<String>,
     /// Derive the operator key (signs status queries) instead.
     #[arg(long)]
     operator: bool,
     /// Write a key file (mode 0600) instead of printing the key in hex.
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     out: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// Address to listen on; [::]:PORT listens on IPv6 and IPv4.
-    #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_BIND")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7787", env = "PRESENCE_BIND")]
     bind: SocketAddr,
-    /// TTL of devices that declare no interval.
-    #[arg(long, default_value = "30s", value_parser = parse_ttl, env = "PRESENCE_TIMEOUT")]
+    /// Device TTL: how long a device that declares no interval stays online after its last heartbeat (1ms to 49days).
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_ttl, env = "PRESENCE_TIMEOUT")]
     timeout: Duration,
     /// A device is offline after this many missed intervals.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_MISSES")]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_MISSES")]
     misses: u32,
     /// Smallest TTL given to a device that declares an interval.
-    #[arg(long, default_value = "1s", value_parser = parse_ttl, env = "PRESENCE_MIN_TTL")]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_ttl, env = "PRESENCE_MIN_TTL")]
     min_ttl: Duration,
     /// Largest TTL given to a device that declares an interval.
-    #[arg(long, default_value = "1h", value_parser = parse_ttl, env = "PRESENCE_MAX_TTL")]
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_ttl, env = "PRESENCE_MAX_TTL")]
     max_ttl: Duration,
-    /// Socket receive buffer to ask for (SO_RCVBUF), e.g. 8MiB, 512KiB, 262144.
-    #[arg(long, default_value = "8MiB", value_parser = parse_size, env = "PRESENCE_RECV_BUFFER")]
+    /// Socket receive buffer to ask for (SO_RCVBUF), e.g. 8MiB, 512KiB, 262144; Linux caps it at net.core.rmem_max.
+    #[arg(long, value_name = "SIZE", default_value = "8MiB", value_parser = parse_size, env = "PRESENCE_RECV_BUFFER")]
     recv_buffer: usize,
     /// Write one JSON line per online/offline transition to this file (appended), or - for stdout.
-    #[arg(long, env = "PRESENCE_EVENTS")]
+    #[arg(long, value_name = "PATH", env = "PRESENCE_EVENTS")]
     events: Option<String>,
     /// The master secret (from `presence keygen`): device and operator keys derive from it.
-    #[arg(long, env = "PRESENCE_KEY_FILE")]
+    #[arg(long, value_name = "PATH", env = "PRESENCE_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// Whether heartbeats and leaves must be signed [default: required with a key, off without].
     #[arg(long, value_enum, env = "PRESENCE_AUTH")]
     auth: Option<AuthArg>,
-    /// Allow listening on a non-loopback address without authentication.
+    /// Allow listening on a non-loopback address with --auth off or optional.
     #[arg(long, env = "PRESENCE_INSECURE")]
     insecure: bool,
     /// Sources that may query without the operator key (CIDRs or addresses, comma-separated; "none" for none).
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.0/8,::1/128", value_parser = parse_net, env = "PRESENCE_QUERY_ALLOW")]
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', default_value = "127.0.0.0/8,::1/128", value_parser = parse_net, env = "PRESENCE_QUERY_ALLOW")]
     query_allow: Vec<Option<IpNet>>,
     /// Most devices held, online or offline; when full, the longest-silent offline device makes room.
-    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..), env = "PRESENCE_MAX_DEVICES")]
+    #[arg(long, value_name = "N", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..), env = "PRESENCE_MAX_DEVICES")]
     max_devices: u64,
-    /// Status queries per second allowed from one source address.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_RATE")]
+    /// Status queries per second allowed from one source (an IPv4 address or IPv6 /64), for the whole server.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUERY_RATE, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_RATE")]
     query_rate: u32,
     /// Status queries a quiet source may send at once.
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_BURST")]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_QUERY_BURST, value_parser = clap::value_parser!(u32).range(1..), env = "PRESENCE_QUERY_BURST")]
     query_burst: u32,
     /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id (--max-devices is split evenly).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
     threads: u16,
 }
 
@@ -146,56 +189,56 @@ fn parse_net(s: &str) -> Result<Option<IpNet>, String> {
 #[derive(Debug, clap::Args)]
 struct BeatArgs {
     /// The server's address.
-    #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
     server: String,
-    /// The device id (1 to 64 bytes of UTF-8).
-    #[arg(long)]
+    /// The device id (1 to 64 bytes of UTF-8, no control characters).
+    #[arg(long, value_name = "ID", env = "PRESENCE_ID")]
     id: String,
     /// Time between heartbeats; it is also declared to the server.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration, env = "PRESENCE_INTERVAL")]
     interval: Duration,
     /// Payload text sent with each heartbeat (at most 64 bytes).
-    #[arg(long, conflicts_with = "payload_hex")]
+    #[arg(long, value_name = "TEXT", conflicts_with = "payload_hex")]
     payload: Option<String>,
     /// Payload as hex, e.g. 01ff (at most 64 bytes).
-    #[arg(long)]
+    #[arg(long, value_name = "HEX")]
     payload_hex: Option<String>,
     /// Stop after this many heartbeats (without a Leave, so the device then expires).
-    #[arg(long)]
+    #[arg(long, value_name = "N")]
     count: Option<u64>,
     /// Ask the server to acknowledge each heartbeat, and print the acks.
     #[arg(long)]
     ack: bool,
-    /// Boot epoch to send (default: the current Unix time in seconds, new each run).
-    #[arg(long)]
+    /// Boot epoch to send [default: larger than any this machine used before (a counter kept in the state directory), at least the Unix time in seconds].
+    #[arg(long, value_name = "N")]
     boot: Option<u32>,
     /// Sign heartbeats with this device key (64 hex digits, from `presence derive-key`).
-    #[arg(long, conflicts_with = "key_file", value_parser = parse_hex_key, env = "PRESENCE_DEVICE_KEY")]
+    #[arg(long, value_name = "HEX", conflicts_with = "key_file", value_parser = parse_hex_key, env = "PRESENCE_DEVICE_KEY", hide_env_values = true)]
     key_hex: Option<Key>,
     /// Sign heartbeats with the device key in this file (from `presence derive-key --out`).
-    #[arg(long)]
+    #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 struct StatusArgs {
     /// The server's address.
-    #[arg(long, default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
     server: String,
     /// One device: exit 0 if it is online, 1 if offline or unknown.
-    #[arg(conflicts_with = "list")]
+    #[arg(value_name = "DEVICE", conflicts_with = "list")]
     device: Option<String>,
-    /// List every online device (following pages).
+    /// List every online device (following pages; progress on stderr for long listings).
     #[arg(long)]
     list: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
-    /// Give up when no reply comes within this time.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    /// Reply wait: give up on a query when no reply comes within this time (not the device TTL of `serve --timeout`).
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration, env = "PRESENCE_REPLY_TIMEOUT")]
     timeout: Duration,
     /// Sign queries as the operator: a master or operator key file.
-    #[arg(long, env = "PRESENCE_KEY_FILE")]
+    #[arg(long, value_name = "PATH", env = "PRESENCE_KEY_FILE")]
     key_file: Option<PathBuf>,
 }
 
@@ -267,17 +310,12 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version.
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
         Err(e) => {
-            // One line: clap's own message without the usage block.
-            let rendered = e.render().to_string();
-            let line = rendered.lines().find(|l| !l.trim().is_empty()).unwrap_or("error: invalid arguments");
-            eprintln!("{line}");
-            return ExitCode::from(EXIT_ERROR);
+            // clap's whole message: what is wrong, its tips, the usage and
+            // the pointer to --help (or the help itself, for a bare `presence`).
+            let _ = e.print();
+            let code = if e.use_stderr() { EXIT_ERROR } else { 0 };
+            return ExitCode::from(code);
         }
     };
     init_logging(cli.log_format);
@@ -290,11 +328,19 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // Whoever read our output went away (`presence status --list | head`): end quietly.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_ERROR)
         }
     }
+}
+
+/// Whether `e` is (caused by) a write to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|cause| cause.downcast_ref::<io::Error>().is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe))
 }
 
 /// Starts a thread that turns SIGINT/SIGTERM into `on_signal` calls (once).
@@ -385,7 +431,8 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         tracing::warn!(
             requested = args.recv_buffer,
             granted = bound.recv_buffer,
-            "the kernel granted a smaller receive buffer than asked; raise net.core.rmem_max to get it"
+            "the kernel capped the receive buffer below --recv-buffer (at net.core.rmem_max); datagrams may be dropped in bursts. Raise the cap with: sysctl -w net.core.rmem_max={}",
+            args.recv_buffer
         );
     }
     tracing::info!(
@@ -435,7 +482,16 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
     let server = resolve(&args.server)?;
     let boot = match args.boot {
         Some(boot) => boot,
-        None => SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32),
+        None => match presence::client::BootCounter::default_location().and_then(|c| c.next()) {
+            Ok(boot) => boot,
+            Err(e) => {
+                let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+                eprintln!(
+                    "warning: cannot keep a boot counter ({e:#}); using the Unix time {boot}, so a second run within this second would be refused as a replay (give --boot)"
+                );
+                boot
+            }
+        },
     };
     let mut sender = Sender::new(server, &args.id, args.interval, boot).context("invalid --id")?;
     let key = match (&args.key_hex, &args.key_file) {
@@ -456,6 +512,7 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
         },
         (None, None) => None,
     };
+    let signed = key.is_some();
     if let Some(key) = key {
         sender = sender.with_key(key);
     }
@@ -469,15 +526,20 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
     on_signal(move || {
         let _ = interrupt_tx.send(());
     })?;
-    println!(
-        "beating as '{}' to {server} every {} (boot {boot})",
+    say!(
+        "beating as '{}' to {server} every {} (boot {boot}{})",
         printable(&args.id),
-        humantime::format_duration(args.interval)
-    );
+        humantime::format_duration(args.interval),
+        if signed { ", signed" } else { ", unsigned" }
+    )?;
+    if !args.ack {
+        say!("(no acks asked: add --ack to see whether the server accepts the heartbeats)")?;
+    }
     let started = Instant::now();
     let mut acked = 0u64;
     let mut sent = 0u64;
     let mut next = started;
+    let mut warned_ttl = false;
     loop {
         if args.count.is_some_and(|count| sent >= count) {
             break;
@@ -485,7 +547,7 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
         match interrupt.recv_timeout(next.saturating_duration_since(Instant::now())) {
             Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 sender.leave().context("cannot send leave")?;
-                println!("sent leave");
+                say!("sent leave")?;
                 return Ok(ExitCode::SUCCESS);
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -499,18 +561,28 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
             }
         };
         sent += 1;
-        println!("heartbeat seq={seq} ({len} bytes)");
+        say!("heartbeat seq={seq} ({len} bytes)")?;
         if args.ack {
             let wait = args.interval.min(Duration::from_secs(1));
             match sender.wait_ack(seq, wait) {
                 Ok(Some(ack)) => {
                     acked += 1;
-                    println!(
+                    say!(
                         "ack seq={}: server expects a heartbeat every {}, offline after {} of silence",
                         ack.seq,
                         fmt_ms(ack.interval_ms.into()),
                         fmt_ms(ack.ttl_ms.into())
-                    );
+                    )?;
+                    let ttl = Duration::from_millis(ack.ttl_ms.into());
+                    if ttl < args.interval && !warned_ttl {
+                        warned_ttl = true;
+                        eprintln!(
+                            "WARNING: the server takes this device offline after {} of silence, but it beats every {}: it will go offline between heartbeats. Beat more often (--interval {} or less), or raise the server's --max-ttl.",
+                            fmt_ms(ack.ttl_ms.into()),
+                            humantime::format_duration(args.interval),
+                            fmt_ms(u64::from(ack.ttl_ms) / 2)
+                        );
+                    }
                 }
                 Ok(None) => {
                     eprintln!("warning: no ack for seq={seq} within {}", humantime::format_duration(wait))
@@ -520,7 +592,14 @@ fn beat(args: BeatArgs) -> Result<ExitCode> {
         }
     }
     if args.ack && acked == 0 {
-        bail!("the server acknowledged none of {sent} heartbeats");
+        bail!(
+            "the server acknowledged none of {sent} heartbeats. It drops without a reply what it refuses: {}a boot/seq it has seen (another run with the same --boot), a full table (--max-devices), or nothing listening at {server}. Its drop counters say which: presence status --server {server}",
+            if signed {
+                "a wrong key (not this device's, or from another master), "
+            } else {
+                "unsigned heartbeats (a server with --key-file requires signed ones: give --key-file or --key-hex), "
+            }
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -546,10 +625,7 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
         if args.json {
             match &report {
                 Some(report) => serde_json::to_writer_pretty(&mut out, report)?,
-                None => serde_json::to_writer_pretty(
-                    &mut out,
-                    &serde_json::json!({ "device": device, "known": false }),
-                )?,
+                None => serde_json::to_writer_pretty(&mut out, &unknown_device_json(device))?,
             }
             writeln!(out)?;
         } else {
@@ -561,7 +637,8 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
         return Ok(if online { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
     if args.list {
-        let devices = client.list_all().with_context(|| format!("online list from {server}"))?;
+        let devices =
+            list_with_progress(&mut client).with_context(|| format!("online list from {server}"))?;
         if args.json {
             serde_json::to_writer_pretty(&mut out, &devices)?;
             writeln!(out)?;
@@ -580,10 +657,92 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The JSON of a device the server does not know: the same keys as a
+/// known device's, with `known: false` and nulls for what is not known.
+fn unknown_device_json(device: &str) -> serde_json::Value {
+    let keys = serde_json::to_value(DeviceReport {
+        device: String::new(),
+        known: false,
+        online: false,
+        offline_reason: None,
+        offline_since_unix_ms: None,
+        address: SocketAddr::from(([0, 0, 0, 0], 0)),
+        last_seen_ago_ms: 0,
+        last_seen_unix_ms: 0,
+        expires_in_ms: 0,
+        ttl_ms: 0,
+        interval_ms: 0,
+        boot: 0,
+        seq: 0,
+        heartbeats: 0,
+        flaps: 0,
+        payload_hex: String::new(),
+    });
+    let mut object = match keys {
+        Ok(serde_json::Value::Object(object)) => object,
+        _ => serde_json::Map::new(),
+    };
+    for (key, value) in object.iter_mut() {
+        *value = match key.as_str() {
+            "device" => device.into(),
+            "known" | "online" => false.into(),
+            _ => serde_json::Value::Null,
+        };
+    }
+    serde_json::Value::Object(object)
+}
+
+/// Every online device, page by page; a long listing shows its progress on
+/// stderr (when stderr is a terminal) every half second.
+fn list_with_progress(client: &mut Client) -> Result<Vec<DeviceReport>, presence::client::ClientError> {
+    let show = io::stderr().is_terminal();
+    let started = Instant::now();
+    let mut shown = started;
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (devices, next) = client.list_page(cursor.as_deref(), 0)?;
+        all.extend(devices);
+        if show && shown.elapsed() >= Duration::from_millis(500) {
+            shown = Instant::now();
+            let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+            eprint!("\rlisting: {} devices so far ({rate:.0}/s)", all.len());
+        }
+        match next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    if show && shown != started {
+        eprintln!(
+            "\rlisting: {} devices in {}          ",
+            all.len(),
+            fmt_ms(started.elapsed().as_millis() as u64)
+        );
+    }
+    Ok(all)
+}
+
+/// `n` and the noun, in the singular for one.
+fn count(n: u64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
+/// A duration in whole seconds, as humans write it (`59m 51s`).
+fn fmt_secs(ms: u64) -> String {
+    fmt_ms(ms.div_ceil(1000) * 1000)
+}
+
 fn write_summary(out: &mut impl Write, server: SocketAddr, s: &SummaryReport) -> io::Result<()> {
     writeln!(out, "server      {server}, up {}", fmt_ms(s.uptime_ms / 1000 * 1000))?;
-    writeln!(out, "online      {} of {} known devices", s.online, s.known)?;
-    writeln!(out, "received    {} heartbeats, {} leaves, {} queries", s.heartbeats, s.leaves, s.queries)?;
+    writeln!(out, "online      {} of {}", s.online, count(s.known, "known device", "known devices"))?;
+    writeln!(
+        out,
+        "received    {}, {}, {}",
+        count(s.heartbeats, "heartbeat", "heartbeats"),
+        count(s.leaves, "leave", "leaves"),
+        count(s.queries, "query", "queries")
+    )?;
     writeln!(out, "expired     {}", s.expirations)?;
     if s.events_lost > 0 {
         writeln!(out, "events      {} lost (the server could not write them; see its log)", s.events_lost)?;
@@ -610,10 +769,18 @@ fn payload_text(report: &DeviceReport) -> String {
 fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
     let last_seen = UNIX_EPOCH + Duration::from_millis(r.last_seen_unix_ms);
     let device = printable(&r.device);
-    if r.online {
-        writeln!(out, "{device}  online, expires in {}", fmt_ms(r.expires_in_ms))?;
-    } else {
-        writeln!(out, "{device}  offline")?;
+    match (r.online, r.offline_reason, r.offline_since_unix_ms) {
+        (true, _, _) => writeln!(out, "{device}  online, expires in {}", fmt_ms(r.expires_in_ms))?,
+        (false, Some("expired"), Some(since)) => writeln!(
+            out,
+            "{device}  offline since {} (expired: no heartbeat for {})",
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(since)),
+            fmt_ms(r.ttl_ms.into())
+        )?,
+        (false, Some("left"), _) => {
+            writeln!(out, "{device}  offline (left: it said goodbye after its last heartbeat)")?
+        }
+        (false, _, _) => writeln!(out, "{device}  offline")?,
     }
     writeln!(out, "  address     {}", r.address)?;
     writeln!(
@@ -636,17 +803,17 @@ fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> 
     let width = devices.iter().map(|d| printable(&d.device).chars().count()).max().unwrap_or(6).max(6);
     writeln!(
         out,
-        "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
+        "{:<width$}  {:<22}  {:>13}  {:>13}  {:>10}",
         "DEVICE", "ADDRESS", "LAST SEEN", "EXPIRES", "HEARTBEATS"
     )?;
     for d in devices {
         writeln!(
             out,
-            "{:<width$}  {:<22}  {:>10}  {:>10}  {:>10}",
+            "{:<width$}  {:<22}  {:>13}  {:>13}  {:>10}",
             printable(&d.device),
             d.address.to_string(),
-            format!("{}s ago", d.last_seen_ago_ms / 1000),
-            format!("in {}s", d.expires_in_ms.div_ceil(1000)),
+            format!("{} ago", fmt_ms(d.last_seen_ago_ms / 1000 * 1000)),
+            format!("in {}", fmt_secs(d.expires_in_ms)),
             d.heartbeats
         )?;
     }
@@ -664,8 +831,8 @@ fn auth_name(auth: AuthMode) -> &'static str {
 fn keygen(args: KeygenArgs) -> Result<ExitCode> {
     let master = presence::keyfile::generate_master().context("cannot read the OS random source")?;
     KeyFile::Master(master).write_new(&args.out)?;
-    println!("wrote a new master key to {} (mode 0600)", args.out.display());
-    println!("derive device keys with: presence derive-key --key-file {} --id DEVICE", args.out.display());
+    say!("wrote a new master key to {} (mode 0600)", args.out.display())?;
+    say!("derive device keys with: presence derive-key --key-file {} --id DEVICE", args.out.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -688,10 +855,10 @@ fn derive_key(args: DeriveKeyArgs) -> Result<ExitCode> {
     match &args.out {
         Some(path) => {
             file.write_new(path)?;
-            println!("wrote the {} key to {} (mode 0600)", file.kind(), path.display());
+            say!("wrote the {} key to {} (mode 0600)", file.kind(), path.display())?;
         }
         None => match &file {
-            KeyFile::Device(key, _) | KeyFile::Operator(key) => println!("{}", to_hex(key)),
+            KeyFile::Device(key, _) | KeyFile::Operator(key) => say!("{}", to_hex(key))?,
             KeyFile::Master(_) => {}
         },
     }

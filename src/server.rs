@@ -43,8 +43,9 @@ pub struct Bound {
     pub socket: UdpSocket,
     /// The address it is bound to (with the real port if 0 was asked).
     pub local_addr: SocketAddr,
-    /// The receive buffer the kernel actually granted, in bytes (Linux
-    /// reports twice the usable size, and caps requests at `net.core.rmem_max`).
+    /// The receive buffer the kernel granted for data, in bytes: what
+    /// `SO_RCVBUF` reports, halved (Linux doubles the size it is given, to
+    /// leave room for its bookkeeping, and caps requests at `net.core.rmem_max`).
     pub recv_buffer: usize,
 }
 
@@ -113,7 +114,7 @@ fn bind_one(addr: SocketAddr, recv_buffer: Option<usize>, reuse_port: bool) -> i
         socket.set_recv_buffer_size(size)?;
     }
     socket.bind(&addr.into())?;
-    let granted = socket.recv_buffer_size()?;
+    let granted = socket.recv_buffer_size()? / 2;
     let socket: UdpSocket = socket.into();
     let local_addr = socket.local_addr()?;
     Ok(Bound { socket, local_addr, recv_buffer: granted })

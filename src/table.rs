@@ -225,10 +225,15 @@ struct Slot {
     payload: u32,
     /// Whether it is online.
     online: bool,
-    /// Whether it has sent a frame with a valid tag: from then on unsigned
-    /// frames for it are refused.
-    signed: bool,
+    /// [`SIGNED`] and [`LEFT`]: one byte, so the slot stays 88 bytes.
+    flags: u8,
 }
+
+/// Slot flag: the device has sent a frame with a valid tag; from then on
+/// unsigned frames for it are refused.
+const SIGNED: u8 = 1;
+/// Slot flag: the device went offline by leaving (not by expiring).
+const LEFT: u8 = 2;
 
 impl Slot {
     fn deadline(&self) -> u64 {
@@ -307,7 +312,16 @@ impl<'t> Entry<'t> {
 
     /// Whether it has sent a signed frame (unsigned ones are refused since).
     pub fn is_signed(&self) -> bool {
-        self.slot.signed
+        self.slot.flags & SIGNED != 0
+    }
+
+    /// Why it is offline; `None` while it is online.
+    pub fn offline_reason(&self) -> Option<OfflineReason> {
+        match (self.slot.online, self.slot.flags & LEFT != 0) {
+            (true, _) => None,
+            (false, true) => Some(OfflineReason::Left),
+            (false, false) => Some(OfflineReason::Expired),
+        }
     }
 
     /// Payload of its last heartbeat.
@@ -556,7 +570,10 @@ impl PresenceTable {
         } else {
             slot.window.accept(beat.boot, beat.seq);
         }
-        slot.signed |= beat.signed;
+        if beat.signed {
+            slot.flags |= SIGNED;
+        }
+        slot.flags &= !LEFT;
         slot.last_seen = now_us;
         slot.ttl_ms = ttl_ms;
         slot.interval_ms = interval_ms;
@@ -603,7 +620,7 @@ impl PresenceTable {
             generation: 0,
             payload,
             online: true,
-            signed: beat.signed,
+            flags: if beat.signed { SIGNED } else { 0 },
         };
         let i = match self.free_slots.pop() {
             Some(i) => {
@@ -668,11 +685,14 @@ impl PresenceTable {
         } else {
             slot.window.accept(boot, seq);
         }
-        slot.signed |= signed;
+        if signed {
+            slot.flags |= SIGNED;
+        }
         if !slot.online {
             return Ok(None);
         }
         slot.online = false;
+        slot.flags |= LEFT;
         slot.flaps = slot.flaps.saturating_add(1);
         // Its expiry entry is now stale.
         slot.generation = slot.generation.wrapping_add(1);
@@ -829,7 +849,7 @@ impl PresenceTable {
 /// `slot`. Returns whether the frame starts a fresh replay window: the first
 /// signed frame of a device known only from unsigned ones.
 fn check_frame(slot: &Slot, signed: bool, boot: u32, seq: u32) -> Result<bool, Refusal> {
-    match (slot.signed, signed) {
+    match (slot.flags & SIGNED != 0, signed) {
         (true, false) => Err(Refusal::Unsigned),
         (false, true) => Ok(true),
         _ if slot.window.is_new(boot, seq) => Ok(false),

@@ -849,6 +849,11 @@ fn device_info<'e>(
         heartbeats: entry.heartbeats(),
         flaps: entry.flaps(),
         payload: entry.payload(),
+        offline_reason: match entry.offline_reason() {
+            None => wire::OFFLINE_NONE,
+            Some(OfflineReason::Expired) => wire::OFFLINE_EXPIRED,
+            Some(OfflineReason::Left) => wire::OFFLINE_LEFT,
+        },
     }
 }
 

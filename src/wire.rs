@@ -344,7 +344,18 @@ pub struct DeviceInfo<'a> {
     pub flaps: u32,
     /// Payload of its last heartbeat.
     pub payload: &'a [u8],
+    /// Why it is offline: [`OFFLINE_NONE`] while online, [`OFFLINE_EXPIRED`]
+    /// or [`OFFLINE_LEFT`]; other values are reserved (show them as unknown).
+    pub offline_reason: u8,
 }
+
+/// [`DeviceInfo::offline_reason`] of a device that is online.
+pub const OFFLINE_NONE: u8 = 0;
+/// [`DeviceInfo::offline_reason`]: its deadline passed without a heartbeat,
+/// at `last_seen + ttl`.
+pub const OFFLINE_EXPIRED: u8 = 1;
+/// [`DeviceInfo::offline_reason`]: it sent a `Leave`.
+pub const OFFLINE_LEFT: u8 = 2;
 
 /// The server's counts, answering [`QueryKind::Summary`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -266,17 +266,27 @@ fn dual_stack_bind_hears_ipv4_and_ipv6() {
 }
 
 #[test]
-fn cli_mistakes_get_one_line_and_a_nonzero_exit() {
+fn cli_mistakes_get_a_clear_message_and_a_nonzero_exit() {
+    // Usage mistakes: clap's whole message, ending with the pointer to --help.
     for args in [
         &["serve", "--timeout", "soon"][..],
         &["serve", "--misses", "0"],
         &["serve", "--recv-buffer", "lots"],
         &["serve", "--bind", "nowhere"],
-        &["serve", "--min-ttl", "10s", "--max-ttl", "1s", "--bind", "127.0.0.1:0"],
-        &["beat", "--id", ""],
-        &["beat", "--id", "d", "--payload-hex", "xyz"],
         &["status", "--list", "some-device"],
         &["frobnicate"],
+    ] {
+        let out = cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert!(err.starts_with("error:"), "{args:?}: {err}");
+        assert!(err.trim_end().ends_with("For more information, try '--help'."), "{args:?}: {err}");
+    }
+    // Mistakes the program finds: one line.
+    for args in [
+        &["serve", "--min-ttl", "10s", "--max-ttl", "1s", "--bind", "127.0.0.1:0"][..],
+        &["beat", "--id", ""],
+        &["beat", "--id", "d", "--payload-hex", "xyz"],
     ] {
         let out = cli(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -27,6 +27,7 @@ fn vector_info() -> DeviceInfo<'static> {
         heartbeats: 8,
         flaps: 0,
         payload: b"ok",
+        offline_reason: 0,
     }
 }
 
@@ -115,7 +116,7 @@ fn test_vectors() {
     );
     check_vector(
         Message::Status(Status { request: 4, body: StatusBody::Device(vector_info()) }),
-        "0103040002643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b",
+        "0103040002643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b00",
     );
     let mut entry_buf = [0u8; 128];
     let mut entries = RecordWriter::new(&mut entry_buf);
@@ -125,7 +126,7 @@ fn test_vectors() {
             request: 9,
             body: StatusBody::Page(Page { next_cursor: None, entries: entries.finish() }),
         }),
-        "01030903002102643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b",
+        "01030903002202643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b00",
     );
     check_vector(
         Message::Ack(Ack { boot: 7, seq: 8, interval_ms: 10_000, ttl_ms: 30_000 }),
@@ -308,6 +309,7 @@ impl OwnedInfo {
             heartbeats,
             flaps,
             payload: &self.payload,
+            offline_reason: if self.online { 0 } else { (flaps % 3) as u8 },
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct Server {
     pub log: mpsc::Receiver<String>,
     /// The JSON log record that said where it listens, and with what settings.
     pub listening: serde_json::Value,
+    /// The log lines before that one.
+    pub startup: Vec<String>,
 }
 
 impl Server {
@@ -99,6 +101,7 @@ impl Server {
             }
         });
         let deadline = Instant::now() + PROMPTLY;
+        let mut startup = Vec::new();
         let listening = loop {
             let wait = deadline.saturating_duration_since(Instant::now());
             let line = log.recv_timeout(wait).expect("server did not log 'listening' in time");
@@ -106,9 +109,10 @@ impl Server {
             if record["fields"]["message"] == "listening" {
                 break record;
             }
+            startup.push(line);
         };
         let addr = listening["fields"]["addr"].as_str().unwrap().parse().unwrap();
-        Server { child, addr, events, _dir: dir, log, listening }
+        Server { child, addr, events, _dir: dir, log, listening, startup }
     }
 
     /// The events written so far, parsed.
