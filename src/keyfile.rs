@@ -4,13 +4,15 @@
 //! `#` are ignored; the first other line is the key. A bare key without its
 //! kind is refused, so a file always says what it holds.
 //!
-//! Key files must not be readable or writable by group or others: as ssh
-//! does with private keys, reading one that is refuses it, and says how to
-//! fix it (`chmod 600`).
+//! Key files must not be readable or writable by others, nor writable by
+//! their group: as ssh does with private keys, reading one that is refuses
+//! it, and says how to fix it (`chmod 600`). Group read is allowed only for
+//! the process's own group, as for a Kubernetes Secret mounted with
+//! `fsGroup` (mode 0440, group = the pod's group).
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::auth::{self, KEY_LEN, Key};
@@ -141,9 +143,12 @@ impl KeyFile {
     pub fn read(path: &Path) -> Result<KeyFile, KeyFileError> {
         let name = path.display().to_string();
         let io_error = |source| KeyFileError::Io { path: name.clone(), source };
-        let mode = std::fs::metadata(path).map_err(io_error)?.permissions().mode();
-        if mode & 0o077 != 0 {
-            return Err(KeyFileError::TooOpen { path: name, mode: mode & 0o7777 });
+        let meta = std::fs::metadata(path).map_err(io_error)?;
+        let mode = meta.mode() & 0o7777;
+        let own_group = meta.gid() == rustix::process::getegid().as_raw();
+        let group_read_only = mode & 0o070 == 0o040 && own_group;
+        if mode & 0o007 != 0 || (mode & 0o070 != 0 && !group_read_only) {
+            return Err(KeyFileError::TooOpen { path: name, mode });
         }
         let content = std::fs::read_to_string(path).map_err(io_error)?;
         KeyFile::parse(&content).map_err(|why| KeyFileError::Invalid { path: name, why })
@@ -250,6 +255,32 @@ mod tests {
         assert!(error.contains("0644") && error.contains("chmod 600"), "{error}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert!(KeyFile::read(&path).is_ok());
+    }
+
+    #[test]
+    fn group_read_is_allowed_only_for_the_process_s_own_group() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        KeyFile::Master([7; KEY_LEN]).write_new(&path).unwrap();
+        let mode = |m| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+        // A Kubernetes Secret mounted with fsGroup: 0440, group = ours.
+        mode(0o440);
+        assert!(KeyFile::read(&path).is_ok());
+        mode(0o460);
+        assert!(matches!(KeyFile::read(&path), Err(KeyFileError::TooOpen { .. })), "group-writable");
+        mode(0o444);
+        assert!(matches!(KeyFile::read(&path), Err(KeyFileError::TooOpen { .. })), "readable by others");
+        // Readable by a group this process is not in (only root can give a
+        // file away to another group; CI runs as root).
+        mode(0o440);
+        let other_gid = rustix::process::getegid().as_raw().wrapping_add(4242);
+        if rustix::process::geteuid().is_root() {
+            std::os::unix::fs::chown(&path, None, Some(other_gid)).unwrap();
+            assert!(matches!(KeyFile::read(&path), Err(KeyFileError::TooOpen { .. })), "another group");
+        } else {
+            eprintln!("not root: the other-group case is checked only when run as root");
+        }
     }
 
     #[test]
