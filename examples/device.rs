@@ -98,7 +98,7 @@ mod firmware {
     }
 }
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The std edge: a UDP socket connected to the server.
@@ -125,8 +125,16 @@ fn main() -> std::io::Result<()> {
     // Optional: the device key in hex, as printed by `presence derive-key`.
     let key = args.next().map(|hex| presence::keyfile::parse_hex_key(&hex).expect("a 64-digit hex key"));
 
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.connect(&server)?;
+    let server: SocketAddr = match server.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => addr,
+        _ => {
+            eprintln!("'{server}' is not a server address (try 127.0.0.1:7787 or [::1]:7787)");
+            std::process::exit(2);
+        }
+    };
+    // A socket of the server's family: an IPv4 socket cannot reach an IPv6 server.
+    let socket = UdpSocket::bind(if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+    socket.connect(server)?;
     socket.set_read_timeout(Some(Duration::from_millis(500)))?;
     let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
     let mut device = firmware::Device::new(UdpLink(socket), id, boot, 1000, key);
@@ -138,7 +146,11 @@ fn main() -> std::io::Result<()> {
                 Some(ack) => {
                     println!("server: beat every {} ms, offline after {} ms", ack.interval_ms, ack.ttl_ms)
                 }
-                None => println!("no ack (is the server running at {server}?)"),
+                None => println!(
+                    "no ack: the server drops what it refuses without a word. Is it running at {server}? \
+                     Does it require signed heartbeats (give this device's key, from `presence derive-key`)? \
+                     Is the key this device's? Its drop counters say which: presence status --server {server}"
+                ),
             }
         }
         if i + 1 < count {

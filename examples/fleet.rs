@@ -5,13 +5,16 @@
 //! ```text
 //! cargo run --release --example fleet -- --devices 10000 --interval 10s --duration 30s
 //! ```
-//! Sends only to the server address given (default 127.0.0.1:7787).
+//! Sends only to the server address given (default 127.0.0.1:7787). At the
+//! end it reports what the server itself counted (heartbeats accepted, and
+//! drops by reason), since a datagram that is sent may still be refused.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use presence::auth::{self, Key};
+use presence::client::{Client, SummaryReport};
 use presence::keyfile::KeyFile;
 use presence::wire::{self, Heartbeat, Leave, Message};
 
@@ -50,6 +53,18 @@ struct Args {
     key_file: Option<std::path::PathBuf>,
 }
 
+/// The server's summary, asked with the operator key if there is one.
+fn summary(
+    server: SocketAddr,
+    operator: Option<Key>,
+) -> Result<SummaryReport, presence::client::ClientError> {
+    let mut client = Client::new(server, Duration::from_secs(2))?;
+    if let Some(key) = operator {
+        client = client.with_operator_key(key);
+    }
+    client.summary()
+}
+
 fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let socket = UdpSocket::bind(if args.server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
@@ -66,6 +81,14 @@ fn main() -> std::io::Result<()> {
         },
     };
     let key = |i: usize| keys.as_ref().map(|keys| &keys[i]);
+    let operator = match &args.key_file {
+        Some(path) => match KeyFile::read(path).map_err(std::io::Error::other)? {
+            KeyFile::Master(master) => Some(auth::operator_key(&master)),
+            _ => None,
+        },
+        None => None,
+    };
+    let before = summary(args.server, operator);
     let interval_ms = u32::try_from(args.interval.as_millis()).unwrap_or(u32::MAX);
     let n = u64::from(args.devices.max(1));
     let started = Instant::now();
@@ -107,5 +130,39 @@ fn main() -> std::io::Result<()> {
     }
     let secs = started.elapsed().as_secs_f64();
     println!("sent {sent} heartbeats ({errors} send errors) in {secs:.1} s: {:.0}/s", sent as f64 / secs);
+    // What the server made of them: datagrams in flight are counted within a moment.
+    let mut after = summary(args.server, operator);
+    let wait_until = Instant::now() + Duration::from_secs(2);
+    while let (Ok(b), Ok(a)) = (&before, &after) {
+        if a.heartbeats - b.heartbeats >= sent || Instant::now() > wait_until {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        after = summary(args.server, operator);
+    }
+    match (before, after) {
+        (Ok(before), Ok(after)) => {
+            let accepted = after.heartbeats - before.heartbeats;
+            let drops: Vec<String> = after
+                .drops
+                .iter()
+                .filter_map(|(reason, n)| {
+                    let new = n - before.drops.get(reason).copied().unwrap_or(0);
+                    (new > 0).then(|| format!("{reason} {new}"))
+                })
+                .collect();
+            println!(
+                "the server accepted {accepted} of them; dropped meanwhile: {}",
+                if drops.is_empty() { "none".to_string() } else { drops.join(", ") }
+            );
+            if accepted < sent {
+                println!(
+                    "{} were not accepted (a server with a key drops unsigned heartbeats: give --key-file)",
+                    sent - accepted
+                );
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => println!("the server's own counts are unknown: {e}"),
+    }
     Ok(())
 }

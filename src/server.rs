@@ -626,7 +626,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
             );
             let now = Instant::now();
             for (from, datagram) in handed.iter() {
-                handle(tracker, socket, now, from, datagram, &mut reply);
+                handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
             }
             handed.clear();
         }
@@ -654,10 +654,10 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                     Route::Shard(owner) if owner != me => outboxes[owner].push(from, datagram),
                     Route::Summary => {
                         tracker.set_peer_totals(shared.peer_totals(me));
-                        handle(tracker, socket, now, from, datagram, &mut reply);
+                        handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
                     }
                     Route::Shard(_) | Route::Local => {
-                        handle(tracker, socket, now, from, datagram, &mut reply);
+                        handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
                     }
                 }
             }
@@ -689,12 +689,14 @@ fn handle(
     from: SocketAddr,
     datagram: &[u8],
     reply: &mut [u8],
+    warnings: &mut DropWarnings,
 ) {
     match tracker.handle(now, from, datagram, reply) {
         Handled::Done => {}
         Handled::Reply(n) => send_reply(socket, &reply[..n], from),
         Handled::Dropped { reason, reply: answer } => {
             log_drop(reason, from, datagram.len());
+            warnings.sample(reason, from, datagram);
             if let Some(n) = answer {
                 send_reply(socket, &reply[..n], from);
             }
@@ -801,17 +803,36 @@ fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
 }
 
 /// Logs dropped and rejected datagrams at warn level, at most once per
-/// [`DropWarnings::EVERY`], as a count by reason: a flood cannot flood the log.
+/// [`DropWarnings::EVERY`], as a count by reason with one example of each
+/// (its source, and its device if it names one): a flood cannot flood the
+/// log, and an operator can still tell whose datagrams are refused.
 #[derive(Default)]
 struct DropWarnings {
     /// When the last warning was logged.
     last: Option<Instant>,
     /// The drop counts already reported.
     reported: [u64; DropReason::ALL.len()],
+    /// The first datagram of each reason since the last warning: its source
+    /// and the device it names, if any.
+    samples: [Option<(SocketAddr, Option<String>)>; DropReason::ALL.len()],
 }
 
 impl DropWarnings {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Keeps `datagram` as the example of `reason`, unless there is one already.
+    fn sample(&mut self, reason: DropReason, from: SocketAddr, datagram: &[u8]) {
+        let slot = &mut self.samples[usize::from(reason.code()) - 1];
+        if slot.is_none() {
+            let device = match wire::decode(datagram) {
+                Ok(wire::Message::Heartbeat(hb)) => Some(hb.device),
+                Ok(wire::Message::Leave(leave)) => Some(leave.device),
+                Ok(wire::Message::Query(wire::Query { kind: wire::QueryKind::Device(id), .. })) => Some(id),
+                _ => None,
+            };
+            *slot = Some((from, device.map(|id| crate::client::printable(id).into_owned())));
+        }
+    }
 
     fn maybe_warn(&mut self, now: Instant, counters: &Counters, handover_drops: &AtomicU64) {
         if self.last.is_some_and(|last| now.saturating_duration_since(last) < Self::EVERY) {
@@ -819,12 +840,19 @@ impl DropWarnings {
         }
         let mut total = 0;
         let mut reasons = Vec::new();
-        for (reported, reason) in self.reported.iter_mut().zip(DropReason::ALL) {
+        let mut examples = Vec::new();
+        for ((reported, reason), sample) in
+            self.reported.iter_mut().zip(DropReason::ALL).zip(&mut self.samples)
+        {
             let count = counters.drops(reason);
             if count > *reported {
                 reasons.push(format!("{}={}", reason.name(), count - *reported));
                 total += count - *reported;
                 *reported = count;
+                if let Some((from, device)) = sample.take() {
+                    let device = device.map(|d| format!(" device '{d}'")).unwrap_or_default();
+                    examples.push(format!("{}: from {from}{device}", reason.name()));
+                }
             }
         }
         let handover = handover_drops.swap(0, Ordering::Relaxed);
@@ -834,7 +862,12 @@ impl DropWarnings {
         }
         if total > 0 {
             self.last = Some(now);
-            tracing::warn!(dropped = total, reasons = reasons.join(" "), "datagrams dropped or rejected");
+            tracing::warn!(
+                dropped = total,
+                reasons = reasons.join(" "),
+                examples = examples.join("; "),
+                "datagrams dropped or rejected"
+            );
         }
     }
 }

@@ -222,3 +222,71 @@ fn a_capped_receive_buffer_is_logged_as_granted_with_the_fix() {
     let warning = server.startup.iter().find(|l| l.contains("capped the receive buffer")).expect("a warning");
     assert!(warning.contains("sysctl -w net.core.rmem_max="), "{warning}");
 }
+
+#[test]
+fn the_drop_warning_names_an_example_source_and_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    presence::keyfile::KeyFile::Master([3; 32]).write_new(&key).unwrap();
+    let server = Server::start(&["--key-file", key.to_str().unwrap()]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.send_to(&common::frame(&heartbeat("who-is-it", 1)), server.addr).unwrap();
+    let warning = poll("the drop warning", PROMPTLY, || {
+        server.log.try_iter().find(|line| line.contains("datagrams dropped or rejected"))
+    });
+    let expected = format!("missing_tag: from {} device 'who-is-it'", socket.local_addr().unwrap());
+    assert!(warning.contains(&expected), "{warning}");
+}
+
+/// The examples are built by `cargo test`; they sit next to the test binaries.
+fn example(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+    deps.parent().unwrap().join("examples").join(name)
+}
+
+#[test]
+fn the_fleet_example_reports_what_the_server_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    presence::keyfile::KeyFile::Master([3; 32]).write_new(&key).unwrap();
+    let server = Server::start(&["--key-file", key.to_str().unwrap()]);
+    let addr = server.addr.to_string();
+    let fleet = |extra: &[&str]| {
+        let out = Command::new(example("fleet"))
+            .args(["--server", &addr, "--devices", "20", "--interval", "200ms", "--duration", "200ms"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let unsigned = fleet(&[]);
+    assert!(
+        unsigned.contains("the server accepted 0 of them") && unsigned.contains("missing_tag 20"),
+        "{unsigned}"
+    );
+    let signed = fleet(&["--key-file", key.to_str().unwrap()]);
+    assert!(signed.contains("the server accepted 20 of them; dropped meanwhile: none"), "{signed}");
+}
+
+#[test]
+fn the_device_example_explains_a_missing_ack_and_speaks_ipv6() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    presence::keyfile::KeyFile::Master([3; 32]).write_new(&key).unwrap();
+    let server = Server::start_on("[::1]:0", &["--key-file", key.to_str().unwrap()]);
+    let out =
+        Command::new(example("device")).args([&server.addr.to_string(), "dev-6", "1"]).output().unwrap();
+    assert!(out.status.success(), "an IPv6 server address works: {}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("no ack") && text.contains("signed heartbeats") && text.contains("presence status"),
+        "{text}"
+    );
+    let device_key = presence::keyfile::to_hex(&presence::auth::device_key(&[3; 32], "dev-6"));
+    let out = Command::new(example("device"))
+        .args([&server.addr.to_string(), "dev-6", "1", &device_key])
+        .output()
+        .unwrap();
+    assert!(stdout(&out).contains("server: beat every 1000 ms"), "{}", stdout(&out));
+}
