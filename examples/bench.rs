@@ -261,6 +261,74 @@ fn list_page_figures(plan: &Plan, rows: &mut Vec<(String, String, String)>) {
         format!("{large:.0} ns"),
         format!("{:.2} x the page with 10 held", large / small),
     ));
+    // Listing over loopback, page after page as `presence status --list` does,
+    // against a bare loop that echoes 1200-byte datagrams one at a time.
+    let listed = plan.devices[0] * 10;
+    let (pages, rate) = listing_rate(listed).expect("listing");
+    let echo = echo_rate(pages).expect("echo");
+    rows.push((
+        format!("round trips/s, bare 1200-byte UDP echo, one at a time ({pages} round trips)"),
+        format!("{echo:.0} /s"),
+        "1.00 (baseline)".into(),
+    ));
+    rows.push((
+        format!("listing {} online devices over loopback (Client::list_all)", human(listed)),
+        format!("{} devices/s", rate.round()),
+        format!(
+            "{pages} pages; {:.2} x the echo's round trips (target: >= 50 000 devices/s)",
+            pages as f64 * rate / listed as f64 / echo
+        ),
+    ));
+}
+
+/// Lists `n` online devices from a real server loop on 127.0.0.1 with the
+/// client, as the CLI does; returns the pages and the devices per second.
+fn listing_rate(n: usize) -> std::io::Result<(usize, f64)> {
+    let tracker = populated(n, AuthMode::Off, &[]);
+    let bound = server::bind("127.0.0.1:0".parse().unwrap(), None)?;
+    let addr = bound.local_addr;
+    let stop = Stop::new();
+    let loop_stop = stop.clone();
+    let socket = bound.socket;
+    let server = std::thread::spawn(move || {
+        let mut events = EventLog::none();
+        server::run(&socket, tracker, &loop_stop, &mut events).map(|_| ())
+    });
+    let mut client = presence::client::Client::new(addr, Duration::from_secs(5))?;
+    let started = Instant::now();
+    let mut pages = 0;
+    let devices =
+        client.list(presence::wire::ListFilter::ONLINE, |_| pages += 1).map_err(std::io::Error::other)?;
+    let seconds = started.elapsed().as_secs_f64();
+    stop.stop();
+    server.join().expect("server thread")?;
+    assert_eq!(devices.len(), n);
+    Ok((pages, n as f64 / seconds))
+}
+
+/// Round trips per second of 1200-byte datagrams echoed by a bare loop.
+fn echo_rate(round_trips: usize) -> std::io::Result<f64> {
+    let echo = UdpSocket::bind("127.0.0.1:0")?;
+    let addr = echo.local_addr()?;
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        for _ in 0..round_trips {
+            let (n, from) = echo.recv_from(&mut buf)?;
+            echo.send_to(&buf[..n], from)?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let client = UdpSocket::bind("127.0.0.1:0")?;
+    client.connect(addr)?;
+    let (request, mut reply) = ([7u8; 1200], [0u8; 1500]);
+    let started = Instant::now();
+    for _ in 0..round_trips {
+        client.send(&request)?;
+        client.recv(&mut reply)?;
+    }
+    let rate = round_trips as f64 / started.elapsed().as_secs_f64();
+    server.join().expect("echo thread")?;
+    Ok(rate)
 }
 
 /// Median engine time per first `List` page (10 entries), over 20 rounds of
@@ -279,8 +347,13 @@ fn list_page_ns(held: usize) -> f64 {
     while tracker.poll_event().is_some() {}
     assert_eq!(tracker.table().online_count(), 10);
     let mut query = [0u8; wire::MAX_DATAGRAM];
-    let len =
-        encode_query(1, QueryKind::List { after: None, limit: 0 }, None, &mut query).expect("valid query");
+    let len = encode_query(
+        1,
+        QueryKind::List { after: None, limit: 0, filter: presence::wire::ListFilter::ONLINE },
+        None,
+        &mut query,
+    )
+    .expect("valid query");
     // Warm up (caches, the CPU's clock), then time.
     for _ in 0..1000 {
         std::hint::black_box(tracker.handle(later, from, &query[..len], &mut reply));

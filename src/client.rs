@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::auth::{self, Key};
 use crate::wire::{
-    self, Ack, DeviceInfo, DropReason, Heartbeat, Leave, Message, Query, QueryKind, Status, StatusBody,
+    self, Ack, DeviceInfo, DropReason, Heartbeat, Leave, ListFilter, Message, Query, QueryKind, Status,
+    StatusBody,
 };
 
 /// Why a request to the server failed.
@@ -413,40 +414,82 @@ impl Client {
         })
     }
 
-    /// One page of the online list, after `cursor`; returns the devices and
-    /// the cursor of the next page, if there is one. `limit` 0 means as many
-    /// as fit in one datagram.
+    /// One page of the devices `filter` selects, after `cursor` (`None` for
+    /// the first page); `limit` 0 means as many as fit in one datagram.
     pub fn list_page(
         &mut self,
         cursor: Option<&str>,
         limit: u16,
-    ) -> Result<(Vec<DeviceReport>, Option<String>), ClientError> {
-        self.ask(QueryKind::List { after: cursor, limit }, |body| match body {
+        filter: ListFilter<'_>,
+    ) -> Result<ListPage, ClientError> {
+        self.ask(QueryKind::List { after: cursor, limit, filter }, |body| match body {
             StatusBody::Page(page) => {
                 let devices = page
                     .entries
                     .iter()
                     .map(|info| info.map(|info| DeviceReport::from(&info)))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok((devices, page.next_cursor.map(str::to_owned)))
+                Ok(ListPage {
+                    devices,
+                    matched: page.matched,
+                    next_cursor: page.next_cursor.map(str::to_owned),
+                })
             }
             _ => Err(ClientError::UnexpectedReply),
         })
     }
 
-    /// Every online device, following pages until the last.
-    pub fn list_all(&mut self) -> Result<Vec<DeviceReport>, ClientError> {
+    /// Every device `filter` selects, following pages until the last;
+    /// `progress` is called after each page with the devices so far.
+    pub fn list(
+        &mut self,
+        filter: ListFilter<'_>,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<DeviceReport>, ClientError> {
         let mut all = Vec::new();
         let mut cursor = None;
         loop {
-            let (devices, next) = self.list_page(cursor.as_deref(), 0)?;
-            all.extend(devices);
-            match next {
+            let page = self.list_page(cursor.as_deref(), 0, filter)?;
+            all.extend(page.devices);
+            progress(all.len());
+            match page.next_cursor {
                 Some(next) => cursor = Some(next),
                 None => return Ok(all),
             }
         }
     }
+
+    /// Every online device, following pages until the last.
+    pub fn list_all(&mut self) -> Result<Vec<DeviceReport>, ClientError> {
+        self.list(ListFilter::ONLINE, |_| {})
+    }
+
+    /// How many devices `filter` selects, counted by the server page by
+    /// page without sending them.
+    pub fn count(&mut self, filter: ListFilter<'_>) -> Result<u64, ClientError> {
+        let filter = ListFilter { count_only: true, ..filter };
+        let mut total = 0;
+        let mut cursor = None;
+        loop {
+            let page = self.list_page(cursor.as_deref(), 0, filter)?;
+            total += page.matched;
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(total),
+            }
+        }
+    }
+}
+
+/// One page of a listing, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    /// The devices on this page (none when counting).
+    pub devices: Vec<DeviceReport>,
+    /// How many devices of this page's range matched the filter.
+    pub matched: u64,
+    /// The cursor of the next page, if there is one.
+    pub next_cursor: Option<String>,
 }
 
 /// A boot epoch counter kept in a file, for devices (and `presence beat`)

@@ -18,6 +18,7 @@ use presence::client::{Client, DeviceReport, Sender, SummaryReport, printable};
 use presence::keyfile::{KeyFile, parse_hex_key, to_hex};
 use presence::server::{self, EventLog, Stop};
 use presence::tracker::{AuthMode, Config, Keys, MAX_TTL, MIN_TTL, Totals, Tracker};
+use presence::wire::ListFilter;
 
 /// Prints a line on stdout; unlike `println!`, a closed stdout is an error
 /// to return (and end quietly on), not a panic.
@@ -226,11 +227,23 @@ struct StatusArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
     server: String,
     /// One device: exit 0 if it is online, 1 if offline or unknown.
-    #[arg(value_name = "DEVICE", conflicts_with = "list")]
+    #[arg(value_name = "DEVICE", conflicts_with_all = ["list", "offline", "all", "prefix", "count"])]
     device: Option<String>,
     /// List every online device (following pages; progress on stderr for long listings).
     #[arg(long)]
     list: bool,
+    /// List the offline devices the server holds instead (implies --list).
+    #[arg(long, conflicts_with = "all")]
+    offline: bool,
+    /// List every device the server holds, online or offline (implies --list).
+    #[arg(long)]
+    all: bool,
+    /// Only devices whose id starts with PREFIX (implies --list; the server filters).
+    #[arg(long, value_name = "PREFIX")]
+    prefix: Option<String>,
+    /// Print only how many devices the listing has (the server counts them; implies --list).
+    #[arg(long)]
+    count: bool,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -636,14 +649,33 @@ fn status(args: StatusArgs) -> Result<ExitCode> {
         }
         return Ok(if online { ExitCode::SUCCESS } else { ExitCode::from(1) });
     }
-    if args.list {
+    if args.list || args.offline || args.all || args.prefix.is_some() || args.count {
+        let (state, what) = match (args.offline, args.all) {
+            (true, _) => (presence::wire::LIST_OFFLINE, "offline"),
+            (_, true) => (presence::wire::LIST_ALL, "known"),
+            _ => (presence::wire::LIST_ONLINE, "online"),
+        };
+        let filter = ListFilter { state, prefix: args.prefix.as_deref(), count_only: false };
+        if args.count {
+            let count = client.count(filter).with_context(|| format!("count from {server}"))?;
+            if args.json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({ "count": count, "state": what, "prefix": args.prefix })
+                )?;
+            } else {
+                writeln!(out, "{count}")?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         let devices =
-            list_with_progress(&mut client).with_context(|| format!("online list from {server}"))?;
+            list_with_progress(&mut client, filter).with_context(|| format!("{what} list from {server}"))?;
         if args.json {
             serde_json::to_writer_pretty(&mut out, &devices)?;
             writeln!(out)?;
         } else {
-            write_list(&mut out, &devices)?;
+            write_list(&mut out, &devices, what)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -692,35 +724,34 @@ fn unknown_device_json(device: &str) -> serde_json::Value {
     serde_json::Value::Object(object)
 }
 
-/// Every online device, page by page; a long listing shows its progress on
-/// stderr (when stderr is a terminal) every half second.
-fn list_with_progress(client: &mut Client) -> Result<Vec<DeviceReport>, presence::client::ClientError> {
-    let show = io::stderr().is_terminal();
+/// The devices `filter` selects, page by page. A listing that takes more
+/// than half a second shows its progress on stderr, on one line that it
+/// rewrites when stderr is a terminal, and one line per second otherwise.
+fn list_with_progress(
+    client: &mut Client,
+    filter: ListFilter<'_>,
+) -> Result<Vec<DeviceReport>, presence::client::ClientError> {
+    let terminal = io::stderr().is_terminal();
+    let every = if terminal { Duration::from_millis(500) } else { Duration::from_secs(1) };
     let started = Instant::now();
     let mut shown = started;
-    let mut all = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let (devices, next) = client.list_page(cursor.as_deref(), 0)?;
-        all.extend(devices);
-        if show && shown.elapsed() >= Duration::from_millis(500) {
+    let devices = client.list(filter, |so_far| {
+        if shown.elapsed() >= every {
             shown = Instant::now();
-            let rate = all.len() as f64 / started.elapsed().as_secs_f64();
-            eprint!("\rlisting: {} devices so far ({rate:.0}/s)", all.len());
+            let rate = so_far as f64 / started.elapsed().as_secs_f64();
+            let line = format!("listing: {so_far} devices so far ({rate:.0}/s)");
+            if terminal { eprint!("\r{line}") } else { eprintln!("{line}") }
         }
-        match next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    if show && shown != started {
+    })?;
+    if shown != started {
+        let end = if terminal { "\r" } else { "" };
         eprintln!(
-            "\rlisting: {} devices in {}          ",
-            all.len(),
+            "{end}listing: {} devices in {}          ",
+            devices.len(),
             fmt_ms(started.elapsed().as_millis() as u64)
         );
     }
-    Ok(all)
+    Ok(devices)
 }
 
 /// `n` and the noun, in the singular for one.
@@ -799,7 +830,7 @@ fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
     Ok(())
 }
 
-fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> {
+fn write_list(out: &mut impl Write, devices: &[DeviceReport], what: &str) -> io::Result<()> {
     let width = devices.iter().map(|d| printable(&d.device).chars().count()).max().unwrap_or(6).max(6);
     writeln!(
         out,
@@ -817,7 +848,7 @@ fn write_list(out: &mut impl Write, devices: &[DeviceReport]) -> io::Result<()> 
             d.heartbeats
         )?;
     }
-    writeln!(out, "{} online", devices.len())
+    writeln!(out, "{} {what}", devices.len())
 }
 
 fn auth_name(auth: AuthMode) -> &'static str {

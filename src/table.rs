@@ -17,9 +17,10 @@
 //!   device left, or its deadline moved earlier and was filed again);
 //! - `offline`: offline devices by (last seen, slot), so that when the table
 //!   is full the longest-silent one makes room;
-//! - `online_slots`: the slot numbers of online devices as a bitmap
-//!   hierarchy (`table/levels.rs`), so a listing page jumps from one online
-//!   device to the next whatever the table holds.
+//! - `online_slots`, `offline_slots`, `held_slots`: the slot numbers of the
+//!   online, offline and all held devices as bitmap hierarchies
+//!   (`table/levels.rs`), so a listing page jumps from one listed device to
+//!   the next whatever else the table holds.
 //!
 //! Each device also carries a [`ReplayWindow`]: a heartbeat or leave is
 //! accepted only if its (boot, seq) is new.
@@ -37,6 +38,17 @@ use levels::LevelSet;
 
 /// A device id as events carry it.
 pub type DeviceId = Arc<str>;
+
+/// Which devices a listing walks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// The online ones.
+    Online,
+    /// The offline ones the table still holds.
+    Offline,
+    /// Every held device.
+    All,
+}
 
 /// Why a device went offline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -369,6 +381,10 @@ pub struct PresenceTable {
     offline: BTreeSet<(u64, u32)>,
     /// Slots of the online devices, for listing in O(entries listed).
     online_slots: LevelSet,
+    /// Slots of the offline devices, likewise.
+    offline_slots: LevelSet,
+    /// Slots of every held device, likewise.
+    held_slots: LevelSet,
     /// Devices online now.
     online: usize,
     /// Devices held now.
@@ -403,6 +419,8 @@ impl PresenceTable {
             expiry: BinaryHeap::new(),
             offline: BTreeSet::new(),
             online_slots: LevelSet::default(),
+            offline_slots: LevelSet::default(),
+            held_slots: LevelSet::default(),
             online: 0,
             known: 0,
             max_devices: max_devices.clamp(1, u32::MAX as usize),
@@ -583,6 +601,7 @@ impl PresenceTable {
         slot.online = true;
         if !was_online {
             self.offline.remove(&(old_last_seen, i as u32));
+            self.offline_slots.remove(i);
             self.online_slots.insert(i);
             self.online += 1;
             self.file(i, deadline);
@@ -630,11 +649,14 @@ impl PresenceTable {
             }
             None => {
                 self.slots.push(slot);
-                self.online_slots.grow(self.slots.len());
+                for set in [&mut self.online_slots, &mut self.offline_slots, &mut self.held_slots] {
+                    set.grow(self.slots.len());
+                }
                 self.slots.len() - 1
             }
         };
         self.online_slots.insert(i);
+        self.held_slots.insert(i);
         self.index.insert(self.hasher.hash_one(device.as_bytes()), i as u32);
         self.known += 1;
         self.online += 1;
@@ -649,6 +671,8 @@ impl PresenceTable {
         let i = i as usize;
         let hash = self.hasher.hash_one(Self::id_bytes(&self.slots[i], &self.long_ids));
         self.index.remove(hash, i as u32);
+        self.offline_slots.remove(i);
+        self.held_slots.remove(i);
         let slot = &mut self.slots[i];
         let (id, payload) = (slot.id, slot.payload);
         slot.id = SlotId([0; INLINE_ID + 1]);
@@ -699,6 +723,7 @@ impl PresenceTable {
         let last_seen = slot.last_seen;
         self.online -= 1;
         self.online_slots.remove(i);
+        self.offline_slots.insert(i);
         self.offline.insert((last_seen, i as u32));
         self.drop_stale_top();
         Ok(Some(self.entry(i)))
@@ -745,6 +770,7 @@ impl PresenceTable {
             let last_seen = slot.last_seen;
             self.online -= 1;
             self.online_slots.remove(i as usize);
+            self.offline_slots.insert(i as usize);
             self.offline.insert((last_seen, i));
             let entry = self.entry(i as usize);
             offline(Self::id_of(entry.slot, &self.long_ids), entry);
@@ -774,9 +800,24 @@ impl PresenceTable {
     /// Each step jumps to the next online slot through a bitmap hierarchy, so
     /// taking k devices costs O(k log₆₄ n) whatever the table holds offline.
     pub fn online_from(&self, start: usize) -> impl Iterator<Item = (usize, &str, Entry<'_>)> + '_ {
+        self.devices_from(Which::Online, start)
+    }
+
+    /// The devices `which` selects, in slot order from slot `start`, as
+    /// [`PresenceTable::online_from`] gives the online ones.
+    pub fn devices_from(
+        &self,
+        which: Which,
+        start: usize,
+    ) -> impl Iterator<Item = (usize, &str, Entry<'_>)> + '_ {
+        let set = match which {
+            Which::Online => &self.online_slots,
+            Which::Offline => &self.offline_slots,
+            Which::All => &self.held_slots,
+        };
         let mut at = start;
         std::iter::from_fn(move || {
-            let i = self.online_slots.next_from(at)?;
+            let i = set.next_from(at)?;
             at = i + 1;
             let slot = &self.slots[i];
             Some((i, Self::id_of(slot, &self.long_ids), Entry { table: self, slot }))
@@ -831,6 +872,8 @@ impl PresenceTable {
             let in_offline = self.offline.contains(&(slot.last_seen, i as u32));
             assert_eq!(!slot.online, in_offline, "offline index disagrees on {id}");
             assert_eq!(slot.online, self.online_slots.contains(i), "online bitmap disagrees on {id}");
+            assert_eq!(!slot.online, self.offline_slots.contains(i), "offline bitmap disagrees on {id}");
+            assert!(self.held_slots.contains(i), "held bitmap misses {id}");
             if slot.online {
                 online += 1;
                 let filed = valid.get(&(i as u32)).unwrap_or_else(|| panic!("{id} is online but not filed"));
@@ -840,6 +883,8 @@ impl PresenceTable {
         assert_eq!((online, known), (self.online, self.known), "counts disagree");
         assert_eq!(self.offline.len(), known - online, "offline index size");
         assert_eq!(self.online_slots.len(), online, "online bitmap size");
+        assert_eq!(self.offline_slots.len(), known - online, "offline bitmap size");
+        assert_eq!(self.held_slots.len(), known, "held bitmap size");
         assert_eq!(self.index.len(), known, "index size");
         assert!(known <= self.max_devices, "over capacity");
     }

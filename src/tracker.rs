@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::auth::{self, Key};
 use crate::limit::{QueryGate, Repeat};
 use crate::shard;
-use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable, Refusal};
+use crate::table::{Beat, DeviceId, Entry, OfflineReason, PresenceTable, Refusal, Which};
 use crate::wire::{
     self, Ack, Counter, DeviceInfo, DropReason, ErrorCode, ErrorReply, Leave, Message, Page, Query,
     QueryKind, RawHeartbeat, RecordWriter, Status, StatusBody, Summary, Tag,
@@ -314,12 +314,28 @@ fn varint_len(n: u64) -> usize {
 }
 
 /// The exact length of a `Page` status frame: version, kind, request id,
-/// body variant, the cursor option (and cursor), and the entries as a
-/// length-prefixed byte string.
-fn page_len(request: u32, cursor: Option<usize>, entries: usize) -> usize {
+/// body variant, the cursor option (and cursor), the matched count, and the
+/// entries as a length-prefixed byte string.
+fn page_len(request: u32, cursor: Option<usize>, matched: u64, entries: usize) -> usize {
     let cursor = cursor.map_or(1, |len| 1 + varint_len(len as u64) + len);
-    1 + 1 + varint_len(request.into()) + 1 + cursor + varint_len(entries as u64) + entries
+    1 + 1
+        + varint_len(request.into())
+        + 1
+        + cursor
+        + varint_len(matched)
+        + varint_len(entries as u64)
+        + entries
 }
+
+/// What [`Tracker::fill_page`] wrote: the entries' length in
+/// `page_scratch`, how many devices matched, and the (shard, slot) the next
+/// page starts at (`None` on the last page).
+type PageFill = (usize, u64, Option<(usize, usize)>);
+
+/// Most devices a list page examines: with a prefix filter, or counting
+/// from a cursor, a page ends here (short or empty, with a cursor) so that
+/// it costs a bounded amount whatever the table holds.
+pub const LIST_SCAN_LIMIT: usize = 4096;
 
 /// The protocol engine. One per server; see the module docs for the loop.
 #[derive(Debug)]
@@ -727,32 +743,39 @@ impl Tracker {
                     counters: counters.finish(),
                 })
             }
-            QueryKind::List { after, limit } => {
-                let (entries_len, next) = self.fill_page(now, query.request, after, limit, budget)?;
+            QueryKind::List { after, limit, filter } => {
+                let (entries_len, matched, next) =
+                    self.fill_page(now, query.request, after, limit, filter, budget)?;
                 cursor = next.map(|(shard, slot)| shard::format_cursor(shard, slot));
                 let entries = wire::Records::from_bytes(&self.page_scratch[..entries_len]);
-                StatusBody::Page(Page { next_cursor: cursor.as_deref(), entries })
+                StatusBody::Page(Page { next_cursor: cursor.as_deref(), matched, entries })
             }
         };
         wire::encode(&Message::Status(Status { request: query.request, body }), reply)
             .map_err(|_| wire::MAX_DATAGRAM)
     }
 
-    /// Writes the entries of a list page into `page_scratch`: as many online
-    /// devices, from the cursor on, as fit in a `budget`-byte reply together
-    /// with the header and the cursor the page ends up needing. Returns the
-    /// entries' length and where the next page starts (`None` on the last).
-    /// Costs O(entries) whatever the table holds offline.
+    /// Writes the entries of a list page into `page_scratch`: as many of the
+    /// devices `filter` selects, from the cursor on, as fit in a
+    /// `budget`-byte reply together with the header and the cursor the page
+    /// ends up needing. Returns the entries' length, how many devices
+    /// matched, and where the next page starts (`None` on the last).
+    ///
+    /// Costs O(entries) for a plain listing whatever the table holds, and at
+    /// most [`LIST_SCAN_LIMIT`] devices examined with a prefix; counting
+    /// this shard's devices from its start costs O(1).
     fn fill_page(
         &mut self,
         now: Instant,
         request: u32,
         after: Option<&str>,
         limit: u16,
+        filter: wire::ListFilter<'_>,
         budget: usize,
-    ) -> Result<(usize, Option<(usize, usize)>), usize> {
+    ) -> Result<PageFill, usize> {
         let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
         let (shard, shards) = self.shard;
+        let next_shard = (shard + 1 < shards).then_some((shard + 1, 0));
         // The longest cursor this page could end with: a slot of this shard,
         // or the start of the next shard.
         let cursor_max =
@@ -763,30 +786,54 @@ impl Tracker {
             None => Some(0),
             Some(cursor) => shard::parse_cursor(cursor).filter(|(s, _)| *s == shard).map(|(_, slot)| slot),
         };
-        let Some(start) = start else {
-            return Ok((0, None));
+        let which = match filter.state {
+            wire::LIST_ONLINE => Which::Online,
+            wire::LIST_OFFLINE => Which::Offline,
+            wire::LIST_ALL => Which::All,
+            _ => return Ok((0, 0, None)),
         };
+        let Some(start) = start else {
+            return Ok((0, 0, None));
+        };
+        if filter.count_only && filter.prefix.is_none() && start == 0 {
+            let (online, known) = (self.table.online_count() as u64, self.table.known_count() as u64);
+            let count = match which {
+                Which::Online => online,
+                Which::Offline => known - online,
+                Which::All => known,
+            };
+            return Ok((0, count, next_shard));
+        }
+        let prefix = filter.prefix.unwrap_or_default().as_bytes();
         self.page_ends.clear();
-        let mut more = None;
-        let mut end = 0;
+        let (mut more, mut end, mut matched, mut scanned) = (None, 0, 0u64, 0);
         // The size of the first entry, for a `needed` if none fits.
-        let mut first_len = None;
-        for (slot, id, entry) in self.table.online_from(start) {
-            if self.page_ends.len() == limit {
+        let mut too_big = None;
+        for (slot, id, entry) in self.table.devices_from(which, start) {
+            if scanned == LIST_SCAN_LIMIT || self.page_ends.len() == limit {
                 more = Some(slot);
                 break;
             }
+            scanned += 1;
+            if !id.as_bytes().starts_with(prefix) {
+                continue;
+            }
+            if filter.count_only {
+                matched += 1;
+                continue;
+            }
             let info = device_info(self.started, self.started_wall, now, id, &entry);
             let written = postcard::to_slice(&info, &mut self.page_scratch[end..]).map(|b| b.len());
-            if let (None, Ok(n)) = (first_len, &written) {
-                first_len = Some(*n);
-            }
+            let count = self.page_ends.len() as u64 + 1;
             match written {
-                Ok(n) if page_len(request, None, end + n) <= budget => {
+                Ok(n) if page_len(request, None, count, end + n) <= budget => {
                     end += n;
                     self.page_ends.push((slot, end));
                 }
                 _ => {
+                    if self.page_ends.is_empty() {
+                        too_big = Some(written.unwrap_or(wire::MAX_DATAGRAM));
+                    }
                     more = Some(slot);
                     break;
                 }
@@ -795,23 +842,28 @@ impl Tracker {
         let mut next = match more {
             Some(slot) => Some((shard, slot)),
             // This shard is done: the listing goes on with the next one.
-            None if shard + 1 < shards => Some((shard + 1, 0)),
-            None => None,
+            None => next_shard,
         };
         // A page that continues needs room for its cursor: give back entries
         // from the end until it fits; the next page starts with them.
         if next.is_some() {
-            while page_len(request, Some(cursor_max), end) > budget {
-                let Some((slot, _)) = self.page_ends.pop() else { break };
+            while page_len(request, Some(cursor_max), self.page_ends.len() as u64, end) > budget {
+                let Some((slot, first_end)) = self.page_ends.pop() else { break };
+                if self.page_ends.is_empty() {
+                    too_big = Some(first_end);
+                }
                 next = Some((shard, slot));
                 end = self.page_ends.last().map_or(0, |(_, e)| *e);
             }
         }
-        if self.page_ends.is_empty() && next.is_some_and(|(s, _)| s == shard) {
+        if let (true, Some(first)) = (self.page_ends.is_empty(), too_big) {
             // Not even one entry fits this request: say what would.
-            return Err(page_len(request, Some(cursor_max), first_len.unwrap_or(0)));
+            return Err(page_len(request, Some(cursor_max), 1, first));
         }
-        Ok((end, next))
+        if !filter.count_only {
+            matched = self.page_ends.len() as u64;
+        }
+        Ok((end, matched, next))
     }
 }
 

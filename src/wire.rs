@@ -283,13 +283,42 @@ pub enum QueryKind<'a> {
     Device(&'a str),
     /// Counts and counters.
     Summary,
-    /// One page of the online devices, in the server's storage order.
+    /// One page of the devices that `filter` selects (the online ones, by
+    /// default), in the server's storage order.
     List {
         /// The previous page's `next_cursor`, unchanged (opaque); `None` for the first page.
         after: Option<&'a str>,
         /// At most this many entries; 0 means "as many as fit".
         limit: u16,
+        /// Which devices, and whether to send them or only count them.
+        #[serde(borrow)]
+        filter: ListFilter<'a>,
     },
+}
+
+/// Which devices a [`QueryKind::List`] selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListFilter<'a> {
+    /// [`LIST_ONLINE`], [`LIST_OFFLINE`] or [`LIST_ALL`]; other values select nothing.
+    pub state: u8,
+    /// Only devices whose id starts with these bytes (1 to 64 bytes), if set.
+    pub prefix: Option<&'a str>,
+    /// Send no entries, only [`Page::matched`]: counting a fleet costs one
+    /// small datagram per page instead of its whole listing.
+    pub count_only: bool,
+}
+
+/// [`ListFilter::state`]: devices online now.
+pub const LIST_ONLINE: u8 = 0;
+/// [`ListFilter::state`]: devices the server holds that are offline.
+pub const LIST_OFFLINE: u8 = 1;
+/// [`ListFilter::state`]: every device the server holds.
+pub const LIST_ALL: u8 = 2;
+
+impl ListFilter<'_> {
+    /// The online devices, listed (v1's original listing).
+    pub const ONLINE: ListFilter<'static> =
+        ListFilter { state: LIST_ONLINE, prefix: None, count_only: false };
 }
 
 /// The reply to a [`Query`].
@@ -394,11 +423,15 @@ pub struct Counter {
     pub count: u64,
 }
 
-/// One page of the online list, answering [`QueryKind::List`].
+/// One page of a listing, answering [`QueryKind::List`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Page<'a> {
     /// Pass this as `after` to get the next page; `None` on the last page.
     pub next_cursor: Option<&'a str>,
+    /// Devices of this page's range that the filter selected: the entries'
+    /// count, or with [`ListFilter::count_only`] the count alone. Summed over
+    /// the pages, it counts the listing.
+    pub matched: u64,
     /// The devices of this page, as records of [`DeviceInfo`].
     #[serde(borrow)]
     pub entries: Records<'a, DeviceInfo<'a>>,
@@ -711,8 +744,16 @@ impl Message<'_> {
             Message::Leave(leave) => check_id(leave.device),
             Message::Query(q) => match q.kind {
                 QueryKind::Device(id) => check_id(id),
-                QueryKind::List { after: Some(cursor), .. } => check_cursor(cursor),
-                QueryKind::List { after: None, .. } | QueryKind::Summary => Ok(()),
+                QueryKind::List { after, filter, .. } => {
+                    if let Some(cursor) = after {
+                        check_cursor(cursor)?;
+                    }
+                    match filter.prefix {
+                        Some(prefix) => check_id(prefix),
+                        None => Ok(()),
+                    }
+                }
+                QueryKind::Summary => Ok(()),
             },
             Message::Status(status) => match &status.body {
                 StatusBody::Device(info) => check_device_info(info),

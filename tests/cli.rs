@@ -290,3 +290,47 @@ fn the_device_example_explains_a_missing_ack_and_speaks_ipv6() {
         .unwrap();
     assert!(stdout(&out).contains("server: beat every 1000 ms"), "{}", stdout(&out));
 }
+
+#[test]
+fn status_lists_offline_all_by_prefix_and_counts() {
+    let server = Server::start(&[]);
+    let addr = server.addr.to_string();
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..5 {
+        socket.send_to(&common::frame(&heartbeat(&format!("boiler-{i}"), 1)), server.addr).unwrap();
+        socket.send_to(&common::frame(&heartbeat(&format!("sensor-{i}"), 1)), server.addr).unwrap();
+    }
+    for i in 0..2 {
+        let id = format!("boiler-{i}");
+        let leave = Message::Leave(Leave { device: &id, boot: 1, seq: 2, tag: None });
+        socket.send_to(&common::frame(&leave), server.addr).unwrap();
+    }
+    server.wait_event("boiler-1", "offline", Some("left"), PROMPTLY);
+    let run = |args: &[&str]| {
+        let mut all = vec!["status", "--server", &addr];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    assert!(run(&["--list"]).ends_with("8 online\n"));
+    let offline = run(&["--offline"]);
+    assert!(
+        offline.contains("boiler-0") && offline.contains("boiler-1") && offline.ends_with("2 offline\n"),
+        "{offline}"
+    );
+    assert!(run(&["--all"]).ends_with("10 known\n"));
+    let sensors = run(&["--list", "--prefix", "sensor-"]);
+    assert!(sensors.ends_with("5 online\n") && !sensors.contains("boiler"), "{sensors}");
+    assert_eq!(run(&["--count"]), "8\n");
+    assert_eq!(run(&["--count", "--offline"]), "2\n");
+    assert_eq!(run(&["--count", "--all", "--prefix", "boiler"]), "5\n");
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["--count", "--prefix", "boiler", "--json"])).unwrap();
+    assert_eq!(json["count"], 3);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&run(&["--offline", "--json"])).unwrap();
+    assert!(listed.iter().all(|d| d["online"] == false && d["offline_reason"] == "left"));
+    // A device and a listing do not mix.
+    let out = cli(&["status", "--server", &addr, "boiler-3", "--offline"]);
+    assert_eq!(out.status.code(), Some(2));
+}

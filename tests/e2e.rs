@@ -238,8 +238,12 @@ fn list_follows_pages_across_many_devices() {
     }
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
     poll("all devices online", PROMPTLY, || (client.summary().unwrap().online == 60).then_some(()));
-    let (first_page, cursor) = client.list_page(None, 0).unwrap();
-    assert!(cursor.is_some() && first_page.len() < 60, "60 full devices need several pages");
+    let first_page = client.list_page(None, 0, presence::wire::ListFilter::ONLINE).unwrap();
+    assert!(
+        first_page.next_cursor.is_some() && first_page.devices.len() < 60,
+        "60 full devices need several pages"
+    );
+    assert_eq!(first_page.matched, first_page.devices.len() as u64);
     let listed: Vec<String> = client.list_all().unwrap().into_iter().map(|d| d.device).collect();
     assert_eq!(listed, ids);
     let out = cli(&["status", "--server", &server.addr.to_string(), "--list"]);

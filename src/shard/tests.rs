@@ -74,11 +74,36 @@ fn datagrams_naming_a_device_go_to_its_owner() {
 #[test]
 fn queries_and_garbage_are_routed_by_kind() {
     assert_eq!(route(&query(QueryKind::Summary), 3), Route::Summary);
-    assert_eq!(route(&query(QueryKind::List { after: None, limit: 0 }), 3), Route::Shard(0));
-    assert_eq!(route(&query(QueryKind::List { after: Some("2.17"), limit: 0 }), 3), Route::Shard(2));
+    assert_eq!(
+        route(&query(QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE }), 3),
+        Route::Shard(0)
+    );
+    assert_eq!(
+        route(
+            &query(QueryKind::List {
+                after: Some("2.17"),
+                limit: 0,
+                filter: crate::wire::ListFilter::ONLINE
+            }),
+            3
+        ),
+        Route::Shard(2)
+    );
     // A cursor of a shard that does not exist, or not a cursor at all.
-    assert_eq!(route(&query(QueryKind::List { after: Some("3.0"), limit: 0 }), 3), Route::Local);
-    assert_eq!(route(&query(QueryKind::List { after: Some("x"), limit: 0 }), 3), Route::Local);
+    assert_eq!(
+        route(
+            &query(QueryKind::List { after: Some("3.0"), limit: 0, filter: crate::wire::ListFilter::ONLINE }),
+            3
+        ),
+        Route::Local
+    );
+    assert_eq!(
+        route(
+            &query(QueryKind::List { after: Some("x"), limit: 0, filter: crate::wire::ListFilter::ONLINE }),
+            3
+        ),
+        Route::Local
+    );
     assert_eq!(route(b"", 3), Route::Local);
     assert_eq!(route(&[wire::VERSION, 0, 40, b'a'], 3), Route::Local);
     assert_eq!(route(&[9, 0, 1, b'a'], 3), Route::Local);
@@ -198,7 +223,11 @@ impl Pair {
         for side in 0..2 {
             let mut after: Option<String> = None;
             for _ in 0..1000 {
-                let request = query(QueryKind::List { after: after.as_deref(), limit });
+                let request = query(QueryKind::List {
+                    after: after.as_deref(),
+                    limit,
+                    filter: crate::wire::ListFilter::ONLINE,
+                });
                 let (single, sharded) = self.send(socket, &request);
                 let (handled, bytes) = if side == 0 { single } else { sharded };
                 assert!(matches!(handled, Handled::Reply(_)), "{handled:?}");

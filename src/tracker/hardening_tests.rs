@@ -42,7 +42,10 @@ fn item1_a_list_page_reads_a_few_words_whatever_the_table_holds_offline() {
     while sim.tracker.poll_event().is_some() {}
     assert_eq!((sim.tracker.table().known_count(), sim.tracker.table().online_count()), (100_010, 10));
     let before = sim.tracker.table().listing_reads();
-    let handled = sim.send_from(LOOPBACK, &query(QueryKind::List { after: None, limit: 0 }, None));
+    let handled = sim.send_from(
+        LOOPBACK,
+        &query(QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE }, None),
+    );
     let reads = sim.tracker.table().listing_reads() - before;
     let Handled::Reply(n) = handled else { panic!("{handled:?}") };
     let Ok(Message::Status(Status { body: StatusBody::Page(page), .. })) = wire::decode(&sim.reply[..n])
@@ -85,7 +88,11 @@ fn item2_an_unsigned_frame_cannot_knock_out_or_lock_out_a_signed_device() {
 #[test]
 fn item3_a_captured_operator_query_cannot_be_replayed() {
     let mut sim = Sim::new(config(AuthMode::Required));
-    let captured = signed_query(1, QueryKind::List { after: None, limit: 0 }, WALL0_MS);
+    let captured = signed_query(
+        1,
+        QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE },
+        WALL0_MS,
+    );
     assert!(matches!(sim.send_from(STRANGER, &captured), Handled::Reply(_)));
     // The same bytes again, from the same or another address, now or later: refused.
     let other = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 4)), 53);
@@ -260,7 +267,10 @@ fn item11_pages_are_filled() {
     let mut listed = 0;
     let mut cursor: Option<String> = None;
     loop {
-        let request = query(QueryKind::List { after: cursor.as_deref(), limit: 0 }, None);
+        let request = query(
+            QueryKind::List { after: cursor.as_deref(), limit: 0, filter: crate::wire::ListFilter::ONLINE },
+            None,
+        );
         assert_eq!(request.len(), MAX_DATAGRAM);
         let Handled::Reply(n) = sim.send_from(LOOPBACK, &request) else { panic!() };
         let Ok(Message::Status(Status { body: StatusBody::Page(page), .. })) = wire::decode(&sim.reply[..n])
@@ -282,7 +292,7 @@ fn item11_pages_are_filled() {
     // The smallest list query that one entry fits gets it, not RequestTooSmall { needed: 1200 }.
     let small = unsigned(&Message::Query(Query {
         request: 1,
-        kind: QueryKind::List { after: None, limit: 0 },
+        kind: QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE },
         padding: &[],
         tag: None,
     }));
@@ -296,7 +306,7 @@ fn item11_pages_are_filled() {
     let padding = vec![0; usize::from(needed)];
     let padded = unsigned(&Message::Query(Query {
         request: 1,
-        kind: QueryKind::List { after: None, limit: 0 },
+        kind: QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE },
         padding: &padding,
         tag: None,
     }));
@@ -349,4 +359,129 @@ fn item12_needed_leaves_headroom_for_answers_that_grow() {
     assert!(
         matches!(sim.send_from(LOOPBACK, &query), Handled::Reply(n) if matches!(wire::decode(&sim.reply[..n]), Ok(Message::Status(_))))
     );
+}
+
+/// Lists every page of `filter` from the simulator, as the client does;
+/// returns the ids listed and the sum of `matched`.
+fn list_filtered(sim: &mut Sim, filter: wire::ListFilter<'_>) -> (Vec<String>, u64) {
+    let (mut ids, mut matched, mut cursor) = (Vec::new(), 0, None::<String>);
+    for _ in 0..10_000 {
+        let kind = QueryKind::List { after: cursor.as_deref(), limit: 0, filter };
+        let Handled::Reply(n) = sim.send_from(LOOPBACK, &query(kind, None)) else { panic!("no page") };
+        let Ok(Message::Status(Status { body: StatusBody::Page(page), .. })) = wire::decode(&sim.reply[..n])
+        else {
+            panic!("expected a page")
+        };
+        ids.extend(page.entries.iter().map(|e| e.unwrap().device.to_owned()));
+        matched += page.matched;
+        match page.next_cursor {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => return (ids, matched),
+        }
+    }
+    panic!("the listing does not end")
+}
+
+/// Issue 9: listings filtered by state and prefix, and counted, on the server side.
+#[test]
+fn listings_filter_by_state_and_prefix_and_count_on_the_server() {
+    let mut sim = Sim::new(Config { query_rate: 100_000, query_burst: 100_000, ..Config::default() });
+    for i in 0..30 {
+        sim.send(heartbeat(&format!("boiler-{i:02}"), 1, 1));
+        sim.send(heartbeat(&format!("sensor-{i:02}"), 1, 1));
+    }
+    // The boilers 0..10 leave; the rest stay online.
+    for i in 0..10 {
+        sim.send(leave(&format!("boiler-{i:02}"), 1, 2));
+    }
+    let filter = |state, prefix, count_only| wire::ListFilter { state, prefix, count_only };
+    let (online, n) = list_filtered(&mut sim, filter(wire::LIST_ONLINE, None, false));
+    assert_eq!((online.len(), n), (50, 50));
+    let (offline, n) = list_filtered(&mut sim, filter(wire::LIST_OFFLINE, None, false));
+    assert_eq!(offline, (0..10).map(|i| format!("boiler-{i:02}")).collect::<Vec<_>>());
+    assert_eq!(n, 10);
+    let (all, _) = list_filtered(&mut sim, filter(wire::LIST_ALL, None, false));
+    assert_eq!(all.len(), 60);
+    let (boilers, _) = list_filtered(&mut sim, filter(wire::LIST_ONLINE, Some("boiler-"), false));
+    assert_eq!(boilers, (10..30).map(|i| format!("boiler-{i:02}")).collect::<Vec<_>>());
+    // Counting sends no entries, and agrees.
+    for (state, prefix, expected) in [
+        (wire::LIST_ONLINE, None, 50),
+        (wire::LIST_OFFLINE, None, 10),
+        (wire::LIST_ALL, None, 60),
+        (wire::LIST_ALL, Some("sensor-1"), 10),
+        (wire::LIST_OFFLINE, Some("sensor"), 0),
+    ] {
+        let (ids, counted) = list_filtered(&mut sim, filter(state, prefix, true));
+        assert!(ids.is_empty());
+        assert_eq!(counted, expected, "{state} {prefix:?}");
+    }
+    // An unknown state selects nothing.
+    assert_eq!(list_filtered(&mut sim, filter(9, None, false)), (vec![], 0));
+}
+
+/// Issue 9: a prefix that matches nothing among many devices costs bounded
+/// pages (short or empty, with a cursor), not one unbounded scan.
+#[test]
+fn a_prefix_page_examines_a_bounded_number_of_devices() {
+    let mut sim = Sim::new(Config { query_rate: 100_000, query_burst: 100_000, ..Config::default() });
+    let mut buf = [0u8; 64];
+    for i in 0..10_000u32 {
+        let len = wire::encode(&heartbeat(&format!("d-{i}"), 1, 1), &mut buf).unwrap();
+        sim.send_from(DEVICE, &buf[..len]);
+    }
+    let first = QueryKind::List {
+        after: None,
+        limit: 0,
+        filter: wire::ListFilter { state: wire::LIST_ONLINE, prefix: Some("zzz"), count_only: false },
+    };
+    let Handled::Reply(n) = sim.send_from(LOOPBACK, &query(first, None)) else { panic!() };
+    let Ok(Message::Status(Status { body: StatusBody::Page(page), .. })) = wire::decode(&sim.reply[..n])
+    else {
+        panic!()
+    };
+    assert_eq!((page.matched, page.entries.iter().count()), (0, 0));
+    assert_eq!(page.next_cursor, Some("0.4096"), "stopped after LIST_SCAN_LIMIT devices, with a cursor");
+    let (ids, matched) = list_filtered(
+        &mut sim,
+        wire::ListFilter { state: wire::LIST_ONLINE, prefix: Some("zzz"), count_only: false },
+    );
+    assert_eq!((ids.len(), matched), (0, 0));
+}
+
+/// Issue 9: with several shards, counting walks every shard.
+#[test]
+fn counting_covers_every_shard() {
+    let config = Config { query_rate: 100_000, query_burst: 100_000, ..Config::default() };
+    let t0 = Instant::now();
+    let mut shards = Tracker::new_sharded(config, 3, t0, UNIX_EPOCH).unwrap();
+    let mut reply = vec![0; MAX_DATAGRAM];
+    let mut buf = [0u8; 64];
+    for i in 0..300u32 {
+        let id = format!("dev-{i}");
+        let len = wire::encode(&heartbeat(&id, 1, 1), &mut buf).unwrap();
+        shards[crate::shard::owner(id.as_bytes(), 3)].handle(t0, DEVICE, &buf[..len], &mut reply);
+    }
+    let filter = wire::ListFilter { state: wire::LIST_ONLINE, prefix: None, count_only: true };
+    let (mut total, mut cursor, mut pages) = (0, None::<String>, 0);
+    loop {
+        let kind = QueryKind::List { after: cursor.as_deref(), limit: 0, filter };
+        let bytes = query(kind, None);
+        let shard = match crate::shard::route(&bytes, 3) {
+            crate::shard::Route::Shard(k) => k,
+            other => panic!("{other:?}"),
+        };
+        let Handled::Reply(n) = shards[shard].handle(t0, LOOPBACK, &bytes, &mut reply) else { panic!() };
+        let Ok(Message::Status(Status { body: StatusBody::Page(page), .. })) = wire::decode(&reply[..n])
+        else {
+            panic!()
+        };
+        total += page.matched;
+        pages += 1;
+        match page.next_cursor {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!((total, pages), (300, 3), "one page per shard");
 }

@@ -171,7 +171,8 @@ fn queries_need_an_allowed_source_or_the_operator_key() {
     let mut sim = Sim::new(config(AuthMode::Required));
     let operator = auth::operator_key(&MASTER);
     assert!(matches!(sim.send_from(LOOPBACK, &query(QueryKind::Summary, None)), Handled::Reply(_)));
-    let refused = query(QueryKind::List { after: None, limit: 0 }, None);
+    let refused =
+        query(QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE }, None);
     match sim.send_from(STRANGER, &refused) {
         Handled::Dropped { reason: DropReason::NotAllowed, reply: Some(n) } => {
             assert!(n <= refused.len());
@@ -180,9 +181,15 @@ fn queries_need_an_allowed_source_or_the_operator_key() {
         }
         other => panic!("{other:?}"),
     }
-    let listing = query(QueryKind::List { after: None, limit: 0 }, Some(&operator));
+    let listing = query(
+        QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE },
+        Some(&operator),
+    );
     assert!(matches!(sim.send_from(STRANGER, &listing), Handled::Reply(_)));
-    let forged = query(QueryKind::List { after: None, limit: 0 }, Some(&[1; 32]));
+    let forged = query(
+        QueryKind::List { after: None, limit: 0, filter: crate::wire::ListFilter::ONLINE },
+        Some(&[1; 32]),
+    );
     assert!(matches!(
         sim.send_from(STRANGER, &forged),
         Handled::Dropped { reason: DropReason::BadTag, reply: None }
@@ -309,7 +316,7 @@ proptest! {
         let kind = match kind {
             0 => QueryKind::Device(&device),
             1 => QueryKind::Summary,
-            _ => QueryKind::List { after: after.as_deref(), limit },
+            _ => QueryKind::List { after: after.as_deref(), limit, filter: crate::wire::ListFilter::ONLINE },
         };
         let padding = vec![0u8; padding];
         let mut buf = [0u8; MAX_DATAGRAM];

@@ -328,7 +328,10 @@ fn walk_list(sim: &mut Sim, limit: u16, mut between: impl FnMut(&mut Sim, usize,
         if cursor.is_some() {
             between(sim, page_no, &listed);
         }
-        let handled = sim.query(page_no as u32, QueryKind::List { after: cursor.as_deref(), limit });
+        let handled = sim.query(
+            page_no as u32,
+            QueryKind::List { after: cursor.as_deref(), limit, filter: crate::wire::ListFilter::ONLINE },
+        );
         let Handled::Reply(len) = handled else { panic!("no reply") };
         assert!(len <= MAX_DATAGRAM);
         let Message::Status(Status { body: StatusBody::Page(page), .. }) = sim.reply(handled) else {

@@ -88,11 +88,15 @@ fn test_vectors() {
     check_vector(
         Message::Query(Query {
             request: 2,
-            kind: QueryKind::List { after: Some("d1"), limit: 10 },
+            kind: QueryKind::List {
+                after: Some("d1"),
+                limit: 10,
+                filter: ListFilter { state: LIST_ALL, prefix: Some("d"), count_only: false },
+            },
             padding: &[0; 3],
             tag: None,
         }),
-        "01020202010264310a0300000000",
+        "01020202010264310a02010164000300000000",
     );
     check_vector(Message::Status(Status { request: 3, body: StatusBody::UnknownDevice }), "01030301");
     let mut counter_buf = [0u8; 16];
@@ -124,9 +128,9 @@ fn test_vectors() {
     check_vector(
         Message::Status(Status {
             request: 9,
-            body: StatusBody::Page(Page { next_cursor: None, entries: entries.finish() }),
+            body: StatusBody::Page(Page { next_cursor: None, matched: 1, entries: entries.finish() }),
         }),
-        "01030903002202643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b00",
+        "0103090300012202643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b00",
     );
     check_vector(
         Message::Ack(Ack { boot: 7, seq: 8, interval_ms: 10_000, ttl_ms: 30_000 }),
@@ -195,7 +199,7 @@ fn each_decode_error_has_its_reason() {
     // A bad nested enum tag (QueryKind 3).
     assert_eq!(decode(&hex("01020103")), Err(Error::Malformed));
     // A page whose record is cut short inside its byte string.
-    assert_eq!(decode(&hex("0103090300020264")), Err(Error::Malformed));
+    assert_eq!(decode(&hex("010309030000020264")), Err(Error::Malformed));
 }
 
 /// Issue 8, item 13: the kind is a varint, and decoders accept
@@ -379,7 +383,7 @@ fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOn
         }
         Owned::QueryList(r, a, l) => Message::Query(Query {
             request: *r,
-            kind: QueryKind::List { after: a.as_deref(), limit: *l },
+            kind: QueryKind::List { after: a.as_deref(), limit: *l, filter: ListFilter::ONLINE },
             padding,
             tag: query_tag,
         }),
@@ -413,7 +417,11 @@ fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOn
             }
             Message::Status(Status {
                 request: *r,
-                body: StatusBody::Page(Page { next_cursor: c.as_deref(), entries: w.finish() }),
+                body: StatusBody::Page(Page {
+                    next_cursor: c.as_deref(),
+                    matched: e.len() as u64,
+                    entries: w.finish(),
+                }),
             })
         }
         Owned::Ack(b, s, i, t) => Message::Ack(Ack { boot: *b, seq: *s, interval_ms: *i, ttl_ms: *t }),
