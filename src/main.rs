@@ -744,12 +744,10 @@ fn list_with_progress(
         }
     })?;
     if shown != started {
-        let end = if terminal { "\r" } else { "" };
-        eprintln!(
-            "{end}listing: {} devices in {}          ",
-            devices.len(),
-            fmt_ms(started.elapsed().as_millis() as u64)
-        );
+        // On a terminal, overwrite the progress line (spaces clear its longer tail).
+        let (start, pad) = if terminal { ("\r", "          ") } else { ("", "") };
+        let took = fmt_ms(started.elapsed().as_millis() as u64);
+        eprintln!("{start}listing: {} devices in {took}{pad}", devices.len());
     }
     Ok(devices)
 }
