@@ -69,7 +69,11 @@ fn main() -> std::io::Result<()> {
     let args = Args::parse();
     let socket = UdpSocket::bind(if args.server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
     socket.connect(args.server)?;
-    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    // A boot larger than any used before on this machine (as `presence beat` picks it),
+    // so two runs within one second are not replays of each other.
+    let boot = presence::client::BootCounter::default_location()
+        .and_then(|counter| counter.next())
+        .unwrap_or_else(|_| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32));
     let ids: Vec<String> = (0..args.devices).map(|i| format!("{}-{i}", args.prefix)).collect();
     let keys: Option<Vec<Key>> = match &args.key_file {
         None => None,

@@ -89,7 +89,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
 
     // The sender paces itself against the clock.
-    let boot = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32);
+    // A boot larger than any used before on this machine (as `presence beat` picks it),
+    // so two runs within one second are not replays of each other.
+    let boot = presence::client::BootCounter::default_location()
+        .and_then(|counter| counter.next())
+        .unwrap_or_else(|_| SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs() as u32));
     let (send_progress, send_done) = (progress.clone(), done.clone());
     let (rate, duration, ack_every, n) =
         (args.rate, args.duration, args.ack_every, u64::from(args.devices.max(1)));
