@@ -334,3 +334,21 @@ fn status_lists_offline_all_by_prefix_and_counts() {
     let out = cli(&["status", "--server", &addr, "boiler-3", "--offline"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_long_listing_shows_its_progress_on_stderr() {
+    // A rate limit of 2 pages a second makes a 3-page listing take about 3 s
+    // (each refused page is resent after a third of --timeout).
+    let server = Server::start(&["--query-rate", "2", "--query-burst", "1"]);
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for i in 0..60 {
+        socket.send_to(&common::frame(&heartbeat(&format!("progress-{i:02}"), 1)), server.addr).unwrap();
+    }
+    server.wait_event("progress-59", "online", None, PROMPTLY);
+    let out = cli(&["status", "--server", &server.addr.to_string(), "--list", "--timeout", "4500ms"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).ends_with("60 online\n"), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("devices so far"), "{err}");
+    assert!(err.lines().last().unwrap_or_default().starts_with("listing: 60 devices in "), "{err}");
+}
