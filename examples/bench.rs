@@ -43,8 +43,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use presence::auth;
 use presence::client::encode_query;
-use presence::server::{self, EventLog, Stop};
+use presence::server::{self, Stop};
 use presence::shard;
+use presence::sink::{Observer, Sink};
 use presence::tracker::{AuthMode, Config, EventKind, Keys, Tracker};
 use presence::wire::{self, Heartbeat, Message, QueryKind, Status, StatusBody};
 
@@ -290,10 +291,8 @@ fn listing_rate(n: usize) -> std::io::Result<(usize, f64)> {
     let stop = Stop::new();
     let loop_stop = stop.clone();
     let socket = bound.socket;
-    let server = std::thread::spawn(move || {
-        let mut events = EventLog::none();
-        server::run(&socket, tracker, &loop_stop, &mut events).map(|_| ())
-    });
+    let server =
+        std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, Vec::new()).map(|_| ()));
     let mut client = presence::client::Client::new(addr, Duration::from_secs(5))?;
     let started = Instant::now();
     let mut pages = 0;
@@ -603,10 +602,8 @@ fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::
         let before = heartbeats(&trackers);
         let started = Instant::now();
         let loop_stop = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut events = EventLog::none();
-            server::run_sharded(&sockets, trackers, &loop_stop, &mut events)
-        });
+        let handle =
+            std::thread::spawn(move || server::run_sharded(&sockets, trackers, &loop_stop, Vec::new()));
         let mut reply = [0u8; wire::MAX_DATAGRAM];
         let elapsed = loop {
             client.send(&query[..len])?;
@@ -719,15 +716,16 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
     }
     let lateness = Arc::new(Mutex::new(Vec::new()));
     let observed = lateness.clone();
-    let mut events = EventLog::none().with_observer(Box::new(move |event| {
+    let observer = Observer(Box::new(move |transition| {
+        let event = &transition.event;
         if let (EventKind::Offline(_), Some(deadline)) = (event.kind, event.deadline) {
             observed.lock().unwrap().push(event.at.saturating_duration_since(deadline));
         }
     }));
+    let sinks: Vec<Box<dyn Sink>> = vec![Box::new(observer)];
     let stop = Stop::new();
     let loop_stop = stop.clone();
-    let server =
-        std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, &mut events).map(|_| ()));
+    let server = std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, sinks).map(|_| ()));
 
     // The steady devices beat at the offered rate.
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
@@ -838,8 +836,7 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
             let tracker = populated(n, AuthMode::Off, &[]);
             std::thread::spawn(move || -> std::io::Result<u64> {
                 let _ = tid_tx.send(rustix::thread::gettid().as_raw_nonzero().get());
-                let mut events = EventLog::none();
-                let tracker = server::run(&socket, tracker, &loop_stop, &mut events)?;
+                let tracker = server::run(&socket, tracker, &loop_stop, Vec::new())?;
                 Ok(tracker.counters().heartbeats - n as u64)
             })
         }

@@ -21,7 +21,10 @@
 //! - `shard` (pure): which thread owns a device under `--threads N`, and
 //!   where a datagram that arrived on another thread's socket must go.
 //! - `server`: the one loop that owns the socket and the clock. It sleeps
-//!   exactly until the engine's next deadline.
+//!   exactly until the engine's next deadline, and hands transitions to a
+//!   bounded queue that a publisher thread drains into the sinks.
+//! - `sink`: where transitions go ([`sink::Sink`]): the JSON-lines events
+//!   file now; brokers and metrics later.
 //! - `client`: [`client::Client`] (status queries) and [`client::Sender`]
 //!   (heartbeats), used by the CLI, the examples and the tests.
 //!
@@ -55,6 +58,8 @@ pub mod limit;
 pub mod server;
 #[cfg(feature = "std")]
 pub mod shard;
+#[cfg(feature = "std")]
+pub mod sink;
 #[cfg(feature = "std")]
 pub mod table;
 #[cfg(feature = "std")]

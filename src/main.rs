@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use presence::auth::{self, Key};
 use presence::client::{Client, DeviceReport, Sender, SummaryReport, printable};
 use presence::keyfile::{KeyFile, parse_hex_key, to_hex};
-use presence::server::{self, EventLog, Stop};
+use presence::server::{self, Stop};
+use presence::sink::{JsonLines, Sink};
 use presence::tracker::{AuthMode, Config, Keys, MAX_TTL, MIN_TTL, Totals, Tracker};
 use presence::wire::ListFilter;
 
@@ -425,11 +426,14 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
         query_burst: args.query_burst,
         ..Config::default()
     };
-    let mut events = match args.events.as_deref() {
-        None => EventLog::none(),
-        Some("-") => EventLog::to_writer(Box::new(BufWriter::new(io::stdout()))),
-        Some(path) => EventLog::to_file(path).with_context(|| format!("cannot open events file '{path}'"))?,
-    };
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    match args.events.as_deref() {
+        None => {}
+        Some("-") => sinks.push(Box::new(JsonLines::to_writer(Box::new(BufWriter::new(io::stdout()))))),
+        Some(path) => sinks.push(Box::new(
+            JsonLines::to_file(path).with_context(|| format!("cannot open events file '{path}'"))?,
+        )),
+    }
     let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
         .with_context(|| format!("cannot listen on {}", args.bind))?;
     let steering = match server::steer_by_id(&group) {
@@ -466,8 +470,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     on_signal(move || signal_stop.stop())?;
     let trackers = Tracker::new_sharded(config, group.len(), Instant::now(), SystemTime::now())?;
     let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
-    let finished =
-        server::run_sharded(&sockets, trackers, &stop, &mut events).context("server loop failed")?;
+    let finished = server::run_sharded(&sockets, trackers, &stop, sinks).context("server loop failed")?;
     let mut totals = Totals::default();
     for tracker in &finished.trackers {
         totals.add(&tracker.totals());

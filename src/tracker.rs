@@ -426,6 +426,11 @@ impl Tracker {
         }
     }
 
+    /// What the other shards hold and counted, as last set.
+    pub fn peer_totals(&self) -> &Totals {
+        &self.peers
+    }
+
     /// Sets what the other shards hold and counted, for summaries answered
     /// from now on. The server refreshes it before passing on a summary query.
     pub fn set_peer_totals(&mut self, peers: Totals) {

@@ -13,7 +13,8 @@ use common::{PROMPTLY, Server, cli, frame, poll, stderr, stdout};
 use presence::auth;
 use presence::client::Client;
 use presence::keyfile::KeyFile;
-use presence::server::{self, EventLog, Stop};
+use presence::server::{self, Stop};
+use presence::sink::JsonLines;
 use presence::tracker::{Config, Tracker};
 use presence::wire::{Heartbeat, Message};
 
@@ -114,8 +115,8 @@ fn item10_devices_past_their_deadline_go_offline_before_the_server_exits() {
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let stop = Stop::new();
     stop.stop();
-    let mut events = EventLog::to_file(&path).unwrap();
-    let tracker = server::run(&socket, tracker, &stop, &mut events).unwrap();
+    let events = JsonLines::to_file(&path).unwrap();
+    let tracker = server::run(&socket, tracker, &stop, vec![Box::new(events)]).unwrap();
     let lines = std::fs::read_to_string(&path).unwrap();
     let events: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.len(), 2, "{lines}");

@@ -1,5 +1,5 @@
-//! The events destination: one JSON line per transition, appended to a file
-//! or written to stdout. Serving never depends on it: a write that fails
+//! The events file: one JSON line per transition, appended to a file or
+//! written to stdout. Serving never depends on it: a write that fails
 //! (disk full, a reader that went away) is counted and logged at most once
 //! per [`WARN_EVERY`], the lines are lost, and a file is reopened and tried
 //! again on a later batch.
@@ -18,27 +18,20 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::tracker::{Event, EventKind};
+use super::{Sink, Transition};
+use crate::tracker::EventKind;
 use crate::wire;
 
 /// At most one warning about lost events per this long.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 /// A file that failed is reopened at most this often.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
-/// Transitions are summed up in the log at most this often.
-const SUMMARY_EVERY: Duration = Duration::from_secs(60);
-
-/// A callback that sees every event, for measurements.
-pub type EventObserver = Box<dyn FnMut(&Event) + Send>;
-
 /// Where the lines go.
 enum Destination {
-    /// Nowhere: events reach the observer and the log summary only.
-    None,
     /// Appended to a file, reopened after a failure.
     File {
         /// The file's path, for reopening.
@@ -54,27 +47,21 @@ enum Destination {
     Writer(Box<dyn Write + Send>),
 }
 
-/// Where transitions are published: JSON lines, one per event, written
-/// once per batch (see the module docs for what happens when that fails).
-pub struct EventLog {
+/// The `--events` sink: JSON lines, one per transition, written once per
+/// batch (see the module docs for what happens when that fails).
+pub struct JsonLines {
     /// Where the lines go.
     destination: Destination,
     /// Lines of the current batch, not yet written.
     pending: Vec<u8>,
     /// How many lines `pending` holds.
     pending_lines: u64,
-    /// Called with every event; for measurements.
-    observer: Option<EventObserver>,
     /// Lines that could not be written, since the start.
     lost: u64,
     /// Lost lines not yet reported in a warning, and the last error.
     unreported: (u64, Option<String>),
     /// When the last warning was logged.
     last_warning: Option<Instant>,
-    /// Transitions since the last summary: online, offline.
-    since_summary: (u64, u64),
-    /// When the last summary was logged (or the log started).
-    last_summary: Option<Instant>,
 }
 
 /// One line of the events file.
@@ -93,29 +80,21 @@ struct EventLine<'a> {
     address: SocketAddr,
 }
 
-impl EventLog {
+impl JsonLines {
     fn with(destination: Destination) -> Self {
-        EventLog {
+        JsonLines {
             destination,
             pending: Vec::new(),
             pending_lines: 0,
-            observer: None,
             lost: 0,
             unreported: (0, None),
             last_warning: None,
-            since_summary: (0, 0),
-            last_summary: None,
         }
     }
 
-    /// Events go to the log's summaries only.
-    pub fn none() -> Self {
-        EventLog::with(Destination::None)
-    }
-
-    /// Events also go to `out` (stdout, a pipe) as JSON lines.
+    /// Lines go to `out` (stdout, a pipe).
     pub fn to_writer(out: Box<dyn Write + Send>) -> Self {
-        EventLog::with(Destination::Writer(out))
+        JsonLines::with(Destination::Writer(out))
     }
 
     /// Events are appended to the file at `path`, created if needed. Fails
@@ -123,39 +102,16 @@ impl EventLog {
     pub fn to_file(path: impl Into<PathBuf>) -> io::Result<Self> {
         let path = path.into();
         let file = open_append(&path)?;
-        Ok(EventLog::with(Destination::File { path, file: Some(file), last_open: None, check_tail: true }))
+        Ok(JsonLines::with(Destination::File { path, file: Some(file), last_open: None, check_tail: true }))
     }
 
-    /// Events are also passed to `observer` (the benchmark measures expiry
-    /// precision this way).
-    pub fn with_observer(mut self, observer: EventObserver) -> Self {
-        self.observer = Some(observer);
-        self
-    }
-
-    /// Lines that could not be written since the start.
-    pub fn lost(&self) -> u64 {
-        self.lost
-    }
-
-    /// Adds one event that happened at wall time `wall` to the batch.
-    pub fn record(&mut self, event: &Event, wall: SystemTime) {
-        if let Some(observer) = &mut self.observer {
-            observer(event);
-        }
+    /// Adds one transition to the batch.
+    fn record(&mut self, transition: &Transition) {
+        let (event, wall) = (&transition.event, transition.wall);
         let reason = match event.kind {
-            EventKind::Online => {
-                self.since_summary.0 += 1;
-                None
-            }
-            EventKind::Offline(reason) => {
-                self.since_summary.1 += 1;
-                Some(reason.name())
-            }
+            EventKind::Online => None,
+            EventKind::Offline(reason) => Some(reason.name()),
         };
-        if matches!(self.destination, Destination::None) {
-            return;
-        }
         let line = EventLine {
             time: humantime::format_rfc3339_millis(wall).to_string(),
             device: &event.device,
@@ -170,10 +126,9 @@ impl EventLog {
         }
     }
 
-    /// Writes the batch in one write, and logs a summary of transitions or
-    /// a warning about lost lines when one is due. Never fails: what cannot
-    /// be written is counted in [`EventLog::lost`].
-    pub fn flush(&mut self) {
+    /// Writes the batch in one write, and logs a warning about lost lines
+    /// when one is due. Never fails: what cannot be written is counted.
+    fn flush(&mut self) {
         let now = Instant::now();
         if !self.pending.is_empty() {
             if let Err(e) = self.write_pending(now) {
@@ -189,7 +144,6 @@ impl EventLog {
 
     fn write_pending(&mut self, now: Instant) -> io::Result<()> {
         match &mut self.destination {
-            Destination::None => Ok(()),
             Destination::Writer(out) => out.write_all(&self.pending).and_then(|()| out.flush()),
             Destination::File { path, file, last_open, check_tail } => {
                 if file.is_none() {
@@ -218,11 +172,10 @@ impl EventLog {
         }
     }
 
-    /// Logs a warning about lost lines and a summary of transitions, each at most once per its period.
+    /// Logs a warning about lost lines, at most once per [`WARN_EVERY`].
     fn log_due(&mut self, now: Instant) {
-        let due =
-            |last: Option<Instant>, every| last.is_none_or(|at| now.saturating_duration_since(at) >= every);
-        if self.unreported.0 > 0 && due(self.last_warning, WARN_EVERY) {
+        let due = self.last_warning.is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY);
+        if self.unreported.0 > 0 && due {
             let (lines, error) = std::mem::take(&mut self.unreported);
             self.last_warning = Some(now);
             tracing::warn!(
@@ -232,12 +185,19 @@ impl EventLog {
                 "events not written (the server goes on; `presence status` counts them)"
             );
         }
-        let last_summary = *self.last_summary.get_or_insert(now);
-        if self.since_summary != (0, 0) && due(Some(last_summary), SUMMARY_EVERY) {
-            let (online, offline) = std::mem::take(&mut self.since_summary);
-            self.last_summary = Some(now);
-            tracing::info!(online, offline, period = "1m", "transitions");
+    }
+}
+
+impl Sink for JsonLines {
+    fn publish(&mut self, batch: &[Transition]) {
+        for transition in batch {
+            self.record(transition);
         }
+        self.flush();
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost
     }
 }
 
@@ -264,15 +224,13 @@ fn ends_torn(file: &File) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::table::OfflineReason;
+    use crate::tracker::Event;
+    use std::time::SystemTime;
 
-    fn event(device: &str, kind: EventKind) -> Event {
-        Event {
-            device: device.into(),
-            kind,
-            at: Instant::now(),
-            deadline: None,
-            addr: "127.0.0.1:9".parse().unwrap(),
-        }
+    fn event(device: &str, kind: EventKind) -> Transition {
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let event = Event { device: device.into(), kind, at: Instant::now(), deadline: None, addr };
+        Transition { event, wall: SystemTime::now() }
     }
 
     fn lines(path: &std::path::Path) -> Vec<String> {
@@ -289,9 +247,8 @@ mod tests {
             "{\"time\":\"2026-01-01T00:00:00.000Z\",\"device\":\"a\",\"event\":\"online\"}\n{\"time\":\"20",
         )
         .unwrap();
-        let mut log = EventLog::to_file(&path).unwrap();
-        log.record(&event("b", EventKind::Online), SystemTime::now());
-        log.flush();
+        let mut log = JsonLines::to_file(&path).unwrap();
+        log.publish(&[event("b", EventKind::Online)]);
         let lines = lines(&path);
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(serde_json::from_str::<serde_json::Value>(&lines[1]).is_err(), "the torn line stands alone");
@@ -302,11 +259,10 @@ mod tests {
 
     #[test]
     fn a_full_disk_loses_lines_and_counts_them_without_failing() {
-        let mut log = EventLog::to_file("/dev/full").unwrap();
+        let mut log = JsonLines::to_file("/dev/full").unwrap();
         for round in 1..=3 {
-            log.record(&event("a", EventKind::Online), SystemTime::now());
-            log.record(&event("a", EventKind::Offline(OfflineReason::Expired)), SystemTime::now());
-            log.flush();
+            log.publish(&[event("a", EventKind::Online)]);
+            log.publish(&[event("a", EventKind::Offline(OfflineReason::Expired))]);
             assert_eq!(log.lost(), 2 * round);
         }
     }
@@ -322,11 +278,9 @@ mod tests {
                 Ok(())
             }
         }
-        let mut log = EventLog::to_writer(Box::new(Gone));
-        log.record(&event("a", EventKind::Online), SystemTime::now());
-        log.flush();
-        log.record(&event("b", EventKind::Online), SystemTime::now());
-        log.flush();
+        let mut log = JsonLines::to_writer(Box::new(Gone));
+        log.publish(&[event("a", EventKind::Online)]);
+        log.publish(&[event("b", EventKind::Online)]);
         assert_eq!(log.lost(), 2);
     }
 
@@ -334,7 +288,7 @@ mod tests {
     fn a_file_that_failed_is_reopened_and_written_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.jsonl");
-        let mut log = EventLog::to_file(&path).unwrap();
+        let mut log = JsonLines::to_file(&path).unwrap();
         // The file is deleted (rotated away) and its directory made unwritable
         // would need root to test; instead: a failure drops the handle, and
         // the next batch after REOPEN_EVERY reopens the path.
@@ -343,8 +297,7 @@ mod tests {
             *last_open = Some(Instant::now() - REOPEN_EVERY);
         }
         std::fs::remove_file(&path).unwrap();
-        log.record(&event("a", EventKind::Online), SystemTime::now());
-        log.flush();
+        log.publish(&[event("a", EventKind::Online)]);
         assert_eq!(lines(&path).len(), 1, "reopened (and created again) at its path");
         assert_eq!(log.lost(), 0);
     }

@@ -1,0 +1,132 @@
+//! The server: one loop that owns the socket and the clock and drives the
+//! [`Tracker`].
+//!
+//! The loop asks the engine for its next deadline, arms a one-shot timer
+//! for it, and waits for either the socket or the timer. It then handles the
+//! datagrams that arrived (received with `recvmmsg`, up to 4 × 64 per wake-up)
+//! and expires what is due. Nothing
+//! scans all devices on a tick, and with no device online the timer is
+//! disarmed and the loop blocks until a datagram comes.
+//!
+//! [`run`] takes an already bound socket and a [`Stop`], so tests bind
+//! `127.0.0.1:0` and stop the loop when they are done.
+//!
+//! The rooms: `bind` (sockets, the SO_REUSEPORT group and its steering),
+//! `stop` (the stop signal and each loop's eventfd waker), `wait` (timerfd,
+//! epoll, the read timeout), `batch` (recvmmsg), `handover` (inboxes between
+//! shards), `shared` (what the loops share), `run` (one shard's loop),
+//! `drops` (the drop warning) and `publish` (the bounded queue and the
+//! publisher thread, where the sinks of [`crate::sink`] attach).
+
+use std::io;
+use std::net::UdpSocket;
+use std::sync::atomic::Ordering;
+
+use crate::sink::Sink;
+use crate::tracker::Tracker;
+
+mod batch;
+mod bind;
+mod drops;
+mod handover;
+mod publish;
+mod run;
+mod shared;
+mod stop;
+mod wait;
+
+pub use bind::{Bound, bind, bind_group, steer_by_id};
+pub use publish::QUEUE as EVENTS_QUEUE;
+pub use stop::Stop;
+
+use run::worker;
+use shared::Shared;
+
+/// Runs the loop on `socket` until `stop` is requested, with its
+/// transitions going to `sinks`. Returns the engine once every transition
+/// has been published, so callers can read its final counters.
+///
+/// The socket is switched to non-blocking mode. Receive errors are logged
+/// and the loop goes on; only a failure of the timer or of epoll ends it with
+/// an error. A sink's failure never does (see [`crate::sink`]).
+pub fn run(
+    socket: &UdpSocket,
+    tracker: Tracker,
+    stop: &Stop,
+    sinks: Vec<Box<dyn Sink>>,
+) -> io::Result<Tracker> {
+    let finished = run_sharded(std::slice::from_ref(socket), vec![tracker], stop, sinks)?;
+    finished.trackers.into_iter().next().ok_or_else(|| io::Error::other("no engine came back"))
+}
+
+/// What [`run_sharded`] returns once stopped.
+#[derive(Debug)]
+pub struct Finished {
+    /// The engines, shard 0 first.
+    pub trackers: Vec<Tracker>,
+    /// Datagrams a thread received for another shard and handed over.
+    pub handed_over: u64,
+    /// Transitions that did not reach every sink (queue full, or a sink failed).
+    pub events_lost: u64,
+}
+
+/// Runs one loop per socket, each on its own thread (the first on the
+/// calling thread), with `trackers[i]` as shard `i` (see
+/// [`Tracker::new_sharded`] and [`crate::shard`]). A datagram that arrives
+/// on one thread's socket but belongs to another shard is handed to that
+/// thread, which applies it and replies from its own socket of the same
+/// group. Each loop keeps its own timer, so expiry stays exact.
+///
+/// Returns the engines once `stop` is requested, or the first error (which
+/// stops the other loops). With [`steer_by_id`] on the group, the kernel
+/// already delivers most datagrams to their owner's socket.
+pub fn run_sharded(
+    sockets: &[UdpSocket],
+    trackers: Vec<Tracker>,
+    stop: &Stop,
+    sinks: Vec<Box<dyn Sink>>,
+) -> io::Result<Finished> {
+    let shards = sockets.len();
+    let numbered = trackers.iter().enumerate().all(|(k, tracker)| tracker.shard() == (k, shards));
+    if shards == 0 || trackers.len() != shards || !numbered {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "one engine per socket is needed, engine i being shard i of as many as there are sockets",
+        ));
+    }
+    let (outbox, publisher) = publish::start(sinks)?;
+    let shared = Shared::new(sockets.len(), outbox, stop)?;
+    for (k, tracker) in trackers.iter().enumerate() {
+        shared.stats[k].store(&tracker.totals());
+    }
+    let mut trackers = trackers.into_iter();
+    let first = trackers.next().ok_or_else(|| io::Error::other("no engine"))?;
+    let result = std::thread::scope(|scope| {
+        let mut others = Vec::new();
+        for (k, (socket, tracker)) in (1..).zip(sockets[1..].iter().zip(trackers)) {
+            let shared = &shared;
+            let thread = std::thread::Builder::new()
+                .name(format!("presence-{k}"))
+                .spawn_scoped(scope, move || worker(shared, k, socket, tracker));
+            match thread {
+                Ok(thread) => others.push(thread),
+                Err(e) => {
+                    stop.stop();
+                    return Err(e);
+                }
+            }
+        }
+        let mut results = vec![worker(&shared, 0, &sockets[0], first)];
+        for thread in others {
+            results.push(thread.join().unwrap_or_else(|_| Err(io::Error::other("a server thread panicked"))));
+        }
+        results.into_iter().collect::<io::Result<Vec<Tracker>>>()
+    });
+    // Every loop is done: closing the queue lets the publisher finish what
+    // is queued and return.
+    let handed_over = shared.handed_over.load(Ordering::Relaxed);
+    let lost = shared.into_outbox().close();
+    drop(publisher.join().map_err(|_| io::Error::other("the publisher thread panicked"))?);
+    let trackers = result?;
+    Ok(Finished { trackers, handed_over, events_lost: lost.total() })
+}

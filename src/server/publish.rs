@@ -1,0 +1,212 @@
+//! The seam between the receive loops and the sinks: a bounded queue and
+//! one publisher thread.
+//!
+//! A loop hands its transitions to the [`Outbox`] without ever waiting: when
+//! the queue is full (a sink stalled for long), the newest transitions are
+//! dropped and counted, and the loop goes on. The publisher thread takes
+//! what is queued in batches, oldest first, gives each batch to every sink,
+//! and publishes the total lost (queue drops plus what the sinks lost) for
+//! summaries. It also sums the transitions up in the log once a minute.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
+
+use crate::sink::{Sink, Transition};
+use crate::tracker::EventKind;
+
+/// Transitions waiting for the publisher, at most.
+pub const QUEUE: usize = 1 << 16;
+
+/// Transitions published in one batch, at most.
+const BATCH: usize = 4096;
+
+/// Transitions are summed up in the log at most this often.
+const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+
+/// The loops' end of the queue. Cloned into every loop.
+#[derive(Clone)]
+pub(super) struct Outbox {
+    /// The queue.
+    queue: SyncSender<Transition>,
+    /// Transitions lost in all: dropped here when the queue was full, plus
+    /// what the sinks lost (the publisher adds those).
+    lost: Arc<Lost>,
+}
+
+/// What was lost, in two counters so each has one writer.
+#[derive(Default)]
+struct Lost {
+    /// Dropped because the queue was full.
+    queue_full: AtomicU64,
+    /// Lost by the sinks, as of the publisher's last batch.
+    by_sinks: AtomicU64,
+}
+
+impl Outbox {
+    /// Queues a transition; drops and counts it if the queue is full.
+    pub(super) fn send(&self, transition: Transition) {
+        match self.queue.try_send(transition) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                self.lost.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+            // The publisher is gone (it never leaves before the loops).
+            Err(TrySendError::Disconnected(_)) => {
+                self.lost.queue_full.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Transitions lost so far, whichever way.
+    pub(super) fn lost(&self) -> u64 {
+        self.lost.total()
+    }
+
+    /// Closes this end of the queue (the publisher ends once every clone
+    /// is closed or dropped); returns a way to read the final loss.
+    pub(super) fn close(self) -> LostCount {
+        LostCount(self.lost)
+    }
+}
+
+/// The loss counters, readable after the queue is closed.
+pub(super) struct LostCount(Arc<Lost>);
+
+impl LostCount {
+    /// Transitions lost in all.
+    pub(super) fn total(&self) -> u64 {
+        self.0.total()
+    }
+}
+
+impl Lost {
+    fn total(&self) -> u64 {
+        self.queue_full.load(Ordering::Relaxed) + self.by_sinks.load(Ordering::Relaxed)
+    }
+}
+
+/// The publisher thread; it returns the sinks when it is done.
+pub(super) type Publisher = std::thread::JoinHandle<Vec<Box<dyn Sink>>>;
+
+/// Starts the publisher thread for `sinks`. It runs until every [`Outbox`]
+/// clone is dropped, then publishes what is left and returns the sinks.
+pub(super) fn start(sinks: Vec<Box<dyn Sink>>) -> std::io::Result<(Outbox, Publisher)> {
+    let (queue, received) = sync_channel(QUEUE);
+    let lost = Arc::new(Lost::default());
+    let publisher_lost = Arc::clone(&lost);
+    let thread = std::thread::Builder::new()
+        .name("presence-publish".into())
+        .spawn(move || publish(received, sinks, &publisher_lost))?;
+    Ok((Outbox { queue, lost }, thread))
+}
+
+/// The publisher: batches from the queue to every sink.
+fn publish(received: Receiver<Transition>, mut sinks: Vec<Box<dyn Sink>>, lost: &Lost) -> Vec<Box<dyn Sink>> {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut summary = Summary::default();
+    // Blocks for the first transition of a batch, then takes what else is queued.
+    while let Ok(first) = received.recv() {
+        batch.push(first);
+        while batch.len() < BATCH {
+            match received.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        for sink in sinks.iter_mut() {
+            sink.publish(&batch);
+        }
+        lost.by_sinks.store(sinks.iter().map(|sink| sink.lost()).sum(), Ordering::Relaxed);
+        summary.count(&batch);
+        batch.clear();
+    }
+    sinks
+}
+
+/// The log's once-a-minute sum of transitions (they are not logged one by one).
+#[derive(Default)]
+struct Summary {
+    /// Online and offline transitions since the last line.
+    counts: (u64, u64),
+    /// When the last line was logged (or counting began).
+    since: Option<Instant>,
+}
+
+impl Summary {
+    fn count(&mut self, batch: &[Transition]) {
+        for transition in batch {
+            match transition.event.kind {
+                EventKind::Online => self.counts.0 += 1,
+                EventKind::Offline(_) => self.counts.1 += 1,
+            }
+        }
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.saturating_duration_since(since) >= SUMMARY_EVERY {
+            let (online, offline) = std::mem::take(&mut self.counts);
+            self.since = Some(now);
+            tracing::info!(online, offline, period = "1m", "transitions");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tracker::Event;
+    use std::sync::Mutex;
+    use std::sync::mpsc::channel;
+    use std::time::SystemTime;
+
+    fn transition(i: usize) -> Transition {
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let event = Event {
+            device: format!("d{i}").into(),
+            kind: EventKind::Online,
+            at: Instant::now(),
+            deadline: None,
+            addr,
+        };
+        Transition { event, wall: SystemTime::now() }
+    }
+
+    /// A sink that holds its first batch until released, and counts what it got.
+    struct Stalled {
+        release: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+        got: Arc<AtomicU64>,
+    }
+
+    impl Sink for Stalled {
+        fn publish(&mut self, batch: &[Transition]) {
+            if let Some(release) = self.release.lock().unwrap().take() {
+                let _ = release.recv();
+            }
+            self.got.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_stalled_sink_fills_the_queue_then_loses_and_counts_never_blocking_the_loop() {
+        let (release, held) = channel();
+        let got = Arc::new(AtomicU64::new(0));
+        let sink = Stalled { release: Mutex::new(Some(held)), got: Arc::clone(&got) };
+        let (outbox, publisher) = start(vec![Box::new(sink)]).unwrap();
+        // The publisher holds one batch (at most BATCH) while the queue fills.
+        let sent = QUEUE + BATCH + 1000;
+        for i in 0..sent {
+            outbox.send(transition(i)); // never blocks, however full
+        }
+        let dropped = outbox.lost();
+        assert!(dropped >= 1000, "{dropped} dropped of {sent}");
+        release.send(()).unwrap();
+        let lost = outbox.close();
+        publisher.join().unwrap();
+        assert_eq!(
+            got.load(Ordering::Relaxed) + lost.total(),
+            sent as u64,
+            "every transition published or counted"
+        );
+    }
+}

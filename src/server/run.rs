@@ -1,0 +1,197 @@
+//! The run loop of one shard: wait, receive a batch, route and handle each
+//! datagram, expire what is due, publish the transitions.
+
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::PoisonError;
+use std::time::Instant;
+
+use nix::sys::socket::MsgFlags;
+
+use super::batch::{BATCH, Batch};
+use super::drops::DropWarnings;
+use super::handover::Parcel;
+use super::shared::Shared;
+use super::wait::{ReadTimeout, Ready, Timer, Waiter, far_wait};
+use crate::shard::{self, Route};
+use crate::sink::Transition;
+use crate::tracker::{Handled, Tracker};
+use crate::wire::{self, DropReason};
+
+/// One shard's loop: see [`run_sharded`].
+pub(super) fn worker(
+    shared: &Shared<'_>,
+    me: usize,
+    socket: &UdpSocket,
+    mut tracker: Tracker,
+) -> io::Result<Tracker> {
+    let result = serve(shared, me, socket, &mut tracker);
+    if result.is_err() {
+        // The other loops must not go on without this shard.
+        shared.stop.stop();
+    }
+    result.map(|()| tracker)
+}
+
+fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Tracker) -> io::Result<()> {
+    let shards = shared.inboxes.len();
+    // One shard may block in the receive call itself while its next deadline
+    // is far (see `far_wait`); the socket is then in blocking mode and every
+    // other receive passes MSG_DONTWAIT. Shards keep to epoll, which also
+    // watches their inboxes.
+    let may_block = shards == 1;
+    socket.set_nonblocking(!may_block)?;
+    if may_block {
+        shared.stop.register_datagram_wake(socket.local_addr()?);
+    }
+    let mut read_timeout = ReadTimeout::default();
+    let waker = &shared.inboxes[me].waker;
+    let mut timer = Timer::new()?;
+    let mut waiter = Waiter::new(socket, &timer, waker)?;
+    let mut batch = Batch::new();
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    let mut warnings = DropWarnings::default();
+    let mut outboxes: Vec<Parcel> = (0..shards).map(|_| Parcel::default()).collect();
+    let mut handed = Parcel::default();
+    let stop = shared.stop;
+    'run: while !stop.is_requested() {
+        let now = Instant::now();
+        tracker.handle_timeout(now);
+        publish(tracker, shared, me);
+        if shards > 1 {
+            shared.stats[me].store(&tracker.totals());
+        }
+        let deadline = tracker.poll_timeout();
+        let block_for = far_wait(deadline, now).filter(|_| may_block);
+        let ready = match block_for {
+            Some(wait) => {
+                // The first receive below blocks, until a datagram comes or
+                // shortly before the deadline; the timer takes over from there.
+                read_timeout.set(socket, wait)?;
+                Ready::default()
+            }
+            None => {
+                timer.arm(deadline, now)?;
+                waiter.wait()?
+            }
+        };
+        if ready.timer {
+            timer.clear();
+        }
+        // The waker is written only when an inbox goes from empty to not
+        // empty, so an inbox is empty unless its waker is readable.
+        if ready.waker && shards > 1 {
+            // Datagrams the other shards received for this one's devices.
+            waker.clear();
+            std::mem::swap(
+                &mut *shared.inboxes[me].parcel.lock().unwrap_or_else(PoisonError::into_inner),
+                &mut handed,
+            );
+            let now = Instant::now();
+            for (from, datagram) in handed.iter() {
+                handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
+            }
+            handed.clear();
+        }
+        for round in 0..BATCHES_PER_WAKE {
+            let flags = if round == 0 && block_for.is_some() {
+                MsgFlags::MSG_WAITFORONE
+            } else {
+                MsgFlags::MSG_DONTWAIT
+            };
+            let received = match batch.receive(socket, flags) {
+                Ok(received) => received,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receive failed");
+                    break;
+                }
+            };
+            let now = Instant::now();
+            for i in 0..received {
+                let (datagram, from) = batch.datagram(i);
+                let Some(from) = from else { continue };
+                if stop.is_requested() {
+                    break 'run;
+                }
+                match shard::route(datagram, shards) {
+                    Route::Shard(owner) if owner != me => outboxes[owner].push(from, datagram),
+                    Route::Summary => {
+                        tracker.set_peer_totals(shared.peer_totals(me));
+                        handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
+                    }
+                    Route::Shard(_) | Route::Local => {
+                        handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
+                    }
+                }
+            }
+            if received < BATCH {
+                break;
+            }
+        }
+        for (owner, outbox) in outboxes.iter_mut().enumerate() {
+            if !outbox.is_empty() {
+                shared.deliver(owner, outbox);
+            }
+        }
+        publish(tracker, shared, me);
+        warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
+    }
+    // Devices whose deadline passed while the loop was busy or stalled
+    // still get their offline events before it exits.
+    tracker.handle_timeout(Instant::now());
+    publish(tracker, shared, me);
+    shared.stats[me].store(&tracker.totals());
+    Ok(())
+}
+
+/// Applies one datagram and sends the reply, if there is one.
+fn handle(
+    tracker: &mut Tracker,
+    socket: &UdpSocket,
+    now: Instant,
+    from: SocketAddr,
+    datagram: &[u8],
+    reply: &mut [u8],
+    warnings: &mut DropWarnings,
+) {
+    match tracker.handle(now, from, datagram, reply) {
+        Handled::Done => {}
+        Handled::Reply(n) => send_reply(socket, &reply[..n], from),
+        Handled::Dropped { reason, reply: answer } => {
+            log_drop(reason, from, datagram.len());
+            warnings.sample(reason, from, datagram);
+            if let Some(n) = answer {
+                send_reply(socket, &reply[..n], from);
+            }
+        }
+    }
+}
+
+/// Batches received per wake-up before the loop checks its timer again.
+const BATCHES_PER_WAKE: usize = 4;
+
+/// Hands the engine's pending transitions to the publisher (never waits),
+/// and keeps the engine's view of lost events current for summaries.
+fn publish(tracker: &mut Tracker, shared: &Shared<'_>, me: usize) {
+    while let Some(event) = tracker.poll_event() {
+        let wall = tracker.wall_time(event.at);
+        shared.outbox.send(Transition { event, wall });
+    }
+    let lost = shared.outbox.lost();
+    if tracker.peer_totals().events_lost != lost {
+        // Summaries report it; a single shard has no other moment to learn it.
+        tracker.set_peer_totals(shared.peer_totals(me));
+    }
+}
+
+/// Sends without ever blocking the loop (the socket itself may be in
+/// blocking mode): a reply that finds the send buffer full is dropped.
+fn send_reply(socket: &UdpSocket, reply: &[u8], to: SocketAddr) {
+    if let Err(e) = rustix::net::sendto(socket, reply, rustix::net::SendFlags::DONTWAIT, &to) {
+        tracing::debug!(error = %e, %to, "reply not sent");
+    }
+}
+
+fn log_drop(reason: DropReason, from: SocketAddr, len: usize) {
+    tracing::debug!(reason = reason.name(), %from, len, "datagram dropped");
+}

@@ -1,0 +1,133 @@
+//! What the loops of one server share: inboxes, per-shard totals for
+//! summaries, the events queue, the stop signal and hand-over counts.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::handover::{INBOX_LIMIT, Inbox, Parcel};
+use super::publish::Outbox;
+use super::stop::{Stop, Waker};
+use crate::tracker::{Counters, Totals};
+use crate::wire::DropReason;
+
+/// What the loops of one [`run_sharded`](super::run_sharded) share.
+pub(super) struct Shared<'a> {
+    /// Datagrams handed to each shard by the others.
+    pub(super) inboxes: Vec<Inbox>,
+    /// Each shard's totals as of its last loop turn, for summaries.
+    pub(super) stats: Vec<ShardStats>,
+    /// Where the loops hand their transitions to the publisher.
+    pub(super) outbox: Outbox,
+    /// The stop signal.
+    pub(super) stop: &'a Stop,
+    /// Datagrams dropped because a shard's inbox was full.
+    pub(super) handover_drops: AtomicU64,
+    /// Datagrams handed from one shard to another.
+    pub(super) handed_over: AtomicU64,
+}
+
+impl<'a> Shared<'a> {
+    pub(super) fn new(shards: usize, outbox: Outbox, stop: &'a Stop) -> std::io::Result<Self> {
+        let mut inboxes = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            let waker = Arc::new(Waker::new()?);
+            stop.register(Arc::clone(&waker));
+            inboxes.push(Inbox { parcel: Mutex::new(Parcel::default()), waker });
+        }
+        Ok(Shared {
+            inboxes,
+            stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            outbox,
+            stop,
+            handover_drops: AtomicU64::new(0),
+            handed_over: AtomicU64::new(0),
+        })
+    }
+
+    /// The outbox, once the loops are done with the rest.
+    pub(super) fn into_outbox(self) -> Outbox {
+        self.outbox
+    }
+
+    /// The totals of every shard but `me`, and the server's own counts.
+    pub(super) fn peer_totals(&self, me: usize) -> Totals {
+        let mut totals = Totals { events_lost: self.outbox.lost(), ..Totals::default() };
+        for (k, stats) in self.stats.iter().enumerate() {
+            if k != me {
+                totals.add(&stats.load());
+            }
+        }
+        totals
+    }
+
+    /// Hands `parcel` to shard `to` and empties it.
+    pub(super) fn deliver(&self, to: usize, parcel: &mut Parcel) {
+        self.handed_over.fetch_add(parcel.len() as u64, Ordering::Relaxed);
+        let inbox = &self.inboxes[to];
+        let was_empty = {
+            let mut queued = inbox.parcel.lock().unwrap_or_else(PoisonError::into_inner);
+            if queued.is_empty() {
+                std::mem::swap(&mut *queued, parcel);
+                true
+            } else {
+                let room = INBOX_LIMIT.saturating_sub(queued.len());
+                let dropped = parcel.len().saturating_sub(room);
+                queued.append(parcel, room);
+                if dropped > 0 {
+                    self.handover_drops.fetch_add(dropped as u64, Ordering::Relaxed);
+                }
+                false
+            }
+        };
+        parcel.clear();
+        // The owner drains its inbox after clearing its waker, so only the
+        // hand-over that fills an empty inbox needs to wake it.
+        if was_empty {
+            inbox.waker.wake();
+        }
+    }
+}
+
+/// One shard's [`Totals`], published after every loop turn.
+#[derive(Default)]
+pub(super) struct ShardStats {
+    online: AtomicU64,
+    known: AtomicU64,
+    heartbeats: AtomicU64,
+    leaves: AtomicU64,
+    queries: AtomicU64,
+    expirations: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl ShardStats {
+    pub(super) fn store(&self, totals: &Totals) {
+        let counters = &totals.counters;
+        self.online.store(totals.online, Ordering::Relaxed);
+        self.known.store(totals.known, Ordering::Relaxed);
+        self.heartbeats.store(counters.heartbeats, Ordering::Relaxed);
+        self.leaves.store(counters.leaves, Ordering::Relaxed);
+        self.queries.store(counters.queries, Ordering::Relaxed);
+        self.expirations.store(counters.expirations, Ordering::Relaxed);
+        for (slot, reason) in self.drops.iter().zip(DropReason::ALL) {
+            slot.store(counters.drops(reason), Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn load(&self) -> Totals {
+        let mut counters = Counters::default();
+        counters.heartbeats = self.heartbeats.load(Ordering::Relaxed);
+        counters.leaves = self.leaves.load(Ordering::Relaxed);
+        counters.queries = self.queries.load(Ordering::Relaxed);
+        counters.expirations = self.expirations.load(Ordering::Relaxed);
+        for (slot, reason) in self.drops.iter().zip(DropReason::ALL) {
+            counters.set_drops(reason, slot.load(Ordering::Relaxed));
+        }
+        Totals {
+            online: self.online.load(Ordering::Relaxed),
+            known: self.known.load(Ordering::Relaxed),
+            counters,
+            events_lost: 0,
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! Where transitions go: sinks behind one small trait.
+//!
+//! The receive loops never write events themselves. Each loop pushes owned
+//! [`Transition`]s into a bounded queue (see `server::publish`); one
+//! publisher thread takes them in batches, oldest first, and hands every
+//! batch to each [`Sink`] in turn. A sink's failure stays inside the sink:
+//! it counts what it lost ([`Sink::lost`]) and logs it, rate-limited; the
+//! server adds those counts to `events_lost` in its summary and goes on.
+//!
+//! Sinks now: [`JsonLines`] (the `--events` file or stdout) and
+//! [`Observer`] (a callback, for measurements). Later ones (NATS, MQTT,
+//! metrics) plug in the same way.
+
+use std::time::SystemTime;
+
+use crate::tracker::Event;
+
+mod file;
+
+pub use file::JsonLines;
+
+/// One transition as it leaves the engine: the event, with the wall time at
+/// which it happened (the engine's monotonic time converted by the loop).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// What happened, with its monotonic time.
+    pub event: Event,
+    /// The wall time of `event.at`, for display and for the events file.
+    pub wall: SystemTime,
+}
+
+/// A destination for transitions. Called from the publisher thread only, so
+/// a sink may block or fail without touching the receive loops.
+pub trait Sink: Send {
+    /// Publishes a batch of transitions, oldest first. Never fails: a sink
+    /// that cannot deliver counts the loss in [`Sink::lost`] and logs it.
+    fn publish(&mut self, batch: &[Transition]);
+
+    /// Transitions this sink could not deliver, since it started.
+    fn lost(&self) -> u64 {
+        0
+    }
+}
+
+/// A sink that calls a function with every transition (the benchmark
+/// measures expiry precision this way).
+pub struct Observer(pub Box<dyn FnMut(&Transition) + Send>);
+
+impl Sink for Observer {
+    fn publish(&mut self, batch: &[Transition]) {
+        for transition in batch {
+            (self.0)(transition);
+        }
+    }
+}
