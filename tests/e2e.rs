@@ -151,6 +151,8 @@ fn garbage_interleaved_with_heartbeats_changes_only_the_drop_counters() {
     assert_eq!(summary.drops, expected);
     assert_eq!(summary.total_drops(), garbage_sent);
     assert_eq!((summary.heartbeats, summary.known, summary.online), (20, 1, 1));
+    // Events reach the file through the publisher thread: wait for the one.
+    server.wait_event("steady", "online", None, PROMPTLY);
     assert_eq!(server.events().len(), 1, "one online event and nothing else");
 }
 

@@ -4,6 +4,7 @@
 use super::security_tests::{
     DEVICE, LOOPBACK, MASTER, STRANGER, config, heartbeat, key_of, leave, query, signed, unsigned,
 };
+use super::test_prelude::*;
 use super::tests::{Sim, WALL0_MS};
 use super::*;
 use crate::auth;

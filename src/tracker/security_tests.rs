@@ -1,6 +1,7 @@
 //! Security tests of the engine, in simulated time: forged, replayed and
 //! unauthorised datagrams; amplification; floods; and a bounded fuzz.
 
+use super::test_prelude::*;
 use super::tests::Sim;
 use super::*;
 use crate::auth;

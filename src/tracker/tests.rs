@@ -1,5 +1,6 @@
 //! Engine tests in simulated time: `now` is a base instant plus offsets.
 
+use super::test_prelude::*;
 use super::*;
 use crate::wire::{Addr, Heartbeat, MAX_DATAGRAM};
 

@@ -1,0 +1,144 @@
+//! The engine's rules: TTLs, authentication and abuse limits.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::auth::{self, Key};
+
+/// The shortest TTL the engine accepts: TTLs are kept in whole milliseconds.
+pub const MIN_TTL: Duration = Duration::from_millis(1);
+/// The longest TTL the engine accepts: the protocol carries TTLs as 32-bit
+/// milliseconds (about 49 days 17 hours).
+pub const MAX_TTL: Duration = Duration::from_millis(u32::MAX as u64);
+
+/// Whether heartbeats and leaves must carry a valid tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMode {
+    /// A tag is required and must verify.
+    Required,
+    /// Untagged frames are accepted; a tag, if present, must verify (for migrating a fleet).
+    Optional,
+    /// Tags are ignored. Anyone who can reach the port can forge heartbeats.
+    Off,
+}
+
+/// The keys the server derives from its master secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keys {
+    /// Device keys are derived from this and the device id, per datagram.
+    pub(super) device_subkey: Key,
+    /// Signs operator queries.
+    pub(super) operator: Key,
+}
+
+impl Keys {
+    /// Derives the server's keys from the master secret.
+    pub fn from_master(master: &Key) -> Self {
+        Keys { device_subkey: auth::device_subkey(master), operator: auth::operator_key(master) }
+    }
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keys(..)")
+    }
+}
+
+/// The engine's rules: TTLs, authentication and abuse limits.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// TTL of a device that declares no interval.
+    pub timeout: Duration,
+    /// A device that declares an interval is offline after this many missed heartbeats.
+    pub misses: u32,
+    /// No device gets a TTL below this (protects against tiny declared intervals).
+    pub min_ttl: Duration,
+    /// No device gets a TTL above this (protects against huge declared intervals).
+    pub max_ttl: Duration,
+    /// Whether heartbeats and leaves must be signed.
+    pub auth: AuthMode,
+    /// The keys, if the server has a master secret. Needed unless `auth` is `Off`.
+    pub keys: Option<Keys>,
+    /// Most devices held, online or offline; see [`PresenceTable::new`].
+    pub max_devices: usize,
+    /// Sources whose queries need no operator tag.
+    pub query_allow: Vec<ipnet::IpNet>,
+    /// Queries per second allowed per source address.
+    pub query_rate: u32,
+    /// Queries a quiet source may send at once.
+    pub query_burst: u32,
+    /// Most query sources tracked by the rate limiter at once.
+    pub max_query_sources: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeout: Duration::from_secs(30),
+            misses: 3,
+            min_ttl: Duration::from_secs(1),
+            max_ttl: Duration::from_secs(3600),
+            auth: AuthMode::Off,
+            keys: None,
+            max_devices: 1_000_000,
+            query_allow: vec![
+                "127.0.0.0/8".parse().unwrap_or_default(),
+                "::1/128".parse().unwrap_or_default(),
+            ],
+            query_rate: 20,
+            query_burst: 40,
+            max_query_sources: 4096,
+        }
+    }
+}
+
+/// A configuration the engine cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `auth` is `Required` or `Optional` but there are no keys.
+    #[error("authentication needs a master key (--key-file)")]
+    AuthWithoutKey,
+    /// `min_ttl` is larger than `max_ttl`.
+    #[error("the minimum TTL is larger than the maximum TTL")]
+    TtlRange,
+    /// A TTL setting is below [`MIN_TTL`] or above [`MAX_TTL`].
+    #[error("TTLs must be between 1ms and 49days 17h 2m 47s 295ms (32-bit milliseconds)")]
+    TtlOutOfRange,
+}
+
+impl Config {
+    /// The TTL for a device that declared `interval` (zero = none):
+    /// `misses × interval` clamped to `[min_ttl, max_ttl]`, or `timeout`.
+    pub fn ttl(&self, interval: Duration) -> Duration {
+        if interval.is_zero() {
+            return self.timeout;
+        }
+        // In whole nanoseconds: cheaper than Duration arithmetic on the hot path.
+        let nanos = |d: Duration| {
+            d.as_secs().saturating_mul(1_000_000_000).saturating_add(u64::from(d.subsec_nanos()))
+        };
+        let ttl = nanos(interval).saturating_mul(u64::from(self.misses));
+        let (min, max) = (nanos(self.min_ttl), nanos(self.max_ttl));
+        Duration::from_nanos(ttl.clamp(min, max.max(min)))
+    }
+
+    /// The interval the server expects from a device that declared
+    /// `interval`: the declared one, or `timeout / misses` if none.
+    pub fn expected_interval(&self, interval: Duration) -> Duration {
+        if interval.is_zero() { self.timeout / self.misses.max(1) } else { interval }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.auth != AuthMode::Off && self.keys.is_none() {
+            return Err(ConfigError::AuthWithoutKey);
+        }
+        if self.min_ttl > self.max_ttl {
+            return Err(ConfigError::TtlRange);
+        }
+        let in_range = |ttl: Duration| (MIN_TTL..=MAX_TTL).contains(&ttl);
+        if !(in_range(self.timeout) && in_range(self.min_ttl) && in_range(self.max_ttl)) {
+            return Err(ConfigError::TtlOutOfRange);
+        }
+        Ok(())
+    }
+}
