@@ -566,7 +566,7 @@ fn populated_shards(n: usize, auth: AuthMode, payload: &[u8], threads: usize) ->
 }
 
 fn heartbeats(trackers: &[Tracker]) -> u64 {
-    trackers.iter().map(|t| t.counters().heartbeats).sum()
+    trackers.iter().map(|t| t.counters().heartbeats()).sum()
 }
 
 /// The server (`threads` loops) draining `count` queued heartbeats for `n` known devices.
@@ -837,7 +837,7 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
             std::thread::spawn(move || -> std::io::Result<u64> {
                 let _ = tid_tx.send(rustix::thread::gettid().as_raw_nonzero().get());
                 let tracker = server::run(&socket, tracker, &loop_stop, Vec::new())?;
-                Ok(tracker.counters().heartbeats - n as u64)
+                Ok(tracker.counters().heartbeats() - n as u64)
             })
         }
         None => std::thread::spawn(move || -> std::io::Result<u64> {

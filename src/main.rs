@@ -478,7 +478,7 @@ fn serve(args: ServeArgs) -> Result<ExitCode> {
     tracing::info!(
         online = totals.online,
         known = totals.known,
-        heartbeats = totals.counters.heartbeats,
+        heartbeats = totals.counters.heartbeats(),
         dropped = totals.counters.total_drops(),
         handed_over = finished.handed_over,
         "stopped"

@@ -145,9 +145,15 @@ pub fn steering_program(shards: usize) -> Vec<BpfInsn> {
 /// Heartbeats and leaves in their usual form are routed from a glance at
 /// their id bytes; everything else is decoded in full, so any datagram the
 /// engine would accept as naming a device reaches that device's owner.
+///
+/// With one shard everything is shard 0's, but a summary is still routed as
+/// [`Route::Summary`], so the server passes its own counts (lost events) in.
 pub fn route(datagram: &[u8], shards: usize) -> Route {
     if shards <= 1 {
-        return Route::Shard(0);
+        // Heartbeats and leaves, the bulk, skip the decoding.
+        let summary = !matches!(datagram, [wire::VERSION, 0 | 1, ..])
+            && matches!(wire::decode(datagram), Ok(Message::Query(query)) if query.kind == QueryKind::Summary);
+        return if summary { Route::Summary } else { Route::Shard(0) };
     }
     // Version, kind 0 (heartbeat) or 1 (leave), then the id with a one-byte length.
     if let [wire::VERSION, 0 | 1, len, rest @ ..] = datagram {

@@ -124,7 +124,7 @@ fn item10_devices_past_their_deadline_go_offline_before_the_server_exits() {
         (events[1]["event"].as_str(), events[1]["reason"].as_str()),
         (Some("offline"), Some("expired"))
     );
-    assert_eq!(tracker.counters().expirations, 1);
+    assert_eq!(tracker.counters().expirations(), 1);
 }
 
 /// Item 10: TTLs under 1 ms or over 32-bit milliseconds are refused.

@@ -60,14 +60,14 @@ fuzz_target!(|data: &[u8]| {
             _ => datagram.to_vec(),
         };
         tracker.handle_timeout(now);
-        let before = (tracker.table().known_count(), tracker.table().online_count(), tracker.counters().heartbeats);
+        let before = (tracker.table().known_count(), tracker.table().online_count(), tracker.counters().heartbeats());
         let drops = tracker.counters().total_drops();
         let handled = tracker.handle(now, from, &datagram, &mut reply);
         if let Some(n) = handled.reply_len() {
             assert!(n <= datagram.len(), "a {n}-byte reply to a {}-byte datagram", datagram.len());
         }
         if let Handled::Dropped { .. } = handled {
-            let after = (tracker.table().known_count(), tracker.table().online_count(), tracker.counters().heartbeats);
+            let after = (tracker.table().known_count(), tracker.table().online_count(), tracker.counters().heartbeats());
             assert_eq!(before, after);
             assert_eq!(tracker.counters().total_drops(), drops + 1);
         }

@@ -23,7 +23,7 @@ use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
 
 use crate::sink::Sink;
-use crate::tracker::Tracker;
+use crate::tracker::{ShardPosition, Tracker};
 
 mod batch;
 mod bind;
@@ -87,7 +87,10 @@ pub fn run_sharded(
     sinks: Vec<Box<dyn Sink>>,
 ) -> io::Result<Finished> {
     let shards = sockets.len();
-    let numbered = trackers.iter().enumerate().all(|(k, tracker)| tracker.shard() == (k, shards));
+    let numbered = trackers
+        .iter()
+        .enumerate()
+        .all(|(k, tracker)| tracker.shard() == ShardPosition { index: k, count: shards });
     if shards == 0 || trackers.len() != shards || !numbered {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -15,7 +15,7 @@ use super::shared::Shared;
 use super::wait::{ReadTimeout, Ready, Timer, Waiter, far_wait};
 use crate::shard::{self, Route};
 use crate::sink::Transition;
-use crate::tracker::{Handled, Tracker};
+use crate::tracker::{Handled, Totals, Tracker};
 use crate::wire::{self, DropReason};
 
 /// One shard's loop: see [`run_sharded`].
@@ -49,15 +49,15 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
     let mut timer = Timer::new()?;
     let mut waiter = Waiter::new(socket, &timer, waker)?;
     let mut batch = Batch::new();
-    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
-    let mut warnings = DropWarnings::default();
+    let mut answer =
+        Answer { socket, reply: vec![0u8; wire::MAX_DATAGRAM], warnings: DropWarnings::default() };
     let mut outboxes: Vec<Parcel> = (0..shards).map(|_| Parcel::default()).collect();
     let mut handed = Parcel::default();
     let stop = shared.stop;
     'run: while !stop.is_requested() {
         let now = Instant::now();
         tracker.handle_timeout(now);
-        publish(tracker, shared, me);
+        publish(tracker, shared);
         if shards > 1 {
             shared.stats[me].store(&tracker.totals());
         }
@@ -89,7 +89,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
             );
             let now = Instant::now();
             for (from, datagram) in handed.iter() {
-                handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
+                answer.handle(tracker, now, from, datagram, &Totals::NONE);
             }
             handed.clear();
         }
@@ -116,11 +116,10 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                 match shard::route(datagram, shards) {
                     Route::Shard(owner) if owner != me => outboxes[owner].push(from, datagram),
                     Route::Summary => {
-                        tracker.set_peer_totals(shared.peer_totals(me));
-                        handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
+                        answer.handle(tracker, now, from, datagram, &shared.peer_totals(me));
                     }
                     Route::Shard(_) | Route::Local => {
-                        handle(tracker, socket, now, from, datagram, &mut reply, &mut warnings);
+                        answer.handle(tracker, now, from, datagram, &Totals::NONE);
                     }
                 }
             }
@@ -133,35 +132,47 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                 shared.deliver(owner, outbox);
             }
         }
-        publish(tracker, shared, me);
-        warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
+        publish(tracker, shared);
+        answer.warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
     }
     // Devices whose deadline passed while the loop was busy or stalled
     // still get their offline events before it exits.
     tracker.handle_timeout(Instant::now());
-    publish(tracker, shared, me);
+    publish(tracker, shared);
     shared.stats[me].store(&tracker.totals());
     Ok(())
 }
 
-/// Applies one datagram and sends the reply, if there is one.
-fn handle(
-    tracker: &mut Tracker,
-    socket: &UdpSocket,
-    now: Instant,
-    from: SocketAddr,
-    datagram: &[u8],
-    reply: &mut [u8],
-    warnings: &mut DropWarnings,
-) {
-    match tracker.handle(now, from, datagram, reply) {
-        Handled::Done => {}
-        Handled::Reply(n) => send_reply(socket, &reply[..n], from),
-        Handled::Dropped { reason, reply: answer } => {
-            log_drop(reason, from, datagram.len());
-            warnings.sample(reason, from, datagram);
-            if let Some(n) = answer {
-                send_reply(socket, &reply[..n], from);
+/// How a loop answers: its socket, a reply buffer, and the drop warning.
+struct Answer<'s> {
+    /// Replies leave from the socket the loop owns.
+    socket: &'s UdpSocket,
+    /// Where the engine writes a reply.
+    reply: Vec<u8>,
+    /// Counts and samples drops for the rate-limited warning.
+    warnings: DropWarnings,
+}
+
+impl Answer<'_> {
+    /// Applies one datagram (a summary adds `peers`) and sends the reply, if any.
+    fn handle(
+        &mut self,
+        tracker: &mut Tracker,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        peers: &Totals,
+    ) {
+        let reply = &mut self.reply;
+        match tracker.handle_with_peers(now, from, datagram, reply, peers) {
+            Handled::Done => {}
+            Handled::Reply(n) => send_reply(self.socket, &reply[..n], from),
+            Handled::Dropped { reason, reply: answer } => {
+                log_drop(reason, from, datagram.len());
+                self.warnings.sample(reason, from, datagram);
+                if let Some(n) = answer {
+                    send_reply(self.socket, &reply[..n], from);
+                }
             }
         }
     }
@@ -170,17 +181,11 @@ fn handle(
 /// Batches received per wake-up before the loop checks its timer again.
 const BATCHES_PER_WAKE: usize = 4;
 
-/// Hands the engine's pending transitions to the publisher (never waits),
-/// and keeps the engine's view of lost events current for summaries.
-fn publish(tracker: &mut Tracker, shared: &Shared<'_>, me: usize) {
+/// Hands the engine's pending transitions to the publisher (never waits).
+fn publish(tracker: &mut Tracker, shared: &Shared<'_>) {
     while let Some(event) = tracker.poll_event() {
         let wall = tracker.wall_time(event.at);
         shared.outbox.send(Transition { event, wall });
-    }
-    let lost = shared.outbox.lost();
-    if tracker.peer_totals().events_lost != lost {
-        // Summaries report it; a single shard has no other moment to learn it.
-        tracker.set_peer_totals(shared.peer_totals(me));
     }
 }
 

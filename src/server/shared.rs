@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::handover::{INBOX_LIMIT, Inbox, Parcel};
 use super::publish::Outbox;
 use super::stop::{Stop, Waker};
-use crate::tracker::{Counters, Totals};
-use crate::wire::DropReason;
+use crate::tracker::{Count, Counters, Totals};
 
 /// What the loops of one [`run_sharded`](super::run_sharded) share.
 pub(super) struct Shared<'a> {
@@ -88,40 +87,40 @@ impl<'a> Shared<'a> {
     }
 }
 
-/// One shard's [`Totals`], published after every loop turn.
-#[derive(Default)]
+/// One shard's [`Totals`], published after every loop turn: one atomic
+/// per [`Count`], and the table's counts.
 pub(super) struct ShardStats {
+    /// Devices online.
     online: AtomicU64,
+    /// Devices held.
     known: AtomicU64,
-    heartbeats: AtomicU64,
-    leaves: AtomicU64,
-    queries: AtomicU64,
-    expirations: AtomicU64,
-    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Indexed by [`Count::index`].
+    counts: [AtomicU64; Count::LEN],
+}
+
+impl Default for ShardStats {
+    fn default() -> Self {
+        ShardStats {
+            online: AtomicU64::new(0),
+            known: AtomicU64::new(0),
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
 }
 
 impl ShardStats {
     pub(super) fn store(&self, totals: &Totals) {
-        let counters = &totals.counters;
         self.online.store(totals.online, Ordering::Relaxed);
         self.known.store(totals.known, Ordering::Relaxed);
-        self.heartbeats.store(counters.heartbeats, Ordering::Relaxed);
-        self.leaves.store(counters.leaves, Ordering::Relaxed);
-        self.queries.store(counters.queries, Ordering::Relaxed);
-        self.expirations.store(counters.expirations, Ordering::Relaxed);
-        for (slot, reason) in self.drops.iter().zip(DropReason::ALL) {
-            slot.store(counters.drops(reason), Ordering::Relaxed);
+        for (count, value) in totals.counters.iter() {
+            self.counts[count.index()].store(value, Ordering::Relaxed);
         }
     }
 
     pub(super) fn load(&self) -> Totals {
         let mut counters = Counters::default();
-        counters.heartbeats = self.heartbeats.load(Ordering::Relaxed);
-        counters.leaves = self.leaves.load(Ordering::Relaxed);
-        counters.queries = self.queries.load(Ordering::Relaxed);
-        counters.expirations = self.expirations.load(Ordering::Relaxed);
-        for (slot, reason) in self.drops.iter().zip(DropReason::ALL) {
-            counters.set_drops(reason, slot.load(Ordering::Relaxed));
+        for count in Count::all() {
+            counters.set(count, self.counts[count.index()].load(Ordering::Relaxed));
         }
         Totals {
             online: self.online.load(Ordering::Relaxed),

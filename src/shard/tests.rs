@@ -186,8 +186,10 @@ impl Pair {
                         peers.add(&shard.totals());
                     }
                 }
-                self.shards[socket].set_peer_totals(peers);
-                socket
+                let handled =
+                    self.shards[socket].handle_with_peers(self.now, FROM, bytes, &mut reply, &peers);
+                let sharded = (handled, handled.reply_len().map_or(Vec::new(), |len| reply[..len].to_vec()));
+                return (single, sharded);
             }
             Route::Local => socket,
         };

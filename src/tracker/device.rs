@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::{AuthMode, Event, EventKind, Handled, Tracker, millis_u32};
+use super::{AuthMode, Count, Event, EventKind, Handled, Tracker, millis_u32};
 use crate::auth;
 use crate::table::{Beat, OfflineReason, Refusal};
 use crate::wire::{self, Ack, DropReason, Leave, Message, RawHeartbeat, Tag};
@@ -51,7 +51,7 @@ impl Tracker {
         let beat =
             Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload, signed };
         let came_online = self.table.beat(now, hb.device, beat).map_err(refusal)?;
-        self.counters.heartbeats += 1;
+        self.counters.bump(Count::Heartbeats);
         // A device that came online was just admitted (or held), so its id is UTF-8.
         if let Some(device) = came_online.then(|| std::str::from_utf8(hb.device).ok()).flatten() {
             self.events.push_back(Event {
@@ -97,7 +97,7 @@ impl Tracker {
                 addr,
             });
         }
-        self.counters.leaves += 1;
+        self.counters.bump(Count::Leaves);
         Ok(Handled::Done)
     }
 }

@@ -231,7 +231,7 @@ fn item5_withheld_heartbeats_do_not_extend_the_deadline() {
         }
     }
     assert!(!sim.tracker.table().get("d").unwrap().is_online(), "offline at 23 s, not kept alive");
-    assert_eq!(sim.tracker.counters().expirations, 1);
+    assert_eq!(sim.tracker.counters().expirations(), 1);
 }
 
 /// Item 8: control characters in ids are refused at the protocol level.

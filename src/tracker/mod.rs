@@ -33,8 +33,18 @@ mod outcome;
 mod query;
 
 pub use config::{AuthMode, Config, ConfigError, Keys, MAX_TTL, MIN_TTL};
-pub use outcome::{Counters, Event, EventKind, Handled, Totals};
+pub use outcome::{Count, Counters, Event, EventKind, Handled, Totals};
 pub use query::{LIST_SCAN_LIMIT, NEEDED_HEADROOM};
+
+/// Which shard an engine is, of how many (`--threads N`: shard `index` of
+/// `count`, owning the devices whose id hashes to it; see [`crate::shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardPosition {
+    /// This shard's number, from 0.
+    pub index: usize,
+    /// How many shards there are.
+    pub count: usize,
+}
 
 /// The protocol engine. One per server; see the module docs for the loop.
 #[derive(Debug)]
@@ -59,10 +69,8 @@ pub struct Tracker {
     page_scratch: Box<[u8]>,
     /// The slot and the end offset of each entry in `page_scratch`.
     page_ends: Vec<(usize, usize)>,
-    /// This engine's shard number and the number of shards (`--threads`).
-    shard: (usize, usize),
-    /// The other shards' totals, added to a summary; see [`Tracker::set_peer_totals`].
-    peers: Totals,
+    /// Which shard this engine is, of how many (`--threads`).
+    shard: ShardPosition,
     /// The last declared interval (ms) seen and the TTL it gets.
     last_ttl: Option<(u32, Duration)>,
 }
@@ -82,8 +90,7 @@ impl Tracker {
             events: VecDeque::new(),
             page_scratch: vec![0; wire::MAX_DATAGRAM].into_boxed_slice(),
             page_ends: Vec::new(),
-            shard: (0, 1),
-            peers: Totals::default(),
+            shard: ShardPosition { index: 0, count: 1 },
             last_ttl: None,
         })
     }
@@ -101,7 +108,7 @@ impl Tracker {
         let mut shards: Vec<Tracker> = Vec::with_capacity(count);
         for index in 0..count {
             let mut tracker = Tracker::new(per_shard.clone(), now, wall)?;
-            tracker.shard = (index, count);
+            tracker.shard = ShardPosition { index, count };
             if let Some(first) = shards.first() {
                 tracker.gate = Arc::clone(&first.gate);
             }
@@ -110,8 +117,8 @@ impl Tracker {
         Ok(shards)
     }
 
-    /// This engine's shard number and the number of shards.
-    pub fn shard(&self) -> (usize, usize) {
+    /// Which shard this engine is, of how many.
+    pub fn shard(&self) -> ShardPosition {
         self.shard
     }
 
@@ -123,17 +130,6 @@ impl Tracker {
             counters: self.counters.clone(),
             events_lost: 0,
         }
-    }
-
-    /// What the other shards hold and counted, as last set.
-    pub fn peer_totals(&self) -> &Totals {
-        &self.peers
-    }
-
-    /// Sets what the other shards hold and counted, for summaries answered
-    /// from now on. The server refreshes it before passing on a summary query.
-    pub fn set_peer_totals(&mut self, peers: Totals) {
-        self.peers = peers;
     }
 
     /// The rules in force.
@@ -185,7 +181,7 @@ impl Tracker {
         let events = &mut self.events;
         let counters = &mut self.counters;
         self.table.expire(now, |id, entry| {
-            counters.expirations += 1;
+            counters.bump(Count::Expirations);
             events.push_back(Event {
                 device: id.into(),
                 kind: EventKind::Offline(OfflineReason::Expired),
@@ -208,6 +204,20 @@ impl Tracker {
     /// Devices due at `now` are expired first, so the result does not
     /// depend on how promptly the caller calls `handle_timeout`.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8], reply: &mut [u8]) -> Handled {
+        self.handle_with_peers(now, from, datagram, reply, &Totals::NONE)
+    }
+
+    /// [`Tracker::handle`], with what the other shards hold and counted (and
+    /// the server's own counts, such as lost events) for a summary to add to
+    /// this engine's. The server passes them for summary queries only.
+    pub fn handle_with_peers(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        reply: &mut [u8],
+        peers: &Totals,
+    ) -> Handled {
         self.handle_timeout(now);
         if let Some(hb) = wire::decode_heartbeat_ascii(datagram) {
             // The usual heartbeat: its tag, if any, is the last 8 bytes.
@@ -230,7 +240,7 @@ impl Tracker {
         let result = match message {
             Message::Heartbeat(hb) => self.heartbeat(now, from, hb.into(), tag, datagram.len(), reply),
             Message::Leave(leave) => self.leave(now, leave, tag),
-            Message::Query(query) => self.query(now, from, query, tag, datagram.len(), reply),
+            Message::Query(query) => self.query(now, from, query, datagram, reply, peers),
             Message::Status(_) | Message::Ack(_) | Message::Error(_) => Err(DropReason::UnexpectedKind),
         };
         result.unwrap_or_else(|reason| {
@@ -245,7 +255,7 @@ impl Tracker {
     }
 
     fn drop(&mut self, reason: DropReason, reply: Option<usize>) -> Handled {
-        self.counters.count_drop(reason);
+        self.counters.bump(Count::Dropped(reason));
         Handled::Dropped { reason, reply }
     }
 }

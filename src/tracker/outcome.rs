@@ -41,50 +41,130 @@ pub struct Event {
     pub addr: SocketAddr,
 }
 
-/// What the engine has counted since it started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Counters {
+/// One thing the engine counts. The one list of counters: the engine, the
+/// shards' published totals, the summary and the client all iterate it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Count {
     /// Heartbeats accepted.
-    pub heartbeats: u64,
+    Heartbeats,
     /// Leaves accepted.
-    pub leaves: u64,
+    Leaves,
     /// Queries answered.
-    pub queries: u64,
+    Queries,
     /// Devices that expired.
-    pub expirations: u64,
-    /// Dropped datagrams, indexed by `DropReason::code() - 1`.
-    drops: [u64; DropReason::ALL.len()],
+    Expirations,
+    /// Datagrams dropped for a reason.
+    Dropped(DropReason),
+}
+
+/// Counts that are not drops, in index order.
+const NOT_DROPS: [Count; 4] = [Count::Heartbeats, Count::Leaves, Count::Queries, Count::Expirations];
+
+impl Count {
+    /// How many counters there are.
+    pub const LEN: usize = NOT_DROPS.len() + DropReason::ALL.len();
+
+    /// Every counter, in index order.
+    pub fn all() -> impl Iterator<Item = Count> {
+        NOT_DROPS.into_iter().chain(DropReason::ALL.into_iter().map(Count::Dropped))
+    }
+
+    /// Its position in a table of [`Count::LEN`] counters.
+    pub fn index(self) -> usize {
+        match self {
+            Count::Heartbeats => 0,
+            Count::Leaves => 1,
+            Count::Queries => 2,
+            Count::Expirations => 3,
+            Count::Dropped(reason) => NOT_DROPS.len() + usize::from(reason.code()) - 1,
+        }
+    }
+
+    /// A stable snake_case name (a drop's is its reason's).
+    pub fn name(self) -> &'static str {
+        match self {
+            Count::Heartbeats => "heartbeats",
+            Count::Leaves => "leaves",
+            Count::Queries => "queries",
+            Count::Expirations => "expirations",
+            Count::Dropped(reason) => reason.name(),
+        }
+    }
+}
+
+/// What the engine has counted since it started: one number per [`Count`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counters {
+    /// Indexed by [`Count::index`].
+    counts: [u64; Count::LEN],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters::ZERO
+    }
 }
 
 impl Counters {
+    /// Nothing counted.
+    pub const ZERO: Counters = Counters { counts: [0; Count::LEN] };
+
+    /// The count of `count`.
+    pub fn get(&self, count: Count) -> u64 {
+        self.counts[count.index()]
+    }
+
+    /// Sets the count of `count` (for totals published by another thread).
+    pub fn set(&mut self, count: Count, value: u64) {
+        self.counts[count.index()] = value;
+    }
+
+    /// Adds one to `count`.
+    pub(crate) fn bump(&mut self, count: Count) {
+        self.counts[count.index()] += 1;
+    }
+
+    /// Every counter with its count, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (Count, u64)> + '_ {
+        Count::all().map(|count| (count, self.get(count)))
+    }
+
+    /// Heartbeats accepted.
+    pub fn heartbeats(&self) -> u64 {
+        self.get(Count::Heartbeats)
+    }
+
+    /// Leaves accepted.
+    pub fn leaves(&self) -> u64 {
+        self.get(Count::Leaves)
+    }
+
+    /// Queries answered.
+    pub fn queries(&self) -> u64 {
+        self.get(Count::Queries)
+    }
+
+    /// Devices that expired.
+    pub fn expirations(&self) -> u64 {
+        self.get(Count::Expirations)
+    }
+
     /// Datagrams dropped for `reason`.
     pub fn drops(&self, reason: DropReason) -> u64 {
-        self.drops[usize::from(reason.code()) - 1]
+        self.get(Count::Dropped(reason))
     }
 
     /// Datagrams dropped for any reason.
     pub fn total_drops(&self) -> u64 {
-        self.drops.iter().sum()
-    }
-
-    pub(super) fn count_drop(&mut self, reason: DropReason) {
-        self.drops[usize::from(reason.code()) - 1] += 1;
+        DropReason::ALL.into_iter().map(|reason| self.drops(reason)).sum()
     }
 
     /// Adds `other`'s counts to these.
     pub fn add(&mut self, other: &Counters) {
-        self.heartbeats += other.heartbeats;
-        self.leaves += other.leaves;
-        self.queries += other.queries;
-        self.expirations += other.expirations;
-        for (mine, theirs) in self.drops.iter_mut().zip(other.drops) {
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
             *mine += theirs;
         }
-    }
-
-    /// Sets the count of datagrams dropped for `reason`.
-    pub fn set_drops(&mut self, reason: DropReason, count: u64) {
-        self.drops[usize::from(reason.code()) - 1] = count;
     }
 }
 
@@ -98,12 +178,16 @@ pub struct Totals {
     pub known: u64,
     /// Everything counted.
     pub counters: Counters,
-    /// Events the server could not write to its events destination. The
-    /// engine does not write events; the server passes this count in.
+    /// Events the server could not deliver to its sinks. The engine does
+    /// not publish events; the server passes this count in.
     pub events_lost: u64,
 }
 
 impl Totals {
+    /// Nothing held, nothing counted: the peers of a server with one shard
+    /// and no lost events.
+    pub const NONE: Totals = Totals { online: 0, known: 0, counters: Counters::ZERO, events_lost: 0 };
+
     /// Adds `other` to these.
     pub fn add(&mut self, other: &Totals) {
         self.online += other.online;

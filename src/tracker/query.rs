@@ -4,12 +4,13 @@
 use std::net::SocketAddr;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::{Handled, Tracker, error_reply, millis_u32, millis_u64};
+use super::{Count, Handled, ShardPosition, Totals, Tracker, error_reply, millis_u32, millis_u64};
+use crate::auth;
 use crate::shard;
 use crate::table::{Entry, OfflineReason, Which};
 use crate::wire::{
     self, Counter, DeviceInfo, DropReason, ErrorCode, Message, Page, Query, QueryKind, RecordWriter, Status,
-    StatusBody, Summary, Tag,
+    StatusBody, Summary,
 };
 
 /// Bytes added to an exact `RequestTooSmall.needed`: an answer can grow
@@ -47,19 +48,24 @@ type PageFill = (usize, u64, Option<(usize, usize)>);
 pub const LIST_SCAN_LIMIT: usize = 4096;
 
 impl Tracker {
+    /// Answers `query`, which arrived as `datagram` from `from`: access
+    /// checks first, then the answer, or `RequestTooSmall` if it would be
+    /// larger than the datagram. A summary adds `peers`.
     pub(super) fn query(
         &mut self,
         now: Instant,
         from: SocketAddr,
         query: Query<'_>,
-        tag: Option<(&[u8], Tag)>,
-        request_len: usize,
+        datagram: &[u8],
         reply: &mut [u8],
+        peers: &Totals,
     ) -> Result<Handled, DropReason> {
+        let tag = auth::signed_part(datagram, &Message::Query(query));
+        let request_len = datagram.len();
         self.admit_query(now, from, &query, tag)?;
-        self.counters.queries += 1;
+        self.counters.bump(Count::Queries);
         let budget = request_len.min(wire::MAX_DATAGRAM);
-        let needed = match self.answer(now, query, budget, reply) {
+        let needed = match self.answer(now, query, budget, reply, peers) {
             Ok(len) if len <= request_len => return Ok(Handled::Reply(len)),
             Ok(len) | Err(len) => len,
         };
@@ -79,6 +85,7 @@ impl Tracker {
         query: Query<'_>,
         budget: usize,
         reply: &mut [u8],
+        peers: &Totals,
     ) -> Result<usize, usize> {
         let cursor: Option<String>;
         let mut counter_buf = [0u8; (DropReason::ALL.len() + 1) * 16];
@@ -91,7 +98,7 @@ impl Tracker {
             },
             QueryKind::Summary => {
                 let mut totals = self.totals();
-                totals.add(&self.peers);
+                totals.add(peers);
                 let mut counters = RecordWriter::new(&mut counter_buf);
                 let drops =
                     DropReason::ALL.into_iter().map(|reason| (reason.code(), totals.counters.drops(reason)));
@@ -105,10 +112,10 @@ impl Tracker {
                     online: totals.online,
                     known: totals.known,
                     uptime_ms: millis_u64(now.saturating_duration_since(self.started)),
-                    heartbeats: totals.counters.heartbeats,
-                    leaves: totals.counters.leaves,
-                    queries: totals.counters.queries,
-                    expirations: totals.counters.expirations,
+                    heartbeats: totals.counters.heartbeats(),
+                    leaves: totals.counters.leaves(),
+                    queries: totals.counters.queries(),
+                    expirations: totals.counters.expirations(),
                     counters: counters.finish(),
                 })
             }
@@ -143,7 +150,7 @@ impl Tracker {
         budget: usize,
     ) -> Result<PageFill, usize> {
         let limit = if limit == 0 { usize::MAX } else { usize::from(limit) };
-        let (shard, shards) = self.shard;
+        let ShardPosition { index: shard, count: shards } = self.shard;
         let next_shard = (shard + 1 < shards).then_some((shard + 1, 0));
         // The longest cursor this page could end with: a slot of this shard,
         // or the start of the next shard.

@@ -34,8 +34,8 @@ impl Sim {
             t.known_count(),
             t.online_count(),
             t.next_deadline(),
-            self.tracker.counters().heartbeats,
-            self.tracker.counters().leaves
+            self.tracker.counters().heartbeats(),
+            self.tracker.counters().leaves()
         )
     }
 
@@ -116,7 +116,7 @@ fn reordering_within_the_window_is_accepted_once() {
     sim.accepted(&signed(&heartbeat("d", 1, 100), &key_of("d")));
     let late = signed(&heartbeat("d", 1, 90), &key_of("d"));
     sim.accepted(&late);
-    assert_eq!(sim.tracker.counters().heartbeats, 2);
+    assert_eq!(sim.tracker.counters().heartbeats(), 2);
     sim.rejected(&late, DropReason::Replay);
     // 64 or more behind the highest seq seen: outside the window.
     sim.rejected(&signed(&heartbeat("d", 1, 100 - 64), &key_of("d")), DropReason::Replay);
