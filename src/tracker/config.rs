@@ -22,6 +22,28 @@ pub enum AuthMode {
     Off,
 }
 
+impl AuthMode {
+    /// `required`, `optional` or `off`, as the `--auth` flag says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMode::Required => "required",
+            AuthMode::Optional => "optional",
+            AuthMode::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for AuthMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [AuthMode::Required, AuthMode::Optional, AuthMode::Off]
+            .into_iter()
+            .find(|mode| mode.name() == s)
+            .ok_or_else(|| format!("'{s}' is not an auth mode (required, optional or off)"))
+    }
+}
+
 /// The keys the server derives from its master secret.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Keys {
@@ -128,7 +150,8 @@ impl Config {
         if interval.is_zero() { self.timeout / self.misses.max(1) } else { interval }
     }
 
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks that the engine can run with these rules.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.auth != AuthMode::Off && self.keys.is_none() {
             return Err(ConfigError::AuthWithoutKey);
         }

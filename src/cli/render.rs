@@ -1,0 +1,108 @@
+//! How `status` shows things to a person: the summary, one device, a list.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, UNIX_EPOCH};
+
+use presence::client::{DeviceReport, SummaryReport, printable};
+
+pub(crate) fn fmt_ms(ms: u64) -> String {
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+/// `n` and the noun, in the singular for one.
+pub(crate) fn count(n: u64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
+/// A duration in whole seconds, as humans write it (`59m 51s`).
+pub(crate) fn fmt_secs(ms: u64) -> String {
+    fmt_ms(ms.div_ceil(1000) * 1000)
+}
+
+pub(crate) fn write_summary(out: &mut impl Write, server: SocketAddr, s: &SummaryReport) -> io::Result<()> {
+    writeln!(out, "server      {server}, up {}", fmt_ms(s.uptime_ms / 1000 * 1000))?;
+    writeln!(out, "online      {} of {}", s.online, count(s.known, "known device", "known devices"))?;
+    writeln!(
+        out,
+        "received    {}, {}, {}",
+        count(s.heartbeats, "heartbeat", "heartbeats"),
+        count(s.leaves, "leave", "leaves"),
+        count(s.queries, "query", "queries")
+    )?;
+    writeln!(out, "expired     {}", s.expirations)?;
+    if s.events_lost > 0 {
+        writeln!(out, "events      {} lost (the server could not write them; see its log)", s.events_lost)?;
+    }
+    if s.drops.is_empty() {
+        writeln!(out, "dropped     0")?;
+    } else {
+        let reasons: Vec<String> = s.drops.iter().map(|(reason, n)| format!("{reason} {n}")).collect();
+        writeln!(out, "dropped     {} ({})", s.total_drops(), reasons.join(", "))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn payload_text(report: &DeviceReport) -> String {
+    let payload = report.payload();
+    match std::str::from_utf8(&payload) {
+        Ok(text) if !text.chars().any(char::is_control) => {
+            format!("{text:?} (hex {})", report.payload_hex)
+        }
+        _ => format!("hex {}", report.payload_hex),
+    }
+}
+
+pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
+    let last_seen = UNIX_EPOCH + Duration::from_millis(r.last_seen_unix_ms);
+    let device = printable(&r.device);
+    match (r.online, r.offline_reason, r.offline_since_unix_ms) {
+        (true, _, _) => writeln!(out, "{device}  online, expires in {}", fmt_ms(r.expires_in_ms))?,
+        (false, Some("expired"), Some(since)) => writeln!(
+            out,
+            "{device}  offline since {} (expired: no heartbeat for {})",
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(since)),
+            fmt_ms(r.ttl_ms.into())
+        )?,
+        (false, Some("left"), _) => {
+            writeln!(out, "{device}  offline (left: it said goodbye after its last heartbeat)")?
+        }
+        (false, _, _) => writeln!(out, "{device}  offline")?,
+    }
+    writeln!(out, "  address     {}", r.address)?;
+    writeln!(
+        out,
+        "  last seen   {} ({} ago)",
+        humantime::format_rfc3339_seconds(last_seen),
+        fmt_ms(r.last_seen_ago_ms)
+    )?;
+    let interval =
+        if r.interval_ms == 0 { "none declared".to_string() } else { fmt_ms(r.interval_ms.into()) };
+    writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.ttl_ms.into()))?;
+    writeln!(out, "  boot {}  seq {}  heartbeats {}  flaps {}", r.boot, r.seq, r.heartbeats, r.flaps)?;
+    if !r.payload_hex.is_empty() {
+        writeln!(out, "  payload     {}", payload_text(r))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn write_list(out: &mut impl Write, devices: &[DeviceReport], what: &str) -> io::Result<()> {
+    let width = devices.iter().map(|d| printable(&d.device).chars().count()).max().unwrap_or(6).max(6);
+    writeln!(
+        out,
+        "{:<width$}  {:<22}  {:>13}  {:>13}  {:>10}",
+        "DEVICE", "ADDRESS", "LAST SEEN", "EXPIRES", "HEARTBEATS"
+    )?;
+    for d in devices {
+        writeln!(
+            out,
+            "{:<width$}  {:<22}  {:>13}  {:>13}  {:>10}",
+            printable(&d.device),
+            d.address.to_string(),
+            format!("{} ago", fmt_ms(d.last_seen_ago_ms / 1000 * 1000)),
+            format!("in {}", fmt_secs(d.expires_in_ms)),
+            d.heartbeats
+        )?;
+    }
+    writeln!(out, "{} {what}", devices.len())
+}

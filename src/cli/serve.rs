@@ -1,0 +1,136 @@
+//! `presence serve`: flags to a config, sockets, sinks, the loops.
+
+use std::io::{self, BufWriter};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use presence::keyfile::KeyFile;
+use presence::server::{self, Stop};
+use presence::sink::{JsonLines, Sink};
+use presence::tracker::{AuthMode, Config, ConfigError, Keys, Totals, Tracker};
+
+use super::args::ServeArgs;
+use crate::on_signal;
+
+impl TryFrom<&ServeArgs> for Config {
+    type Error = anyhow::Error;
+
+    /// The engine's rules from the flags: reads the key file, picks the
+    /// auth mode, refuses an unsafe public bind, and lets the engine's own
+    /// validation speak in terms of the flags.
+    fn try_from(args: &ServeArgs) -> Result<Config> {
+        let keys = match &args.key_file {
+            None => None,
+            Some(path) => match KeyFile::read(path)? {
+                KeyFile::Master(master) => Some(Keys::from_master(&master)),
+                other => {
+                    bail!("{}: the server needs the master key, not {}", path.display(), other.kind_phrase())
+                }
+            },
+        };
+        // With a key, authentication is required unless the flag says otherwise.
+        let auth = args.auth.unwrap_or(if keys.is_some() { AuthMode::Required } else { AuthMode::Off });
+        let public = !args.bind.ip().is_loopback() && !args.insecure;
+        if auth == AuthMode::Off && public {
+            bail!(
+                "refusing to listen on {} without authentication: anyone who can reach it could forge heartbeats and leaves; give --key-file (see `presence keygen`), or --insecure if you mean it",
+                args.bind
+            );
+        }
+        if auth == AuthMode::Optional && public {
+            bail!(
+                "refusing to listen on {} with --auth optional: anyone who can reach it could invent unsigned devices and forge unsigned heartbeats for devices that never signed; use --auth required once the fleet signs, or --insecure while it migrates",
+                args.bind
+            );
+        }
+        let config = Config {
+            timeout: args.timeout,
+            misses: args.misses,
+            min_ttl: args.min_ttl,
+            max_ttl: args.max_ttl,
+            auth,
+            keys,
+            max_devices: usize::try_from(args.max_devices).unwrap_or(usize::MAX),
+            query_allow: args.query_allow.iter().flatten().copied().collect(),
+            query_rate: args.query_rate,
+            query_burst: args.query_burst,
+            ..Config::default()
+        };
+        match config.validate() {
+            Ok(()) => Ok(config),
+            Err(ConfigError::AuthWithoutKey) => bail!(
+                "--auth {} needs --key-file with the master key (create one with `presence keygen`)",
+                auth.name()
+            ),
+            Err(ConfigError::TtlRange) => bail!(
+                "--min-ttl ({}) is larger than --max-ttl ({})",
+                humantime::format_duration(args.min_ttl),
+                humantime::format_duration(args.max_ttl)
+            ),
+            Err(other) => Err(other.into()),
+        }
+    }
+}
+
+pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let config = Config::try_from(&args)?;
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    match args.events.as_deref() {
+        None => {}
+        Some("-") => sinks.push(Box::new(JsonLines::to_writer(Box::new(BufWriter::new(io::stdout()))))),
+        Some(path) => sinks.push(Box::new(
+            JsonLines::to_file(path).with_context(|| format!("cannot open events file '{path}'"))?,
+        )),
+    }
+    let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let steering = match server::steer_by_id(&group) {
+        Ok(()) => group.len() > 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot steer datagrams to their owner's thread; handing them over instead");
+            false
+        }
+    };
+    let bound = &group[0];
+    if bound.recv_buffer < args.recv_buffer {
+        tracing::warn!(
+            requested = args.recv_buffer,
+            granted = bound.recv_buffer,
+            "the kernel capped the receive buffer below --recv-buffer (at net.core.rmem_max); datagrams may be dropped in bursts. Raise the cap with: sysctl -w net.core.rmem_max={}",
+            args.recv_buffer
+        );
+    }
+    tracing::info!(
+        addr = %bound.local_addr,
+        recv_buffer = bound.recv_buffer,
+        threads = args.threads,
+        steering,
+        timeout = %humantime::format_duration(config.timeout),
+        misses = config.misses,
+        min_ttl = %humantime::format_duration(config.min_ttl),
+        max_ttl = %humantime::format_duration(config.max_ttl),
+        auth = config.auth.name(),
+        max_devices = config.max_devices,
+        "listening"
+    );
+    let stop = Stop::new();
+    let signal_stop = stop.clone();
+    on_signal(move || signal_stop.stop())?;
+    let trackers = Tracker::new_sharded(config, group.len(), Instant::now(), SystemTime::now())?;
+    let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
+    let finished = server::run_sharded(&sockets, trackers, &stop, sinks).context("server loop failed")?;
+    let mut totals = Totals::default();
+    for tracker in &finished.trackers {
+        totals.add(&tracker.totals());
+    }
+    tracing::info!(
+        online = totals.online,
+        known = totals.known,
+        heartbeats = totals.counters.heartbeats(),
+        dropped = totals.counters.total_drops(),
+        handed_over = finished.handed_over,
+        "stopped"
+    );
+    Ok(ExitCode::SUCCESS)
+}
