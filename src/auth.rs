@@ -19,13 +19,11 @@ use crate::wire::{self, Message};
 
 /// Length of a key, in bytes.
 pub const KEY_LEN: usize = 32;
-/// Length of a tag, in bytes: 64 bits.
-pub const TAG_LEN: usize = 8;
 
 /// A 32-byte secret key.
 pub type Key = [u8; KEY_LEN];
-/// A truncated MAC.
-pub type Tag = [u8; TAG_LEN];
+/// A truncated MAC (defined with the wire format, which carries it).
+pub use crate::wire::{TAG_LEN, Tag};
 
 /// BLAKE3 `derive_key` context for the device subkey.
 pub const DEVICE_SUBKEY_CONTEXT: &str = "presence v1 device subkey";

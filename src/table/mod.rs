@@ -29,7 +29,7 @@ use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::hash::BuildHasher;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,67 +82,6 @@ pub enum Refusal {
     Unsigned,
 }
 
-/// How far back, in sequence numbers, a reordered heartbeat is still accepted.
-pub const REPLAY_WINDOW: u32 = 64;
-
-/// Which (boot, seq) pairs of one device have been seen: anti-replay with a
-/// sliding bitmap, as in IPsec (RFC 4303, section 3.4.3) and WireGuard.
-///
-/// A pair is new if its boot is newer than the newest seen, or if it has
-/// that boot and its seq is above the highest seen, or less than
-/// [`REPLAY_WINDOW`] below it and not seen yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplayWindow {
-    /// The newest boot epoch seen.
-    boot: u32,
-    /// The highest seq seen within `boot`.
-    top: u32,
-    /// Bit `i` is set if seq `top - i` has been seen.
-    seen: u64,
-}
-
-impl ReplayWindow {
-    /// A window that has seen exactly (boot, seq).
-    pub fn new(boot: u32, seq: u32) -> Self {
-        ReplayWindow { boot, top: seq, seen: 1 }
-    }
-
-    /// The newest boot epoch seen.
-    pub fn boot(&self) -> u32 {
-        self.boot
-    }
-
-    /// The highest sequence number seen in that boot.
-    pub fn top(&self) -> u32 {
-        self.top
-    }
-
-    /// Whether (boot, seq) is new.
-    pub fn is_new(&self, boot: u32, seq: u32) -> bool {
-        if boot != self.boot {
-            return boot > self.boot;
-        }
-        if seq > self.top {
-            return true;
-        }
-        let age = self.top - seq;
-        age < REPLAY_WINDOW && self.seen & (1 << age) == 0
-    }
-
-    /// Records (boot, seq) as seen; call only if [`ReplayWindow::is_new`].
-    pub fn accept(&mut self, boot: u32, seq: u32) {
-        if boot > self.boot {
-            *self = ReplayWindow::new(boot, seq);
-        } else if seq > self.top {
-            let shift = seq - self.top;
-            self.seen = if shift >= REPLAY_WINDOW { 1 } else { (self.seen << shift) | 1 };
-            self.top = seq;
-        } else {
-            self.seen |= 1 << (self.top - seq);
-        }
-    }
-}
-
 /// One accepted heartbeat, as the table needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Beat<'a> {
@@ -162,194 +101,6 @@ pub struct Beat<'a> {
     /// one, unsigned frames for it are refused ([`Refusal::Unsigned`]); see
     /// [`PresenceTable::beat`].
     pub signed: bool,
-}
-
-/// A duration in whole milliseconds, saturating at `u32::MAX` (49 days),
-/// without a u128 division.
-fn whole_millis(d: Duration) -> u32 {
-    u32::try_from(d.as_secs().saturating_mul(1000).saturating_add(u64::from(d.subsec_millis())))
-        .unwrap_or(u32::MAX)
-}
-
-/// Ids up to this many bytes are stored inside the slot.
-const INLINE_ID: usize = 19;
-/// First byte of a slot id that lives in `long_ids`.
-const LONG_ID: u8 = 0xff;
-
-/// A device id inside a slot: `[len, bytes...]` for short ids, or
-/// `[LONG_ID, index (4 bytes LE), ...]` for ids kept in `long_ids`. A length
-/// of 0 marks a free slot (ids are never empty).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SlotId([u8; INLINE_ID + 1]);
-
-/// A socket address in 18 bytes: IPv4 is stored as IPv4-mapped IPv6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PackedAddr {
-    /// The IPv6 (or IPv4-mapped) address.
-    ip: [u8; 16],
-    /// The port.
-    port: u16,
-}
-
-impl From<SocketAddr> for PackedAddr {
-    fn from(addr: SocketAddr) -> Self {
-        let ip = match addr.ip() {
-            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-            IpAddr::V6(v6) => v6,
-        };
-        PackedAddr { ip: ip.octets(), port: addr.port() }
-    }
-}
-
-impl From<PackedAddr> for SocketAddr {
-    fn from(addr: PackedAddr) -> Self {
-        let ip = Ipv6Addr::from(addr.ip);
-        match ip.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::from((v4, addr.port)),
-            None => SocketAddr::from((ip, addr.port)),
-        }
-    }
-}
-
-/// One device's record. Times are microseconds since the table's epoch.
-#[derive(Debug, Clone)]
-struct Slot {
-    /// The id, or a free-slot marker.
-    id: SlotId,
-    /// When its last heartbeat arrived.
-    last_seen: u64,
-    /// The (boot, seq) pairs seen.
-    window: ReplayWindow,
-    /// Source address of its last heartbeat.
-    addr: PackedAddr,
-    /// TTL applied at its last heartbeat, in milliseconds; the deadline is
-    /// `last_seen + ttl`.
-    ttl_ms: u32,
-    /// Interval it declared at its last heartbeat, in milliseconds (0 = none).
-    interval_ms: u32,
-    /// Heartbeats accepted (saturating).
-    heartbeats: u32,
-    /// Times it went offline (saturating).
-    flaps: u32,
-    /// Which `expiry` entry is this slot's: others are stale.
-    generation: u32,
-    /// Index into `payloads` of its last payload; 0 for none.
-    payload: u32,
-    /// Whether it is online.
-    online: bool,
-    /// [`SIGNED`] and [`LEFT`]: one byte, so the slot stays 88 bytes.
-    flags: u8,
-}
-
-/// Slot flag: the device has sent a frame with a valid tag; from then on
-/// unsigned frames for it are refused.
-const SIGNED: u8 = 1;
-/// Slot flag: the device went offline by leaving (not by expiring).
-const LEFT: u8 = 2;
-
-impl Slot {
-    fn deadline(&self) -> u64 {
-        self.last_seen + u64::from(self.ttl_ms) * 1000
-    }
-
-    fn is_free(&self) -> bool {
-        self.id.0[0] == 0
-    }
-}
-
-/// A read-only view of one device.
-#[derive(Clone, Copy)]
-pub struct Entry<'t> {
-    /// The table, for its epoch and side storage.
-    table: &'t PresenceTable,
-    /// The device's record.
-    slot: &'t Slot,
-}
-
-impl std::fmt::Debug for Entry<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("online", &self.is_online())
-            .field("last_seen_us", &self.slot.last_seen)
-            .field("ttl_ms", &self.slot.ttl_ms)
-            .field("addr", &self.addr())
-            .field("window", &self.slot.window)
-            .field("heartbeats", &self.slot.heartbeats)
-            .field("flaps", &self.slot.flaps)
-            .field("payload", &self.payload())
-            .finish()
-    }
-}
-
-impl<'t> Entry<'t> {
-    /// Whether the device is online.
-    pub fn is_online(&self) -> bool {
-        self.slot.online
-    }
-
-    /// When the device expires, while it is online.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.slot.online.then(|| self.due())
-    }
-
-    /// When it expires or expired: its last heartbeat plus its TTL.
-    pub fn due(&self) -> Instant {
-        self.table.instant(self.slot.deadline())
-    }
-
-    /// When its last heartbeat arrived (monotonic; wall time is derived for display).
-    pub fn last_seen(&self) -> Instant {
-        self.table.instant(self.slot.last_seen)
-    }
-
-    /// The TTL applied at its last heartbeat.
-    pub fn ttl(&self) -> Duration {
-        Duration::from_millis(self.slot.ttl_ms.into())
-    }
-
-    /// The interval it declared at its last heartbeat (zero if none).
-    pub fn interval(&self) -> Duration {
-        Duration::from_millis(self.slot.interval_ms.into())
-    }
-
-    /// Source address of its last heartbeat; may change (NAT rebinding).
-    pub fn addr(&self) -> SocketAddr {
-        self.slot.addr.into()
-    }
-
-    /// The (boot, seq) pairs seen, for replay protection.
-    pub fn window(&self) -> ReplayWindow {
-        self.slot.window
-    }
-
-    /// Whether it has sent a signed frame (unsigned ones are refused since).
-    pub fn is_signed(&self) -> bool {
-        self.slot.flags & SIGNED != 0
-    }
-
-    /// Why it is offline; `None` while it is online.
-    pub fn offline_reason(&self) -> Option<OfflineReason> {
-        match (self.slot.online, self.slot.flags & LEFT != 0) {
-            (true, _) => None,
-            (false, true) => Some(OfflineReason::Left),
-            (false, false) => Some(OfflineReason::Expired),
-        }
-    }
-
-    /// Payload of its last heartbeat.
-    pub fn payload(&self) -> &'t [u8] {
-        &self.table.payloads[self.slot.payload as usize]
-    }
-
-    /// Heartbeats accepted from it.
-    pub fn heartbeats(&self) -> u64 {
-        self.slot.heartbeats.into()
-    }
-
-    /// Times it went offline.
-    pub fn flaps(&self) -> u32 {
-        self.slot.flaps
-    }
 }
 
 /// Who is online, and until when. See the module docs for the layout.
@@ -391,12 +142,6 @@ pub struct PresenceTable {
     known: usize,
     /// The most devices held at once.
     max_devices: usize,
-}
-
-impl Default for PresenceTable {
-    fn default() -> Self {
-        PresenceTable::new(usize::MAX, Instant::now())
-    }
 }
 
 impl PresenceTable {
@@ -849,60 +594,16 @@ impl PresenceTable {
     pub(crate) fn listing_reads(&self) -> u64 {
         self.online_slots.reads.get()
     }
-
-    /// Checks that the indexes agree; panics with a message if not.
-    /// For tests: it walks every device.
-    pub fn assert_invariants(&self) {
-        let mut valid = std::collections::HashMap::new();
-        for Reverse((filed, i, generation)) in self.expiry.iter() {
-            let slot = &self.slots[*i as usize];
-            if !slot.is_free() && slot.online && slot.generation == *generation {
-                assert!(valid.insert(*i, *filed).is_none(), "slot {i} filed twice under one generation");
-            }
-        }
-        let (mut online, mut known) = (0, 0);
-        for (i, slot) in self.slots.iter().enumerate() {
-            if slot.is_free() {
-                assert!(self.free_slots.contains(&(i as u32)), "free slot {i} not listed");
-                continue;
-            }
-            known += 1;
-            let id = Self::id_of(slot, &self.long_ids);
-            assert_eq!(self.find(id.as_bytes()), Some(i), "index disagrees on {id}");
-            let in_offline = self.offline.contains(&(slot.last_seen, i as u32));
-            assert_eq!(!slot.online, in_offline, "offline index disagrees on {id}");
-            assert_eq!(slot.online, self.online_slots.contains(i), "online bitmap disagrees on {id}");
-            assert_eq!(!slot.online, self.offline_slots.contains(i), "offline bitmap disagrees on {id}");
-            assert!(self.held_slots.contains(i), "held bitmap misses {id}");
-            if slot.online {
-                online += 1;
-                let filed = valid.get(&(i as u32)).unwrap_or_else(|| panic!("{id} is online but not filed"));
-                assert!(*filed <= slot.deadline(), "{id} is filed after its deadline");
-            }
-        }
-        assert_eq!((online, known), (self.online, self.known), "counts disagree");
-        assert_eq!(self.offline.len(), known - online, "offline index size");
-        assert_eq!(self.online_slots.len(), online, "online bitmap size");
-        assert_eq!(self.offline_slots.len(), known - online, "offline bitmap size");
-        assert_eq!(self.held_slots.len(), known, "held bitmap size");
-        assert_eq!(self.index.len(), known, "index size");
-        assert!(known <= self.max_devices, "over capacity");
-    }
-}
-
-/// Checks a heartbeat's or leave's signature state and (boot, seq) against
-/// `slot`. Returns whether the frame starts a fresh replay window: the first
-/// signed frame of a device known only from unsigned ones.
-fn check_frame(slot: &Slot, signed: bool, boot: u32, seq: u32) -> Result<bool, Refusal> {
-    match (slot.flags & SIGNED != 0, signed) {
-        (true, false) => Err(Refusal::Unsigned),
-        (false, true) => Ok(true),
-        _ if slot.window.is_new(boot, seq) => Ok(false),
-        _ => Err(Refusal::Replay),
-    }
 }
 
 mod index;
+mod invariants;
 mod levels;
+mod slot;
+mod window;
+
+pub use slot::Entry;
+use slot::{INLINE_ID, LEFT, LONG_ID, SIGNED, Slot, SlotId, check_frame, whole_millis};
+pub use window::{REPLAY_WINDOW, ReplayWindow};
 #[cfg(test)]
 mod tests;
