@@ -77,7 +77,7 @@ pub fn encode_signed(message: &Message<'_>, key: &Key, buf: &mut [u8]) -> Result
             let sent_unix_ms = m.tag.map_or(0, |t| t.sent_unix_ms);
             m.tag = Some(wire::QueryTag { sent_unix_ms, tag: [0; TAG_LEN] });
         }
-        Message::Status(_) | Message::Ack(_) | Message::Error(_) => return Err(wire::Error::Malformed),
+        Message::Status(_) | Message::Ack(_) | Message::Error(_) => return Err(wire::Error::NotSignable),
     }
     let len = wire::encode(&message, buf)?;
     // The tag is the frame's last field, so it is its last TAG_LEN bytes.
@@ -107,7 +107,7 @@ mod tests {
     const MASTER: Key = [0x42; KEY_LEN];
 
     fn hex(bytes: &[u8]) -> String {
-        bytes.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::encode(bytes)
     }
 
     #[test]

@@ -64,26 +64,48 @@ pub enum KeyFileError {
         /// The file.
         path: String,
         /// What is wrong.
-        why: String,
+        why: ParseError,
     },
 }
 
+/// Why a key file's content, or a hex key, is not a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// Only blank lines and comments.
+    #[error("no key in the file")]
+    NoKey,
+    /// A bare hex key, without `master`, `operator` or `device` before it.
+    #[error(
+        "the key's kind is missing: write `master`, `operator` or `device` and a space before the hex (a device key is followed by its id)"
+    )]
+    KindMissing,
+    /// The line is not `KIND HEX [ID]`.
+    #[error("expected a line `KIND HEX [ID]` (KIND: master, operator or device)")]
+    NotAKeyLine,
+    /// A kind other than the three.
+    #[error("unknown key kind '{0}' (master, operator or device)")]
+    UnknownKind(String),
+    /// The key is not 64 hex digits.
+    #[error("a key is {} hex digits", KEY_LEN * 2)]
+    BadHex,
+    /// A device key without its id.
+    #[error("a device key line ends with the device id")]
+    DeviceWithoutId,
+    /// Something after a master or operator key.
+    #[error("a {0} key line holds only `{0}` and the key; something follows the key")]
+    TrailingText(&'static str),
+}
+
 /// Parses 64 hex digits into a key.
-pub fn parse_hex_key(hex: &str) -> Result<Key, String> {
-    let hex = hex.trim();
-    if hex.len() != KEY_LEN * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("a key is {} hex digits", KEY_LEN * 2));
-    }
-    let mut key = [0u8; KEY_LEN];
-    for (i, byte) in key.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-    }
-    Ok(key)
+pub fn parse_hex_key(hex: &str) -> Result<Key, ParseError> {
+    let bytes = crate::hex::decode(hex.trim()).map_err(|_| ParseError::BadHex)?;
+    Key::try_from(bytes.as_slice()).map_err(|_| ParseError::BadHex)
 }
 
 /// Lowercase hex of a key.
 pub fn to_hex(key: &Key) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(key)
 }
 
 impl KeyFile {
@@ -106,36 +128,30 @@ impl KeyFile {
     }
 
     /// Parses the content of a key file.
-    pub fn parse(content: &str) -> Result<KeyFile, String> {
+    pub fn parse(content: &str) -> Result<KeyFile, ParseError> {
         let line = content
             .lines()
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
-            .ok_or("no key in the file")?;
+            .ok_or(ParseError::NoKey)?;
         let mut words = line.splitn(3, ' ');
         let first = words.next().unwrap_or_default();
         let Some(hex) = words.next() else {
             if parse_hex_key(first).is_ok() {
-                return Err("the key's kind is missing: write `master`, `operator` or `device` and a space \
-                     before the hex (a device key is followed by its id)"
-                    .into());
+                return Err(ParseError::KindMissing);
             }
-            return Err("expected a line `KIND HEX [ID]` (KIND: master, operator or device)".into());
+            return Err(ParseError::NotAKeyLine);
         };
-        if !matches!(first, "master" | "operator" | "device") {
-            return Err(format!("unknown key kind '{first}' (master, operator or device)"));
-        }
-        let key = parse_hex_key(hex)?;
+        let key = |hex| parse_hex_key(hex);
         let rest = words.next().map(str::trim).filter(|rest| !rest.is_empty());
         match (first, rest) {
-            ("master", None) => Ok(KeyFile::Master(key)),
-            ("operator", None) => Ok(KeyFile::Operator(key)),
-            ("device", Some(id)) => Ok(KeyFile::Device(key, id.to_string())),
-            ("device", None) => Err("a device key line ends with the device id".into()),
-            (kind, Some(_)) => {
-                Err(format!("a {kind} key line holds only `{kind}` and the key; something follows the key"))
-            }
-            _ => Err(format!("unknown key kind '{first}'")),
+            ("master", None) => Ok(KeyFile::Master(key(hex)?)),
+            ("operator", None) => Ok(KeyFile::Operator(key(hex)?)),
+            ("device", Some(id)) => Ok(KeyFile::Device(key(hex)?, id.to_string())),
+            ("device", None) => Err(ParseError::DeviceWithoutId),
+            ("master", Some(_)) => Err(ParseError::TrailingText("master")),
+            ("operator", Some(_)) => Err(ParseError::TrailingText("operator")),
+            (other, _) => Err(ParseError::UnknownKind(other.to_string())),
         }
     }
 
@@ -233,12 +249,14 @@ mod tests {
     #[test]
     fn a_bare_key_must_say_its_kind() {
         let why = KeyFile::parse(&"ab".repeat(32)).unwrap_err();
+        assert_eq!(why, ParseError::KindMissing);
+        let why = why.to_string();
         assert!(why.contains("kind is missing") && why.contains("master"), "{why}");
     }
 
     #[test]
     fn trailing_text_after_a_master_key_is_named_as_such() {
-        let why = KeyFile::parse(&format!("master {} extra", "ab".repeat(32))).unwrap_err();
+        let why = KeyFile::parse(&format!("master {} extra", "ab".repeat(32))).unwrap_err().to_string();
         assert!(why.contains("something follows the key"), "{why}");
         assert!(!why.contains("unknown key kind"), "{why}");
         assert!(KeyFile::parse(&format!("master {}  ", "ab".repeat(32))).is_ok(), "trailing spaces are fine");

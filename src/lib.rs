@@ -51,6 +51,8 @@ pub mod auth;
 #[cfg(feature = "std")]
 pub mod client;
 #[cfg(feature = "std")]
+pub mod hex;
+#[cfg(feature = "std")]
 pub mod keyfile;
 #[cfg(feature = "std")]
 pub mod limit;

@@ -23,8 +23,9 @@ pub enum Route {
     Shard(usize),
     /// A summary: any shard answers, adding the others' totals.
     Summary,
-    /// Anything else (garbage, replies, first list pages): the receiving
-    /// shard handles it. Garbage is counted and dropped there.
+    /// Anything else (garbage, replies, a cursor of no shard): the receiving
+    /// shard handles it. Garbage is counted and dropped there. (A first list
+    /// page goes to shard 0, as `Shard(0)`.)
     Local,
 }
 

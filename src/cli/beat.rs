@@ -13,14 +13,6 @@ use super::args::BeatArgs;
 use super::render::fmt_ms;
 use crate::{on_signal, resolve};
 
-pub(crate) fn parse_hex(s: &str) -> Result<Vec<u8>> {
-    let s = s.trim();
-    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("--payload-hex must be an even number of hex digits");
-    }
-    Ok((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0)).collect())
-}
-
 pub(crate) fn beat(args: BeatArgs) -> Result<ExitCode> {
     let server = resolve(&args.server)?;
     let boot = match args.boot {
@@ -61,7 +53,9 @@ pub(crate) fn beat(args: BeatArgs) -> Result<ExitCode> {
     }
     let payload = match (&args.payload, &args.payload_hex) {
         (Some(text), _) => text.clone().into_bytes(),
-        (None, Some(hex)) => parse_hex(hex)?,
+        (None, Some(hex)) => {
+            presence::hex::decode(hex.trim()).context("--payload-hex must be hex digits, two per byte")?
+        }
         (None, None) => Vec::new(),
     };
     sender.set_payload(&payload).context("invalid payload")?;

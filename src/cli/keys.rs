@@ -26,9 +26,7 @@ pub(crate) fn derive_key(args: DeriveKeyArgs) -> Result<ExitCode> {
     };
     let file = match &args.id {
         Some(id) => {
-            if id.is_empty() || id.len() > presence::wire::MAX_ID_LEN {
-                bail!("--id must be 1 to {} bytes", presence::wire::MAX_ID_LEN);
-            }
+            presence::wire::check_id(id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;
             KeyFile::Device(auth::device_key(&master, id), id.clone())
         }
         None => KeyFile::Operator(auth::operator_key(&master)),

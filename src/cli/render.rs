@@ -44,12 +44,10 @@ pub(crate) fn write_summary(out: &mut impl Write, server: SocketAddr, s: &Summar
 }
 
 pub(crate) fn payload_text(report: &DeviceReport) -> String {
-    let payload = report.payload();
-    match std::str::from_utf8(&payload) {
-        Ok(text) if !text.chars().any(char::is_control) => {
-            format!("{text:?} (hex {})", report.payload_hex)
-        }
-        _ => format!("hex {}", report.payload_hex),
+    let hex = presence::hex::encode(&report.payload);
+    match std::str::from_utf8(&report.payload) {
+        Ok(text) if !text.chars().any(char::is_control) => format!("{text:?} (hex {hex})"),
+        _ => format!("hex {hex}"),
     }
 }
 
@@ -80,7 +78,7 @@ pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result
         if r.interval_ms == 0 { "none declared".to_string() } else { fmt_ms(r.interval_ms.into()) };
     writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.ttl_ms.into()))?;
     writeln!(out, "  boot {}  seq {}  heartbeats {}  flaps {}", r.boot, r.seq, r.heartbeats, r.flaps)?;
-    if !r.payload_hex.is_empty() {
+    if !r.payload.is_empty() {
         writeln!(out, "  payload     {}", payload_text(r))?;
     }
     Ok(())

@@ -101,7 +101,7 @@ pub(crate) fn unknown_device_json(device: &str) -> serde_json::Value {
         seq: 0,
         heartbeats: 0,
         flaps: 0,
-        payload_hex: String::new(),
+        payload: Vec::new(),
     });
     let mut object = match keys {
         Ok(serde_json::Value::Object(object)) => object,

@@ -44,18 +44,9 @@ pub struct DeviceReport {
     pub heartbeats: u64,
     /// Times it went offline.
     pub flaps: u32,
-    /// Payload of its last heartbeat, as lowercase hex.
-    pub payload_hex: String,
-}
-
-impl DeviceReport {
-    /// The payload bytes.
-    pub fn payload(&self) -> Vec<u8> {
-        (0..self.payload_hex.len())
-            .step_by(2)
-            .filter_map(|i| u8::from_str_radix(&self.payload_hex[i..i + 2], 16).ok())
-            .collect()
-    }
+    /// Payload of its last heartbeat (in JSON: `payload_hex`, lowercase hex).
+    #[serde(rename = "payload_hex", serialize_with = "crate::hex::serialize")]
+    pub payload: Vec<u8>,
 }
 
 impl From<&DeviceInfo<'_>> for DeviceReport {
@@ -83,7 +74,7 @@ impl From<&DeviceInfo<'_>> for DeviceReport {
             seq: info.seq,
             heartbeats: info.heartbeats,
             flaps: info.flaps,
-            payload_hex: info.payload.iter().map(|b| format!("{b:02x}")).collect(),
+            payload: info.payload.to_vec(),
         }
     }
 }

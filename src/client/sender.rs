@@ -103,9 +103,7 @@ impl Sender {
     /// A sender for `device`, declaring `interval` (zero = none), with boot
     /// epoch `boot`. Fails if the id is not 1..=64 bytes.
     pub fn new(server: SocketAddr, device: &str, interval: Duration, boot: u32) -> Result<Self, ClientError> {
-        if device.is_empty() || device.len() > wire::MAX_ID_LEN {
-            return Err(wire::Error::BadDeviceId.into());
-        }
+        wire::check_id(device)?;
         Ok(Sender {
             socket: connect(server)?,
             device: device.to_owned(),

@@ -54,9 +54,41 @@ pub fn run(
     tracker: Tracker,
     stop: &Stop,
     sinks: Vec<Box<dyn Sink>>,
-) -> io::Result<Tracker> {
+) -> Result<Tracker, ServerError> {
     let finished = run_sharded(std::slice::from_ref(socket), vec![tracker], stop, sinks)?;
-    finished.trackers.into_iter().next().ok_or_else(|| io::Error::other("no engine came back"))
+    finished.trackers.into_iter().next().ok_or(ServerError::Engines { sockets: 1, engines: 0 })
+}
+
+/// Why the server's loops could not run or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A system call of the loop failed (timer, epoll, a thread).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The engines do not match the sockets: engine i must be shard i of as
+    /// many as there are sockets.
+    #[error(
+        "{engines} engines for {sockets} sockets: engine i must be shard i of as many as there are sockets"
+    )]
+    Engines {
+        /// Sockets given.
+        sockets: usize,
+        /// Engines given.
+        engines: usize,
+    },
+    /// A thread of the server panicked.
+    #[error("the {0} thread panicked")]
+    Panicked(&'static str),
+}
+
+impl From<ServerError> for io::Error {
+    fn from(error: ServerError) -> Self {
+        match error {
+            ServerError::Io(io) => io,
+            other => io::Error::other(other),
+        }
+    }
 }
 
 /// What [`run_sharded`] returns once stopped.
@@ -85,17 +117,14 @@ pub fn run_sharded(
     trackers: Vec<Tracker>,
     stop: &Stop,
     sinks: Vec<Box<dyn Sink>>,
-) -> io::Result<Finished> {
+) -> Result<Finished, ServerError> {
     let shards = sockets.len();
     let numbered = trackers
         .iter()
         .enumerate()
         .all(|(k, tracker)| tracker.shard() == ShardPosition { index: k, count: shards });
     if shards == 0 || trackers.len() != shards || !numbered {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "one engine per socket is needed, engine i being shard i of as many as there are sockets",
-        ));
+        return Err(ServerError::Engines { sockets: shards, engines: trackers.len() });
     }
     let (outbox, publisher) = publish::start(sinks)?;
     let shared = Shared::new(sockets.len(), outbox, stop)?;
@@ -103,7 +132,7 @@ pub fn run_sharded(
         shared.stats[k].store(&tracker.totals());
     }
     let mut trackers = trackers.into_iter();
-    let first = trackers.next().ok_or_else(|| io::Error::other("no engine"))?;
+    let first = trackers.next().ok_or(ServerError::Engines { sockets: shards, engines: 0 })?;
     let result = std::thread::scope(|scope| {
         let mut others = Vec::new();
         for (k, (socket, tracker)) in (1..).zip(sockets[1..].iter().zip(trackers)) {
@@ -115,21 +144,21 @@ pub fn run_sharded(
                 Ok(thread) => others.push(thread),
                 Err(e) => {
                     stop.stop();
-                    return Err(e);
+                    return Err(ServerError::Io(e));
                 }
             }
         }
         let mut results = vec![worker(&shared, 0, &sockets[0], first)];
         for thread in others {
-            results.push(thread.join().unwrap_or_else(|_| Err(io::Error::other("a server thread panicked"))));
+            results.push(thread.join().unwrap_or(Err(ServerError::Panicked("receive"))));
         }
-        results.into_iter().collect::<io::Result<Vec<Tracker>>>()
+        results.into_iter().collect::<Result<Vec<Tracker>, ServerError>>()
     });
     // Every loop is done: closing the queue lets the publisher finish what
     // is queued and return.
     let handed_over = shared.handed_over.load(Ordering::Relaxed);
     let lost = shared.into_outbox().close();
-    drop(publisher.join().map_err(|_| io::Error::other("the publisher thread panicked"))?);
+    drop(publisher.join().map_err(|_| ServerError::Panicked("publisher"))?);
     let trackers = result?;
     Ok(Finished { trackers, handed_over, events_lost: lost.total() })
 }

@@ -24,13 +24,13 @@ pub(super) fn worker(
     me: usize,
     socket: &UdpSocket,
     mut tracker: Tracker,
-) -> io::Result<Tracker> {
+) -> Result<Tracker, super::ServerError> {
     let result = serve(shared, me, socket, &mut tracker);
     if result.is_err() {
         // The other loops must not go on without this shard.
         shared.stop.stop();
     }
-    result.map(|()| tracker)
+    result.map(|()| tracker).map_err(super::ServerError::Io)
 }
 
 fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Tracker) -> io::Result<()> {

@@ -584,11 +584,6 @@ impl PresenceTable {
         self.slots.len()
     }
 
-    /// The most devices the table holds.
-    pub fn max_devices(&self) -> usize {
-        self.max_devices
-    }
-
     /// Words of the online bitmap read by listings so far.
     #[cfg(test)]
     pub(crate) fn listing_reads(&self) -> u64 {

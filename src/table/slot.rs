@@ -45,11 +45,7 @@ impl From<SocketAddr> for PackedAddr {
 
 impl From<PackedAddr> for SocketAddr {
     fn from(addr: PackedAddr) -> Self {
-        let ip = Ipv6Addr::from(addr.ip);
-        match ip.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::from((v4, addr.port)),
-            None => SocketAddr::from((ip, addr.port)),
-        }
+        crate::wire::canonical(SocketAddr::from((Ipv6Addr::from(addr.ip), addr.port)))
     }
 }
 

@@ -93,6 +93,10 @@ pub struct Config {
     pub max_query_sources: usize,
 }
 
+/// The sources that may query without the operator key by default. Parsed
+/// with `filter_map`, so a typo here would allow less, never everything.
+const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -103,10 +107,7 @@ impl Default for Config {
             auth: AuthMode::Off,
             keys: None,
             max_devices: 1_000_000,
-            query_allow: vec![
-                "127.0.0.0/8".parse().unwrap_or_default(),
-                "::1/128".parse().unwrap_or_default(),
-            ],
+            query_allow: LOOPBACK.iter().filter_map(|net| net.parse().ok()).collect(),
             query_rate: 20,
             query_burst: 40,
             max_query_sources: 4096,

@@ -132,11 +132,6 @@ impl Tracker {
         }
     }
 
-    /// The rules in force.
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     /// The table, for inspection.
     pub fn table(&self) -> &PresenceTable {
         &self.table

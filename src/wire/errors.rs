@@ -8,6 +8,7 @@ use super::{MAX_DATAGRAM, MAX_ID_LEN, MAX_PAYLOAD_LEN};
 /// Why a frame could not be encoded or decoded. Small and `Copy`, so it costs
 /// nothing on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Error {
     /// The datagram ended before the frame did (this includes empty datagrams).
     Truncated,
@@ -30,6 +31,8 @@ pub enum Error {
     IdControlChar,
     /// Encoding only: the caller's buffer cannot hold the frame.
     BufferTooSmall,
+    /// Signing only: this kind of message carries no tag (replies are not signed).
+    NotSignable,
 }
 
 impl fmt::Display for Error {
@@ -45,6 +48,7 @@ impl fmt::Display for Error {
             Error::PayloadTooLong => write!(f, "payload longer than {MAX_PAYLOAD_LEN} bytes"),
             Error::IdControlChar => f.write_str("device id holds a control character"),
             Error::BufferTooSmall => f.write_str("buffer too small for the frame"),
+            Error::NotSignable => f.write_str("this kind of message carries no tag"),
         }
     }
 }
@@ -66,6 +70,7 @@ impl From<postcard::Error> for Error {
 /// [`Summary::counters`], so they are part of the protocol and never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u16)]
+#[non_exhaustive]
 pub enum DropReason {
     /// See [`Error::Truncated`].
     Truncated = 1,
@@ -170,6 +175,8 @@ impl From<Error> for DropReason {
     fn from(e: Error) -> Self {
         match e {
             Error::Truncated | Error::BufferTooSmall => DropReason::Truncated,
+            // Never met while decoding; a frame that would need it is malformed.
+            Error::NotSignable => DropReason::Malformed,
             Error::Oversized => DropReason::Oversized,
             Error::UnsupportedVersion(_) => DropReason::UnsupportedVersion,
             Error::UnknownKind => DropReason::UnknownKind,

@@ -285,16 +285,21 @@ pub enum Addr {
     V6([u8; 16], u16),
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, as a
+/// dual-stack socket sees IPv4 peers) as the IPv4 address it is. The one
+/// place this normalisation is written; the rest of the crate calls it (or
+/// `IpAddr::to_canonical`, which it uses).
+#[cfg(feature = "std")]
+pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 #[cfg(feature = "std")]
 impl From<std::net::SocketAddr> for Addr {
     fn from(a: std::net::SocketAddr) -> Self {
-        match a {
+        match canonical(a) {
             std::net::SocketAddr::V4(a) => Addr::V4(a.ip().octets(), a.port()),
-            // A dual-stack socket sees IPv4 peers as ::ffff:a.b.c.d; report them as IPv4.
-            std::net::SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-                Some(v4) => Addr::V4(v4.octets(), a.port()),
-                None => Addr::V6(a.ip().octets(), a.port()),
-            },
+            std::net::SocketAddr::V6(a) => Addr::V6(a.ip().octets(), a.port()),
         }
     }
 }

@@ -44,7 +44,10 @@ pub use records::{RecordIter, RecordWriter, Records};
 
 use fast::decode_heartbeat_fast;
 
-fn check_id(id: &str) -> Result<(), Error> {
+/// Checks a device id as every frame's decoder does: 1 to [`MAX_ID_LEN`]
+/// bytes, no control characters. Clients and tools call it too, so the
+/// rule is written once.
+pub fn check_id(id: &str) -> Result<(), Error> {
     if id.is_empty() || id.len() > MAX_ID_LEN {
         return Err(Error::BadDeviceId);
     }

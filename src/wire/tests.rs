@@ -2,7 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    crate::hex::decode(s).unwrap()
 }
 
 fn encoded(message: &Message<'_>) -> Vec<u8> {
@@ -44,7 +44,7 @@ fn check_vector(message: Message<'_>, vector: &str) {
 const PROTOCOL_MD: &str = include_str!("../../PROTOCOL.md");
 
 fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(bytes)
 }
 
 // These hex strings are the ones in PROTOCOL.md. They were derived from the
