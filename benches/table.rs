@@ -9,11 +9,12 @@
 //! - `full_scan`: a `HashMap` swept by scanning every entry (the periodic
 //!   scanner), for the expiry benchmarks.
 
+use presence::time::Instant;
 use std::collections::{BTreeSet, HashMap};
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use presence::table::{Beat, PresenceTable};
 
@@ -66,7 +67,7 @@ fn filled_table(ids: &[Arc<str>], t0: Instant) -> PresenceTable {
 fn beat_presence_table(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
     let order = shuffled(n);
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = filled_table(&ids, t0);
     let mut i = 0usize;
     bencher.bench_local(|| {
@@ -83,7 +84,7 @@ fn beat_presence_table(bencher: divan::Bencher, n: usize) {
 fn beat_hashmap_only(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
     let order = shuffled(n);
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut map: HashMap<Arc<str>, (Instant, u32)> = ids.iter().map(|id| (id.clone(), (t0, 1))).collect();
     let mut i = 0usize;
     bencher.bench_local(|| {
@@ -101,7 +102,7 @@ fn beat_hashmap_only(bencher: divan::Bencher, n: usize) {
 fn beat_eager_tree(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
     let order = shuffled(n);
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut map: HashMap<Arc<str>, Instant> = ids.iter().map(|id| (id.clone(), t0 + TTL)).collect();
     let mut tree: BTreeSet<(Instant, Arc<str>)> = ids.iter().map(|id| (t0 + TTL, id.clone())).collect();
     let mut i = 0usize;
@@ -121,7 +122,7 @@ fn beat_eager_tree(bencher: divan::Bencher, n: usize) {
 #[divan::bench(args = SIZES)]
 fn lookup(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
-    let table = filled_table(&ids, Instant::now());
+    let table = filled_table(&ids, Instant::from_micros(1 << 40));
     let mut i = 0usize;
     bencher.bench_local(|| {
         i = (i + 7919) % n;
@@ -133,7 +134,7 @@ fn lookup(bencher: divan::Bencher, n: usize) {
 #[divan::bench(args = SIZES)]
 fn list_page(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
-    let table = filled_table(&ids, Instant::now());
+    let table = filled_table(&ids, Instant::from_micros(1 << 40));
     bencher.bench_local(|| table.online_from(black_box(n / 2)).take(20).count());
 }
 
@@ -141,7 +142,7 @@ fn list_page(bencher: divan::Bencher, n: usize) {
 #[divan::bench(args = SIZES, sample_count = 10, sample_size = 1)]
 fn expire_1000_presence_table(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     bencher
         .with_inputs(|| {
             let mut table = PresenceTable::new(usize::MAX, t0);
@@ -163,7 +164,7 @@ fn expire_1000_presence_table(bencher: divan::Bencher, n: usize) {
 #[divan::bench(args = SIZES, sample_count = 10, sample_size = 1)]
 fn expire_1000_full_scan(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     bencher
         .with_inputs(|| {
             ids.iter()
@@ -189,7 +190,7 @@ fn expire_1000_full_scan(bencher: divan::Bencher, n: usize) {
 #[divan::bench(args = SIZES)]
 fn expire_none_presence_table(bencher: divan::Bencher, n: usize) {
     let ids = ids(n);
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = filled_table(&ids, t0);
     bencher.bench_local(|| table.expire(black_box(t0), |_, _| {}));
 }

@@ -51,6 +51,13 @@ use presence::wire::{self, Heartbeat, Message, QueryKind, Status, StatusBody};
 
 const MASTER: auth::Key = [0x5a; 32];
 
+/// The one mapping from the real clock to engine time for every tracker and
+/// server loop of this process.
+fn clock() -> presence::time::Clock {
+    static CLOCK: std::sync::OnceLock<presence::time::Clock> = std::sync::OnceLock::new();
+    *CLOCK.get_or_init(presence::time::Clock::start)
+}
+
 /// Sizes for a full or a quick run.
 struct Plan {
     /// Datagrams queued per drain measurement.
@@ -291,8 +298,9 @@ fn listing_rate(n: usize) -> std::io::Result<(usize, f64)> {
     let stop = Stop::new();
     let loop_stop = stop.clone();
     let socket = bound.socket;
-    let server =
-        std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, Vec::new()).map(|_| ()));
+    let server = std::thread::spawn(move || {
+        server::run(&socket, tracker, clock(), &loop_stop, Vec::new()).map(|_| ())
+    });
     let mut client = presence::client::Client::new(addr, Duration::from_secs(5))?;
     let started = Instant::now();
     let mut pages = 0;
@@ -335,7 +343,7 @@ fn echo_rate(round_trips: usize) -> std::io::Result<f64> {
 fn list_page_ns(held: usize) -> f64 {
     let mut tracker = populated(held.saturating_sub(10), AuthMode::Off, &[]);
     // Everyone populated so far expires; then 10 devices come online.
-    let later = Instant::now() + Duration::from_secs(7200);
+    let later = clock().now() + Duration::from_secs(7200);
     tracker.handle_timeout(later);
     while tracker.poll_event().is_some() {}
     let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -552,14 +560,14 @@ fn populated(n: usize, auth: AuthMode, payload: &[u8]) -> Tracker {
 /// `threads` tracker shards with `n` devices online (seq 1) between them.
 fn populated_shards(n: usize, auth: AuthMode, payload: &[u8], threads: usize) -> Vec<Tracker> {
     let mut shards =
-        Tracker::new_sharded(config(auth), threads, Instant::now(), SystemTime::now()).expect("valid config");
+        Tracker::new_sharded(config(auth), threads, clock().now(), SystemTime::now()).expect("valid config");
     let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
     for i in 0..n {
         let id = device_id(i);
         let key = (auth != AuthMode::Off).then(|| auth::device_key(&MASTER, &id));
         let tracker = &mut shards[shard::owner(id.as_bytes(), threads)];
-        tracker.handle(Instant::now(), from, &frame(&id, 1, payload, key.as_ref()), &mut reply);
+        tracker.handle(clock().now(), from, &frame(&id, 1, payload, key.as_ref()), &mut reply);
         while tracker.poll_event().is_some() {}
     }
     shards
@@ -602,8 +610,9 @@ fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::
         let before = heartbeats(&trackers);
         let started = Instant::now();
         let loop_stop = stop.clone();
-        let handle =
-            std::thread::spawn(move || server::run_sharded(&sockets, trackers, &loop_stop, Vec::new()));
+        let handle = std::thread::spawn(move || {
+            server::run_sharded(&sockets, trackers, clock(), &loop_stop, Vec::new())
+        });
         let mut reply = [0u8; wire::MAX_DATAGRAM];
         let elapsed = loop {
             client.send(&query[..len])?;
@@ -684,7 +693,7 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
     let addr = socket.local_addr()?;
     let mut tracker = Tracker::new(
         Config { min_ttl: Duration::from_millis(100), ..config(AuthMode::Off) },
-        Instant::now(),
+        clock().now(),
         SystemTime::now(),
     )
     .expect("valid config");
@@ -711,7 +720,7 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
         });
         let mut buf = [0u8; 64];
         let len = wire::encode(&hb, &mut buf).expect("valid");
-        tracker.handle(Instant::now(), from, &buf[..len], &mut reply);
+        tracker.handle(clock().now(), from, &buf[..len], &mut reply);
         while tracker.poll_event().is_some() {}
     }
     let lateness = Arc::new(Mutex::new(Vec::new()));
@@ -725,7 +734,8 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(observer)];
     let stop = Stop::new();
     let loop_stop = stop.clone();
-    let server = std::thread::spawn(move || server::run(&socket, tracker, &loop_stop, sinks).map(|_| ()));
+    let server =
+        std::thread::spawn(move || server::run(&socket, tracker, clock(), &loop_stop, sinks).map(|_| ()));
 
     // The steady devices beat at the offered rate.
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
@@ -836,7 +846,7 @@ fn fixed_rate(devices: Option<usize>, plan: &Plan) -> std::io::Result<FixedRate>
             let tracker = populated(n, AuthMode::Off, &[]);
             std::thread::spawn(move || -> std::io::Result<u64> {
                 let _ = tid_tx.send(rustix::thread::gettid().as_raw_nonzero().get());
-                let tracker = server::run(&socket, tracker, &loop_stop, Vec::new())?;
+                let tracker = server::run(&socket, tracker, clock(), &loop_stop, Vec::new())?;
                 Ok(tracker.counters().heartbeats() - n as u64)
             })
         }

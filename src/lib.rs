@@ -64,6 +64,7 @@ pub mod shard;
 pub mod sink;
 #[cfg(feature = "std")]
 pub mod table;
+pub mod time;
 #[cfg(feature = "std")]
 pub mod tracker;
 pub mod wire;

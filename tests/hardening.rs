@@ -15,6 +15,7 @@ use presence::client::Client;
 use presence::keyfile::KeyFile;
 use presence::server::{self, Stop};
 use presence::sink::JsonLines;
+use presence::time::Clock;
 use presence::tracker::{Config, Tracker};
 use presence::wire::{Heartbeat, Message};
 
@@ -98,7 +99,11 @@ fn item9_transitions_are_not_logged_one_line_each() {
 fn item10_devices_past_their_deadline_go_offline_before_the_server_exits() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.jsonl");
-    let start = Instant::now().checked_sub(Duration::from_secs(10)).expect("a clock 10 s past its origin");
+    // Engine time zero was 10 s ago.
+    let ten_seconds_ago =
+        Instant::now().checked_sub(Duration::from_secs(10)).expect("a clock 10 s past its origin");
+    let clock = Clock::from_origin(ten_seconds_ago);
+    let start = presence::time::Instant::ZERO;
     let mut tracker = Tracker::new(Config::default(), start, SystemTime::now()).unwrap();
     let mut reply = [0u8; 1200];
     // A heartbeat 10 s ago with a 3 s TTL: due 7 s ago, and the loop has not run since.
@@ -116,7 +121,7 @@ fn item10_devices_past_their_deadline_go_offline_before_the_server_exits() {
     let stop = Stop::new();
     stop.stop();
     let events = JsonLines::to_file(&path).unwrap();
-    let tracker = server::run(&socket, tracker, &stop, vec![Box::new(events)]).unwrap();
+    let tracker = server::run(&socket, tracker, clock, &stop, vec![Box::new(events)]).unwrap();
     let lines = std::fs::read_to_string(&path).unwrap();
     let events: Vec<serde_json::Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.len(), 2, "{lines}");

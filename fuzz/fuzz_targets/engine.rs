@@ -9,7 +9,8 @@
 #![no_main]
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use presence::time::Instant;
+use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
 use presence::auth;
@@ -45,7 +46,7 @@ fuzz_target!(|data: &[u8]| {
         query_allow: if mode & 0x80 == 0 { Config::default().query_allow } else { Vec::new() },
         ..Config::default()
     };
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut now = t0;
     let mut tracker = Tracker::new(config, t0, UNIX_EPOCH).unwrap();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];

@@ -2,12 +2,13 @@
 
 use std::io::{self, BufWriter};
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
 use presence::server::{self, Stop};
 use presence::sink::{JsonLines, Sink};
+use presence::time::Clock;
 use presence::tracker::{AuthMode, Config, ConfigError, Keys, Totals, Tracker};
 
 use super::args::ServeArgs;
@@ -117,9 +118,11 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stop = Stop::new();
     let signal_stop = stop.clone();
     on_signal(move || signal_stop.stop())?;
-    let trackers = Tracker::new_sharded(config, group.len(), Instant::now(), SystemTime::now())?;
+    let clock = Clock::start();
+    let trackers = Tracker::new_sharded(config, group.len(), clock.now(), SystemTime::now())?;
     let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
-    let finished = server::run_sharded(&sockets, trackers, &stop, sinks).context("server loop failed")?;
+    let finished =
+        server::run_sharded(&sockets, trackers, clock, &stop, sinks).context("server loop failed")?;
     let mut totals = Totals::default();
     for tracker in &finished.trackers {
         totals.add(&tracker.totals());

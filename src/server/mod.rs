@@ -23,6 +23,7 @@ use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
 
 use crate::sink::Sink;
+use crate::time::Clock;
 use crate::tracker::{ShardPosition, Tracker};
 
 mod batch;
@@ -43,8 +44,10 @@ use run::worker;
 use shared::Shared;
 
 /// Runs the loop on `socket` until `stop` is requested, with its
-/// transitions going to `sinks`. Returns the engine once every transition
-/// has been published, so callers can read its final counters.
+/// transitions going to `sinks`. `clock` maps the real clock to the engine's
+/// time: the tracker must have been made with an instant of that clock
+/// (`clock.now()`). Returns the engine once every transition has been
+/// published, so callers can read its final counters.
 ///
 /// The socket is switched to non-blocking mode. Receive errors are logged
 /// and the loop goes on; only a failure of the timer or of epoll ends it with
@@ -52,10 +55,11 @@ use shared::Shared;
 pub fn run(
     socket: &UdpSocket,
     tracker: Tracker,
+    clock: Clock,
     stop: &Stop,
     sinks: Vec<Box<dyn Sink>>,
 ) -> Result<Tracker, ServerError> {
-    let finished = run_sharded(std::slice::from_ref(socket), vec![tracker], stop, sinks)?;
+    let finished = run_sharded(std::slice::from_ref(socket), vec![tracker], clock, stop, sinks)?;
     finished.trackers.into_iter().next().ok_or(ServerError::Engines { sockets: 1, engines: 0 })
 }
 
@@ -115,6 +119,7 @@ pub struct Finished {
 pub fn run_sharded(
     sockets: &[UdpSocket],
     trackers: Vec<Tracker>,
+    clock: Clock,
     stop: &Stop,
     sinks: Vec<Box<dyn Sink>>,
 ) -> Result<Finished, ServerError> {
@@ -127,7 +132,7 @@ pub fn run_sharded(
         return Err(ServerError::Engines { sockets: shards, engines: trackers.len() });
     }
     let (outbox, publisher) = publish::start(sinks)?;
-    let shared = Shared::new(sockets.len(), outbox, stop)?;
+    let shared = Shared::new(sockets.len(), outbox, stop, clock)?;
     for (k, tracker) in trackers.iter().enumerate() {
         shared.stats[k].store(&tracker.totals());
     }

@@ -1,10 +1,10 @@
 //! The run loop of one shard: wait, receive a batch, route and handle each
 //! datagram, expire what is due, publish the transitions.
 
+use crate::time::Instant;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::PoisonError;
-use std::time::Instant;
 
 use nix::sys::socket::MsgFlags;
 
@@ -55,7 +55,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
     let mut handed = Parcel::default();
     let stop = shared.stop;
     'run: while !stop.is_requested() {
-        let now = Instant::now();
+        let now = shared.clock.now();
         tracker.handle_timeout(now);
         publish(tracker, shared);
         if shards > 1 {
@@ -87,7 +87,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                 &mut *shared.inboxes[me].parcel.lock().unwrap_or_else(PoisonError::into_inner),
                 &mut handed,
             );
-            let now = Instant::now();
+            let now = shared.clock.now();
             for (from, datagram) in handed.iter() {
                 answer.handle(tracker, now, from, datagram, &Totals::NONE);
             }
@@ -106,7 +106,7 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
                     break;
                 }
             };
-            let now = Instant::now();
+            let now = shared.clock.now();
             for i in 0..received {
                 let (datagram, from) = batch.datagram(i);
                 let Some(from) = from else { continue };
@@ -133,11 +133,11 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
             }
         }
         publish(tracker, shared);
-        answer.warnings.maybe_warn(Instant::now(), tracker.counters(), &shared.handover_drops);
+        answer.warnings.maybe_warn(std::time::Instant::now(), tracker.counters(), &shared.handover_drops);
     }
     // Devices whose deadline passed while the loop was busy or stalled
     // still get their offline events before it exits.
-    tracker.handle_timeout(Instant::now());
+    tracker.handle_timeout(shared.clock.now());
     publish(tracker, shared);
     shared.stats[me].store(&tracker.totals());
     Ok(())

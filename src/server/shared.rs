@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use super::handover::{INBOX_LIMIT, Inbox, Parcel};
 use super::publish::Outbox;
 use super::stop::{Stop, Waker};
+use crate::time::Clock;
 use crate::tracker::{Count, Counters, Totals};
 
 /// What the loops of one [`run_sharded`](super::run_sharded) share.
@@ -19,6 +20,8 @@ pub(super) struct Shared<'a> {
     pub(super) outbox: Outbox,
     /// The stop signal.
     pub(super) stop: &'a Stop,
+    /// Reads the real clock as engine time (the engines' origin).
+    pub(super) clock: Clock,
     /// Datagrams dropped because a shard's inbox was full.
     pub(super) handover_drops: AtomicU64,
     /// Datagrams handed from one shard to another.
@@ -26,7 +29,7 @@ pub(super) struct Shared<'a> {
 }
 
 impl<'a> Shared<'a> {
-    pub(super) fn new(shards: usize, outbox: Outbox, stop: &'a Stop) -> std::io::Result<Self> {
+    pub(super) fn new(shards: usize, outbox: Outbox, stop: &'a Stop, clock: Clock) -> std::io::Result<Self> {
         let mut inboxes = Vec::with_capacity(shards);
         for _ in 0..shards {
             let waker = Arc::new(Waker::new()?);
@@ -38,6 +41,7 @@ impl<'a> Shared<'a> {
             stats: (0..shards).map(|_| ShardStats::default()).collect(),
             outbox,
             stop,
+            clock,
             handover_drops: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
         })

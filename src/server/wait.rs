@@ -2,9 +2,9 @@
 //! a Linux timerfd) or its waker, with epoll; or, while the next deadline is
 //! far, in the receive call itself under a socket read timeout.
 
+use crate::time::Instant;
 use std::io;
 use std::net::UdpSocket;
-use std::time::Instant;
 
 use rustix::fd::OwnedFd;
 

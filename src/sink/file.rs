@@ -229,7 +229,8 @@ mod tests {
 
     fn event(device: &str, kind: EventKind) -> Transition {
         let addr = "127.0.0.1:9".parse().unwrap();
-        let event = Event { device: device.into(), kind, at: Instant::now(), deadline: None, addr };
+        let event =
+            Event { device: device.into(), kind, at: crate::time::Instant::ZERO, deadline: None, addr };
         Transition { event, wall: SystemTime::now() }
     }
 

@@ -25,13 +25,14 @@
 //! Each device also carries a [`ReplayWindow`]: a heartbeat or leave is
 //! accepted only if its (boot, seq) is new.
 
-use std::cell::Cell;
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use index::SlotIndex;
 use levels::LevelSet;
@@ -124,8 +125,6 @@ pub struct PresenceTable {
     index: SlotIndex,
     /// Hashes ids for `index`; seeded per process.
     hasher: foldhash::fast::RandomState,
-    /// The last instant converted by `micros`, and the result.
-    last_now: Cell<Option<(Instant, u64)>>,
     /// Online devices by (filed deadline, slot, generation); may hold stale entries.
     expiry: BinaryHeap<Reverse<(u64, u32, u32)>>,
     /// Offline devices by (last seen, slot).
@@ -160,7 +159,6 @@ impl PresenceTable {
             free_payloads: Vec::new(),
             index: SlotIndex::default(),
             hasher: foldhash::fast::RandomState::default(),
-            last_now: Cell::new(None),
             expiry: BinaryHeap::new(),
             offline: BTreeSet::new(),
             online_slots: LevelSet::default(),
@@ -172,24 +170,13 @@ impl PresenceTable {
         }
     }
 
+    /// Microseconds since the table's epoch (an earlier `at` counts as the epoch).
     fn micros(&self, at: Instant) -> u64 {
-        // The server passes the same `now` for a whole batch of datagrams,
-        // and each is converted twice (expiry check, then the beat).
-        if let Some((last, micros)) = self.last_now.get() {
-            if last == at {
-                return micros;
-            }
-        }
-        // Not `as_micros()`: its u128 division costs more than the rest of a heartbeat's bookkeeping.
-        let since = at.saturating_duration_since(self.epoch);
-        let micros =
-            since.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(since.subsec_micros()));
-        self.last_now.set(Some((at, micros)));
-        micros
+        at.as_micros().saturating_sub(self.epoch.as_micros())
     }
 
     fn instant(&self, micros: u64) -> Instant {
-        self.epoch + Duration::from_micros(micros)
+        Instant::from_micros(self.epoch.as_micros().saturating_add(micros))
     }
 
     /// The id's bytes, without checking UTF-8 (for comparing and hashing).

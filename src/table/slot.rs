@@ -2,7 +2,9 @@
 //! that callers get ([`Entry`]).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use super::{OfflineReason, PresenceTable, Refusal, ReplayWindow};
 

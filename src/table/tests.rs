@@ -35,7 +35,7 @@ fn expired(table: &mut PresenceTable, now: Instant) -> Vec<String> {
 
 #[test]
 fn expires_at_the_deadline_and_not_before() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = PresenceTable::new(usize::MAX, t0);
     assert_eq!(table.beat(t0, "a", beat(100, 1)), Ok(true));
     assert_eq!(table.next_deadline(), Some(t0 + Duration::from_millis(100)));
@@ -49,7 +49,7 @@ fn expires_at_the_deadline_and_not_before() {
 
 #[test]
 fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = PresenceTable::new(usize::MAX, t0);
     assert_eq!(table.beat(t0, "a", beat(100, 1)), Ok(true));
     assert_eq!(table.beat(t0 + Duration::from_millis(50), "a", beat(100, 2)), Ok(false));
@@ -62,7 +62,7 @@ fn a_heartbeat_moves_the_deadline_and_keeps_the_device_once() {
 
 #[test]
 fn a_late_heartbeat_counts_but_moves_nothing_the_newest_set() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let ms = |n| t0 + Duration::from_millis(n);
     let mut table = PresenceTable::new(usize::MAX, t0);
     table.beat(t0, "a", beat(100, 1)).unwrap();
@@ -81,7 +81,7 @@ fn a_late_heartbeat_counts_but_moves_nothing_the_newest_set() {
 fn withheld_heartbeats_released_after_death_keep_nobody_alive() {
     // An on-path attacker holds back every odd heartbeat of a device that
     // then dies, and releases them one by one afterwards.
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let ms = |n| t0 + Duration::from_millis(n);
     let mut table = PresenceTable::new(usize::MAX, t0);
     for seq in (2..=40).step_by(2) {
@@ -105,7 +105,7 @@ fn withheld_heartbeats_released_after_death_keep_nobody_alive() {
 
 #[test]
 fn once_a_device_signs_unsigned_frames_for_it_are_refused() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = PresenceTable::new(usize::MAX, t0);
     let signed = |seq| Beat { signed: true, ..beat(100, seq) };
     assert_eq!(table.beat(t0, "a", signed(1)), Ok(true));
@@ -121,7 +121,7 @@ fn once_a_device_signs_unsigned_frames_for_it_are_refused() {
 
 #[test]
 fn the_first_signed_frame_resets_a_window_that_unsigned_frames_set() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = PresenceTable::new(usize::MAX, t0);
     // Before the device ever signed, someone sent an unsigned heartbeat with boot 2^32 - 1.
     assert_eq!(table.beat(t0, "a", Beat { boot: u32::MAX, ..beat(100, 1) }), Ok(true));
@@ -135,7 +135,7 @@ fn the_first_signed_frame_resets_a_window_that_unsigned_frames_set() {
 
 #[test]
 fn heartbeats_file_lazily_and_the_sweep_refiles() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let ms = |n| t0 + Duration::from_millis(n);
     let mut table = PresenceTable::new(usize::MAX, t0);
     table.beat(t0, "a", beat(100, 1)).unwrap();
@@ -152,7 +152,7 @@ fn heartbeats_file_lazily_and_the_sweep_refiles() {
 
 #[test]
 fn leave_takes_a_device_offline_once() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = PresenceTable::new(usize::MAX, t0);
     table.beat(t0, "a", beat(100, 1)).unwrap();
     assert!(table.leave("a", 1, 2, false).unwrap().is_some());
@@ -183,7 +183,7 @@ fn replay_window_accepts_each_pair_once() {
 
 #[test]
 fn a_full_table_forgets_the_longest_silent_offline_device() {
-    let t0 = Instant::now();
+    let t0 = Instant::from_micros(1 << 40);
     let mut table = PresenceTable::new(2, t0);
     table.beat(t0, "a", beat(100, 1)).unwrap();
     table.beat(t0 + Duration::from_millis(10), "b", beat(100, 1)).unwrap();
@@ -338,7 +338,7 @@ proptest! {
 
     #[test]
     fn table_matches_a_naive_model(max in 1usize..14, ops in proptest::collection::vec(op(), 1..200)) {
-        let t0 = Instant::now();
+        let t0 = Instant::from_micros(1 << 40);
         let mut now = t0;
         let mut table = PresenceTable::new(max, t0);
         let mut model = Model { max, ..Model::default() };

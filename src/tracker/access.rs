@@ -1,8 +1,8 @@
 //! Who may ask: the allow list, operator signatures with their time window
 //! and replay memory, and the rate limits shared by all shards.
 
+use crate::time::Instant;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
 
 use super::Tracker;
 use crate::auth;

@@ -1,7 +1,9 @@
 //! Heartbeats and leaves: authentication, the table, acks and transitions.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::time::Instant;
 
 use super::{AuthMode, Count, Event, EventKind, Handled, Tracker, millis_u32};
 use crate::auth;

@@ -19,7 +19,9 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::time::Instant;
 
 use crate::auth;
 use crate::limit::QueryGate;
@@ -161,7 +163,7 @@ impl Tracker {
     pub fn wall_time(&self, at: Instant) -> SystemTime {
         match at.checked_duration_since(self.started) {
             Some(after) => self.started_wall + after,
-            None => self.started_wall - self.started.duration_since(at),
+            None => self.started_wall - self.started.saturating_duration_since(at),
         }
     }
 

@@ -1,8 +1,8 @@
 //! What the engine reports: transitions ([`Event`]), what it counted
 //! ([`Counters`], [`Totals`]) and what it did with a datagram ([`Handled`]).
 
+use crate::time::Instant;
 use std::net::SocketAddr;
-use std::time::Instant;
 
 use crate::table::{DeviceId, OfflineReason};
 use crate::wire::DropReason;

@@ -2,7 +2,9 @@
 //! cost what they return.
 
 use std::net::SocketAddr;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::time::Instant;
 
 use super::{Count, Handled, ShardPosition, Totals, Tracker, error_reply, millis_u32, millis_u64};
 use crate::auth;

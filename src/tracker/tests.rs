@@ -22,7 +22,7 @@ pub(super) struct Sim {
 
 impl Sim {
     pub(super) fn new(config: Config) -> Self {
-        let t0 = Instant::now();
+        let t0 = Instant::from_micros(1 << 40);
         Sim {
             tracker: Tracker::new(config, t0, UNIX_EPOCH + Duration::from_millis(WALL0_MS)).unwrap(),
             t0,
@@ -144,7 +144,7 @@ fn offline_exactly_at_the_deadline_not_before() {
     sim.at(3000);
     assert_eq!(sim.timeout(), []);
     assert_eq!(sim.tracker.poll_timeout(), Some(deadline));
-    sim.now = deadline - Duration::from_nanos(1);
+    sim.now = deadline - Duration::from_micros(1); // the engine counts whole microseconds
     assert_eq!(sim.timeout(), []);
     assert!(sim.tracker.table().get("d").unwrap().is_online());
     sim.now = deadline;
