@@ -12,7 +12,6 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::auth::{self, KEY_LEN, Key};
@@ -160,10 +159,7 @@ impl KeyFile {
         let name = path.display().to_string();
         let io_error = |source| KeyFileError::Io { path: name.clone(), source };
         let meta = std::fs::metadata(path).map_err(io_error)?;
-        let mode = meta.mode() & 0o7777;
-        let own_group = meta.gid() == rustix::process::getegid().as_raw();
-        let group_read_only = mode & 0o070 == 0o040 && own_group;
-        if mode & 0o007 != 0 || (mode & 0o070 != 0 && !group_read_only) {
+        if let Some(mode) = too_open(&meta) {
             return Err(KeyFileError::TooOpen { path: name, mode });
         }
         let content = std::fs::read_to_string(path).map_err(io_error)?;
@@ -191,14 +187,12 @@ impl KeyFile {
     pub fn write_new(&self, path: &Path) -> Result<(), KeyFileError> {
         let name = path.display().to_string();
         if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty() && !dir.exists()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
+            private_dir(std::fs::DirBuilder::new().recursive(true))
                 .create(dir)
                 .map_err(|source| KeyFileError::Io { path: dir.display().to_string(), source })?;
         }
         let mut file =
-            OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|source| {
+            private_file(OpenOptions::new().write(true).create_new(true)).open(path).map_err(|source| {
                 if source.kind() == io::ErrorKind::AlreadyExists {
                     KeyFileError::Exists(name.clone())
                 } else {
@@ -218,6 +212,38 @@ impl KeyFile {
             KeyFile::Device(..) => None,
         }
     }
+}
+
+/// The permission bits of a key file that others may read or write, or its
+/// group write (group read is fine for the process's own group); `None`
+/// when the file is private enough. On non-unix systems modes are not
+/// checked (their ACLs are the operator's to set).
+#[cfg(unix)]
+fn too_open(meta: &std::fs::Metadata) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o7777;
+    let own_group = meta.gid() == rustix::process::getegid().as_raw();
+    let group_read_only = mode & 0o070 == 0o040 && own_group;
+    (mode & 0o007 != 0 || (mode & 0o070 != 0 && !group_read_only)).then_some(mode)
+}
+
+#[cfg(not(unix))]
+fn too_open(_: &std::fs::Metadata) -> Option<u32> {
+    None
+}
+
+/// Directories for keys and state are created readable by their owner only (0700 on unix).
+pub(crate) fn private_dir(builder: &mut std::fs::DirBuilder) -> &mut std::fs::DirBuilder {
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(builder, 0o700);
+    builder
+}
+
+/// Files for keys and state are created readable by their owner only (0600 on unix).
+pub(crate) fn private_file(options: &mut OpenOptions) -> &mut OpenOptions {
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(options, 0o600);
+    options
 }
 
 /// A new random master secret from the operating system.

@@ -48,23 +48,25 @@
 #![warn(missing_docs)]
 
 pub mod auth;
-#[cfg(feature = "std")]
+#[cfg(feature = "client")]
 pub mod client;
 #[cfg(feature = "std")]
 pub mod hex;
-#[cfg(feature = "std")]
+#[cfg(feature = "client")]
 pub mod keyfile;
-#[cfg(feature = "std")]
+#[cfg(feature = "engine")]
 pub mod limit;
-#[cfg(feature = "std")]
+#[cfg(feature = "server")]
 pub mod server;
-#[cfg(feature = "std")]
+#[cfg(feature = "engine")]
 pub mod shard;
-#[cfg(feature = "std")]
+#[cfg(feature = "server")]
 pub mod sink;
-#[cfg(feature = "std")]
+#[cfg(feature = "engine")]
 pub mod table;
-pub mod time;
 #[cfg(feature = "std")]
+pub mod text;
+pub mod time;
+#[cfg(feature = "engine")]
 pub mod tracker;
 pub mod wire;

@@ -43,18 +43,16 @@ impl BootCounter {
     /// The next boot: `max(last + 1, Unix seconds now)`, recorded before it is returned.
     pub fn next(&self) -> io::Result<u32> {
         use std::io::{Read, Seek, Write};
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            crate::keyfile::private_dir(std::fs::DirBuilder::new().recursive(true)).create(dir)?;
         }
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        let mut file = crate::keyfile::private_file(
+            std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false),
+        )
+        .open(&self.path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        // Concurrent runs take turns (unix; elsewhere the file is not locked).
+        #[cfg(unix)]
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
         let mut text = String::new();
         file.read_to_string(&mut text)?;

@@ -35,7 +35,7 @@ impl DropWarnings {
                 Ok(wire::Message::Query(wire::Query { kind: wire::QueryKind::Device(id), .. })) => Some(id),
                 _ => None,
             };
-            *slot = Some((from, device.map(|id| crate::client::printable(id).into_owned())));
+            *slot = Some((from, device.map(|id| crate::text::printable(id).into_owned())));
         }
     }
 
