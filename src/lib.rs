@@ -10,27 +10,29 @@
 //! - [`wire`] (`no_std`, no allocator): the v1 frame format, encoding into and
 //!   decoding from caller buffers. With [`auth`], all a device needs.
 //! - [`auth`] (`no_std`): key derivation and tags (keyed BLAKE3).
-//! - `table` (pure): [`table::PresenceTable`], devices indexed by id and
+//! - [`time`] (`no_std`): the engine's own `Instant`, and the `Clock` that
+//!   maps the real clock onto it at the edge.
+//! - `table` (pure): `table::PresenceTable`, devices indexed by id and
 //!   ordered by deadline; a sweep pops only the due entries.
-//! - `tracker` (pure): [`tracker::Tracker`], the protocol engine. It takes
+//! - `tracker` (pure): `tracker::Tracker`, the protocol engine. It takes
 //!   datagrams and the current time as arguments and returns replies and
 //!   online/offline transitions as values; it never reads a clock or touches
 //!   a socket.
-//! - `limit` (pure): per-source query rate limits.
-//! - `keyfile`: reading and writing master, operator and device key files.
+//! - `limit` (pure): query rate limits and the memory of answered signed queries.
 //! - `shard` (pure): which thread owns a device under `--threads N`, and
 //!   where a datagram that arrived on another thread's socket must go.
-//! - `server`: the one loop that owns the socket and the clock. It sleeps
-//!   exactly until the engine's next deadline, and hands transitions to a
+//! - `server`: the loops that own the sockets and the clock. Each sleeps
+//!   exactly until its engine's next deadline, and hands transitions to a
 //!   bounded queue that a publisher thread drains into the sinks.
-//! - `sink`: where transitions go ([`sink::Sink`]): the JSON-lines events
+//! - `sink`: where transitions go (`sink::Sink`): the JSON-lines events
 //!   file now; brokers and metrics later.
-//! - `client`: [`client::Client`] (status queries) and [`client::Sender`]
+//! - `client`: `client::Client` (status queries) and `client::Sender`
 //!   (heartbeats), used by the CLI, the examples and the tests.
+//! - `keyfile`, `hex`, `text`: key files, hex, ids made safe to print.
 //!
-//! Without the default `std` feature the crate is `#![no_std]` and holds only
-//! [`auth`] and
-//! [`wire`].
+//! Features: none gives the `no_std` device side ([`wire`], [`auth`],
+//! [`time`]); `engine` adds the pure core; `client` the client and key
+//! files; `server` the loops and sinks; `cli` (the default) the binary.
 //!
 //! # Encoding a heartbeat on a device
 //!

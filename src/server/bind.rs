@@ -11,7 +11,7 @@ use crate::shard;
 /// A bound UDP socket and what the kernel granted.
 #[derive(Debug)]
 pub struct Bound {
-    /// The socket, ready for [`run`].
+    /// The socket, ready for [`run`](super::run).
     pub socket: UdpSocket,
     /// The address it is bound to (with the real port if 0 was asked).
     pub local_addr: SocketAddr,
@@ -29,7 +29,7 @@ pub fn bind(addr: SocketAddr, recv_buffer: Option<usize>) -> io::Result<Bound> {
 }
 
 /// Binds `count` sockets to `addr` in one `SO_REUSEPORT` group, one per
-/// thread of [`run_sharded`]; the kernel spreads datagrams over them by
+/// thread of [`run_sharded`](super::run_sharded); the kernel spreads datagrams over them by
 /// source address. With port 0 they share the port the first one got. A
 /// count of 1 binds one ordinary socket, as [`bind`] does.
 ///

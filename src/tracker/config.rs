@@ -81,7 +81,7 @@ pub struct Config {
     pub auth: AuthMode,
     /// The keys, if the server has a master secret. Needed unless `auth` is `Off`.
     pub keys: Option<Keys>,
-    /// Most devices held, online or offline; see [`PresenceTable::new`].
+    /// Most devices held, online or offline; see [`PresenceTable::new`](crate::table::PresenceTable::new).
     pub max_devices: usize,
     /// Sources whose queries need no operator tag.
     pub query_allow: Vec<ipnet::IpNet>,

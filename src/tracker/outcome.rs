@@ -197,7 +197,7 @@ impl Totals {
     }
 }
 
-/// What [`Tracker::handle`] did with a datagram.
+/// What [`Tracker::handle`](super::Tracker::handle) did with a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handled {
     /// Applied; no reply.

@@ -14,7 +14,7 @@ pub enum Error {
     Truncated,
     /// The datagram is longer than [`MAX_DATAGRAM`].
     Oversized,
-    /// The version byte is not [`VERSION`]; carries the version that was sent.
+    /// The version byte is not [`VERSION`](crate::wire::VERSION); carries the version that was sent.
     UnsupportedVersion(u8),
     /// The kind byte names no message of this version.
     UnknownKind,
@@ -67,7 +67,7 @@ impl From<postcard::Error> for Error {
 }
 
 /// Why the server dropped a datagram. The numeric codes travel in
-/// [`Summary::counters`], so they are part of the protocol and never reused.
+/// [`Summary::counters`](crate::wire::Summary::counters), so they are part of the protocol and never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u16)]
 #[non_exhaustive]
@@ -109,7 +109,7 @@ pub enum DropReason {
     /// See [`Error::IdControlChar`].
     IdControlChar = 17,
     /// A signed query whose time is outside the server's window
-    /// ([`QUERY_SKEW_MS`] either side of its clock).
+    /// ([`QUERY_SKEW_MS`](crate::wire::QUERY_SKEW_MS) either side of its clock).
     StaleQuery = 18,
 }
 
@@ -136,7 +136,7 @@ impl DropReason {
         DropReason::StaleQuery,
     ];
 
-    /// The code carried in [`Counter::code`].
+    /// The code carried in [`Counter::code`](crate::wire::Counter::code).
     pub fn code(self) -> u16 {
         self as u16
     }

@@ -81,8 +81,8 @@ impl<'a> From<Heartbeat<'a>> for RawHeartbeat<'a> {
 }
 
 /// The server's hot path: a whole frame that is a heartbeat in the usual
-/// encoding, with a printable ASCII id. Where this returns `Some`, [`decode`] returns
-/// the same heartbeat; where it returns `None`, use [`decode`]. It skips the
+/// encoding, with a printable ASCII id. Where this returns `Some`, [`decode`](crate::wire::decode) returns
+/// the same heartbeat; where it returns `None`, use [`decode`](crate::wire::decode). It skips the
 /// general UTF-8 check, which costs more than the rest of the decoding for a
 /// typical id.
 pub fn decode_heartbeat_ascii(datagram: &[u8]) -> Option<RawHeartbeat<'_>> {

@@ -17,7 +17,7 @@ pub struct Heartbeat<'a> {
     /// The device's own send interval in milliseconds; 0 means "use the
     /// server's default timeout".
     pub interval_ms: u32,
-    /// Bit field; see [`FLAG_ACK`].
+    /// Bit field; see [`FLAG_ACK`](crate::wire::FLAG_ACK).
     pub flags: u8,
     /// Opaque application data (battery level, firmware version, ...).
     pub payload: &'a [u8],
@@ -56,7 +56,7 @@ pub struct Query<'a> {
 
 /// How far, in milliseconds, a signed query's time may be from the
 /// server's clock, either way (30 s). Outside it the query is dropped as
-/// [`DropReason::StaleQuery`]; inside it, each signed query is answered once.
+/// [`DropReason::StaleQuery`](crate::wire::DropReason::StaleQuery); inside it, each signed query is answered once.
 pub const QUERY_SKEW_MS: u64 = 30_000;
 
 /// An operator's signature on a [`Query`]: the sender's wall time, then the
@@ -197,20 +197,20 @@ pub struct Summary<'a> {
     pub queries: u64,
     /// Devices that went offline because they expired.
     pub expirations: u64,
-    /// Dropped datagrams by reason: records of [`Counter`], code = [`DropReason::code`].
+    /// Dropped datagrams by reason: records of [`Counter`], code = [`DropReason::code`](crate::wire::DropReason::code).
     #[serde(borrow)]
     pub counters: Records<'a, Counter>,
 }
 
 /// [`Counter::code`] of the events the server could not write to its events
-/// destination. Codes below 256 are [`DropReason`] codes; codes from 256 on
+/// destination. Codes below 256 are [`DropReason`](crate::wire::DropReason) codes; codes from 256 on
 /// count other things.
 pub const COUNTER_EVENTS_LOST: u16 = 256;
 
 /// One named counter inside a [`Summary`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
-    /// What is counted: a [`DropReason::code`] (below 256), or
+    /// What is counted: a [`DropReason::code`](crate::wire::DropReason::code) (below 256), or
     /// [`COUNTER_EVENTS_LOST`].
     pub code: u16,
     /// How many.
@@ -231,7 +231,7 @@ pub struct Page<'a> {
     pub entries: Records<'a, DeviceInfo<'a>>,
 }
 
-/// The reply to a heartbeat with [`FLAG_ACK`].
+/// The reply to a heartbeat with [`FLAG_ACK`](crate::wire::FLAG_ACK).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     /// Echo of the heartbeat's boot epoch.
@@ -262,14 +262,14 @@ pub enum ErrorCode {
     /// The query needs an operator tag or a source the server allows.
     NotAllowed,
     /// The reply would be larger than the query: pad the query to at least
-    /// `needed` bytes (or to [`MAX_DATAGRAM`]) and ask again.
+    /// `needed` bytes (or to [`MAX_DATAGRAM`](crate::wire::MAX_DATAGRAM)) and ask again.
     RequestTooSmall {
         /// At least this many bytes are needed (with some headroom, as
         /// answers grow); pad to it or more and ask again.
         needed: u16,
     },
     /// A signed query's time is too far from the server's clock (see
-    /// [`QUERY_SKEW_MS`]); fix the clock or resign with the current time.
+    /// [`QUERY_SKEW_MS`](crate::wire::QUERY_SKEW_MS)); fix the clock or resign with the current time.
     StaleQuery {
         /// The server's wall time when it refused the query, Unix milliseconds.
         server_unix_ms: u64,

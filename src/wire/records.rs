@@ -20,7 +20,7 @@ pub struct Records<'a, T> {
 }
 
 impl<'a, T> Records<'a, T> {
-    /// Wraps bytes that hold concatenated records. [`decode`] checks that
+    /// Wraps bytes that hold concatenated records. [`decode`](crate::wire::decode) checks that
     /// every record of a received frame is well formed.
     pub fn from_bytes(bytes: &'a [u8]) -> Self {
         Records { bytes, _record: PhantomData }
