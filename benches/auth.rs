@@ -22,15 +22,7 @@ fn main() {
 }
 
 fn heartbeat(seq: u32) -> Message<'static> {
-    Message::Heartbeat(Heartbeat {
-        device: DEVICE,
-        boot: 1_790_000_000,
-        seq,
-        interval_ms: 10_000,
-        flags: 0,
-        payload: b"bat=97",
-        tag: None,
-    })
+    Message::Heartbeat(Heartbeat { payload: b"bat=97", ..Heartbeat::new(DEVICE, 1_790_000_000, seq, 10_000) })
 }
 
 fn signed_frame(seq: u32) -> Vec<u8> {

@@ -622,7 +622,9 @@ fn drain_server(count: usize, n: usize, auth: AuthMode, threads: usize) -> std::
             else {
                 return Err(std::io::Error::other("not a summary"));
             };
-            if summary.heartbeats >= before + count as u64 || started.elapsed() > Duration::from_secs(60) {
+            if summary.counts.heartbeats >= before + count as u64
+                || started.elapsed() > Duration::from_secs(60)
+            {
                 break started.elapsed();
             }
         };
@@ -709,15 +711,7 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
             (200 + (i - steady) as u64 * (run_ms - 400) / expiring) as u32 / 3
         };
         let id = device_id(i);
-        let hb = Message::Heartbeat(Heartbeat {
-            device: &id,
-            boot: 1,
-            seq: 1,
-            interval_ms,
-            flags: 0,
-            payload: &[],
-            tag: None,
-        });
+        let hb = Message::Heartbeat(Heartbeat::new(&id, 1, 1, interval_ms));
         let mut buf = [0u8; 64];
         let len = wire::encode(&hb, &mut buf).expect("valid");
         tracker.handle(clock().now(), from, &buf[..len], &mut reply);
@@ -895,15 +889,7 @@ fn offer(socket: &UdpSocket, rate: u64, duration: Duration, seqs: &mut [u32], de
             let i = device(sent);
             seqs[i] += 1;
             let id = device_id(i);
-            let hb = Message::Heartbeat(Heartbeat {
-                device: &id,
-                boot: 1,
-                seq: seqs[i],
-                interval_ms: 10_000,
-                flags: 0,
-                payload: &[],
-                tag: None,
-            });
+            let hb = Message::Heartbeat(Heartbeat::new(&id, 1, seqs[i], 10_000));
             let len = wire::encode(&hb, &mut buf).expect("valid");
             let _ = socket.send(&buf[..len]);
             sent += 1;

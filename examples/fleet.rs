@@ -138,7 +138,7 @@ fn main() -> std::io::Result<()> {
     let mut after = summary(args.server, operator);
     let wait_until = Instant::now() + Duration::from_secs(2);
     while let (Ok(b), Ok(a)) = (&before, &after) {
-        if a.heartbeats - b.heartbeats >= sent || Instant::now() > wait_until {
+        if a.counts.heartbeats - b.counts.heartbeats >= sent || Instant::now() > wait_until {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -146,7 +146,7 @@ fn main() -> std::io::Result<()> {
     }
     match (before, after) {
         (Ok(before), Ok(after)) => {
-            let accepted = after.heartbeats - before.heartbeats;
+            let accepted = after.counts.heartbeats - before.counts.heartbeats;
             let drops: Vec<String> = after
                 .drops
                 .iter()

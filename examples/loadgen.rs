@@ -136,7 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(master) = &master {
         client = client.with_operator_key(auth::operator_key(master));
     }
-    let server_start = client.summary().ok().map(|s| s.heartbeats);
+    let server_start = client.summary().ok().map(|s| s.counts.heartbeats);
     let started = Instant::now();
     let (mut last_sent, mut last_acks, mut last_server) = (0, 0, server_start);
     while !done.load(Ordering::Relaxed) {
@@ -145,10 +145,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let acked = progress.acks.load(Ordering::Relaxed);
         let summary = client.summary().ok();
         let server_rate = match (summary.as_ref(), last_server) {
-            (Some(s), Some(last)) => format!("{}/s", s.heartbeats.saturating_sub(last)),
+            (Some(s), Some(last)) => format!("{}/s", s.counts.heartbeats.saturating_sub(last)),
             _ => "no reply".to_string(),
         };
-        let online = summary.as_ref().map_or("?".to_string(), |s| s.online.to_string());
+        let online = summary.as_ref().map_or("?".to_string(), |s| s.counts.online.to_string());
         println!(
             "{:>5.1}s  sent {}/s  acked {}/s  server counted {server_rate}  online {online}",
             started.elapsed().as_secs_f64(),
@@ -156,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             acked - last_acks,
         );
         (last_sent, last_acks) = (sent, acked);
-        last_server = summary.map(|s| s.heartbeats).or(last_server);
+        last_server = summary.map(|s| s.counts.heartbeats).or(last_server);
     }
     sender.join().map_err(|_| "sender thread panicked")?;
     // Give late acks and the server's counters a moment to settle.
@@ -177,7 +177,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("acks       {acked} of {asked} asked");
     match (server_start, client.summary()) {
         (Some(start), Ok(end)) => {
-            let counted = end.heartbeats - start;
+            let counted = end.counts.heartbeats - start;
             println!(
                 "server     counted {counted} ({:.2}% of sent; other senders count too), {} dropped in all",
                 counted as f64 * 100.0 / sent.max(1) as f64,

@@ -122,15 +122,7 @@ mod tests {
     #[test]
     fn signed_frames_verify_and_any_flipped_bit_fails() {
         let key = device_key(&MASTER, "d1");
-        let hb = Heartbeat {
-            device: "d1",
-            boot: 7,
-            seq: 8,
-            interval_ms: 1000,
-            flags: 0,
-            payload: b"x",
-            tag: None,
-        };
+        let hb = Heartbeat { payload: b"x", ..Heartbeat::new("d1", 7, 8, 1000) };
         let mut buf = [0u8; 64];
         let len = encode_signed(&Message::Heartbeat(hb), &key, &mut buf).unwrap();
         let frame = &buf[..len];
@@ -165,15 +157,7 @@ mod tests {
             (hex(&device_key), "22354fb35f627d1706ba71ae0699f37f4e1268195e44e2ca6d4b91aca1d48136"),
             (hex(&operator_key(&master)), "acf6a5f866a58e7d32f78d261beae1dc3a1b683faaf1113dd0926d76b3403448"),
         ];
-        let hb = Heartbeat {
-            device: "sensor-00042",
-            boot: 1000,
-            seq: 1,
-            interval_ms: 10_000,
-            flags: 0,
-            payload: &[],
-            tag: None,
-        };
+        let hb = Heartbeat::new("sensor-00042", 1000, 1, 10_000);
         let mut buf = [0u8; 64];
         let len = encode_signed(&Message::Heartbeat(hb), &device_key, &mut buf).unwrap();
         let signed_hb = hex(&buf[..len]);

@@ -79,7 +79,7 @@ fn a_closed_stdout_ends_the_program_quietly() {
         socket.send_to(&common::frame(&heartbeat(&format!("many-{i:03}"), 1)), server.addr).unwrap();
     }
     let mut client = Client::new(server.addr, Duration::from_secs(5)).unwrap();
-    poll("300 online", PROMPTLY, || client.summary().ok().filter(|s| s.online >= 300));
+    poll("300 online", PROMPTLY, || client.summary().ok().filter(|s| s.counts.online >= 300));
     let mut status = Command::new(BIN)
         .args(["status", "--server", &addr, "--list"])
         .stdout(Stdio::piped())
@@ -93,15 +93,7 @@ fn a_closed_stdout_ends_the_program_quietly() {
 }
 
 fn heartbeat(id: &str, seq: u32) -> Message<'_> {
-    Message::Heartbeat(Heartbeat {
-        device: id,
-        boot: 1,
-        seq,
-        interval_ms: 60_000,
-        flags: 0,
-        payload: &[],
-        tag: None,
-    })
+    Message::Heartbeat(Heartbeat::new(id, 1, seq, 60_000))
 }
 
 #[test]
@@ -120,7 +112,7 @@ fn two_beat_runs_in_the_same_second_are_both_accepted() {
     }
     let mut client = Client::new(server.addr, Duration::from_secs(5)).unwrap();
     let summary = client.summary().unwrap();
-    assert_eq!((summary.heartbeats, summary.total_drops()), (2, 0));
+    assert_eq!((summary.counts.heartbeats, summary.total_drops()), (2, 0));
 }
 
 #[test]
@@ -189,15 +181,7 @@ fn status_speaks_plainly() {
     // An offline device says since when and why.
     let leave = Message::Leave(Leave { device: "shape", boot: 1, seq: 2, tag: None });
     socket.send_to(&common::frame(&leave), server.addr).unwrap();
-    let fast = Message::Heartbeat(Heartbeat {
-        device: "fast",
-        boot: 1,
-        seq: 1,
-        interval_ms: 50,
-        flags: 0,
-        payload: &[],
-        tag: None,
-    });
+    let fast = Message::Heartbeat(Heartbeat::new("fast", 1, 1, 50));
     socket.send_to(&common::frame(&fast), server.addr).unwrap();
     server.wait_event("fast", "offline", Some("expired"), PROMPTLY);
     server.wait_event("shape", "offline", Some("left"), PROMPTLY);

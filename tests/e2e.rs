@@ -49,9 +49,12 @@ fn beat_online_status_then_offline_at_the_deadline() {
     assert!(stdout(&out).contains("offline"), "{}", stdout(&out));
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
     let summary = client.summary().unwrap();
-    assert_eq!((summary.online, summary.known, summary.heartbeats, summary.expirations), (0, 1, 3, 1));
+    assert_eq!(
+        (summary.counts.online, summary.counts.known, summary.counts.heartbeats, summary.counts.expirations),
+        (0, 1, 3, 1)
+    );
     let report = client.device("sensor-1").unwrap().unwrap();
-    assert_eq!((report.flaps, report.seq, report.heartbeats), (1, 3, 3));
+    assert_eq!((report.numbers.flaps, report.numbers.seq, report.numbers.heartbeats), (1, 3, 3));
 }
 
 #[test]
@@ -67,19 +70,11 @@ fn leave_takes_the_device_offline_at_once() {
     assert!(left_at.elapsed() < Duration::from_secs(30), "it was not the expiry");
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
     assert!(!client.device("leaver").unwrap().unwrap().online);
-    assert_eq!(client.summary().unwrap().leaves, 1);
+    assert_eq!(client.summary().unwrap().counts.leaves, 1);
 }
 
 fn heartbeat(seq: u32) -> Vec<u8> {
-    frame(&Message::Heartbeat(Heartbeat {
-        device: "steady",
-        boot: 3,
-        seq,
-        interval_ms: 60_000,
-        flags: 0,
-        payload: b"ok",
-        tag: None,
-    }))
+    frame(&Message::Heartbeat(Heartbeat { payload: b"ok", ..Heartbeat::new("steady", 3, seq, 60_000) }))
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
@@ -143,14 +138,14 @@ fn garbage_interleaved_with_heartbeats_changes_only_the_drop_counters() {
         panic!("the first reply was not the status: {:02x?}", &buf[..n]);
     };
     assert_eq!(
-        (info.online, info.seq, info.heartbeats, info.boot, info.payload),
+        (info.online, info.numbers.seq, info.numbers.heartbeats, info.numbers.boot, info.payload),
         (true, 20, 20, 3, &b"ok"[..])
     );
 
     let summary = Client::new(server.addr, QUERY_TIMEOUT).unwrap().summary().unwrap();
     assert_eq!(summary.drops, expected);
     assert_eq!(summary.total_drops(), garbage_sent);
-    assert_eq!((summary.heartbeats, summary.known, summary.online), (20, 1, 1));
+    assert_eq!((summary.counts.heartbeats, summary.counts.known, summary.counts.online), (20, 1, 1));
     // Events reach the file through the publisher thread: wait for the one.
     server.wait_event("steady", "online", None, PROMPTLY);
     assert_eq!(server.events().len(), 1, "one online event and nothing else");
@@ -171,7 +166,7 @@ fn sigterm_stops_cleanly_with_the_events_file_complete() {
     // Datagrams on loopback are queued in order, so once the summary shows
     // the leaves every transition has been handled.
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
-    poll("the leaves", PROMPTLY, || (client.summary().unwrap().leaves == 2).then_some(()));
+    poll("the leaves", PROMPTLY, || (client.summary().unwrap().counts.leaves == 2).then_some(()));
     let status = server.terminate();
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     let events = server.events();
@@ -228,18 +223,13 @@ fn list_follows_pages_across_many_devices() {
     let ids: Vec<String> = (0..60).map(|i| format!("fleet-device-{i:03}")).collect();
     for id in &ids {
         let hb = frame(&Message::Heartbeat(Heartbeat {
-            device: id,
-            boot: 1,
-            seq: 1,
-            interval_ms: 60_000,
-            flags: 0,
             payload: &[0x42; wire::MAX_PAYLOAD_LEN],
-            tag: None,
+            ..Heartbeat::new(id, 1, 1, 60_000)
         }));
         socket.send_to(&hb, server.addr).unwrap();
     }
     let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
-    poll("all devices online", PROMPTLY, || (client.summary().unwrap().online == 60).then_some(()));
+    poll("all devices online", PROMPTLY, || (client.summary().unwrap().counts.online == 60).then_some(()));
     let first_page = client.list_page(None, 0, presence::wire::ListFilter::ONLINE).unwrap();
     assert!(
         first_page.next_cursor.is_some() && first_page.devices.len() < 60,

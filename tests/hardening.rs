@@ -22,15 +22,7 @@ use presence::wire::{Heartbeat, Message};
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn heartbeat(id: &str, seq: u32) -> Vec<u8> {
-    frame(&Message::Heartbeat(Heartbeat {
-        device: id,
-        boot: 1,
-        seq,
-        interval_ms: 60_000,
-        flags: 0,
-        payload: &[],
-        tag: None,
-    }))
+    frame(&Message::Heartbeat(Heartbeat::new(id, 1, seq, 60_000)))
 }
 
 /// A master key file written by the library, mode 0600.
@@ -51,9 +43,9 @@ fn item6_a_full_disk_or_a_gone_reader_does_not_stop_the_server() {
         }
         let mut client = Client::new(server.addr, QUERY_TIMEOUT).unwrap();
         let summary = poll("the lost events counted", PROMPTLY, || {
-            client.summary().ok().filter(|s| s.online == 5 && s.events_lost == 5)
+            client.summary().ok().filter(|s| s.counts.online == 5 && s.events_lost == 5)
         });
-        assert_eq!(summary.heartbeats, 5, "{events}");
+        assert_eq!(summary.counts.heartbeats, 5, "{events}");
         // Still serving: more heartbeats, more lost lines, and status shows them.
         socket.send_to(&heartbeat("later", 1), server.addr).unwrap();
         poll("still serving", PROMPTLY, || client.summary().ok().filter(|s| s.events_lost == 6));
@@ -107,15 +99,7 @@ fn item10_devices_past_their_deadline_go_offline_before_the_server_exits() {
     let mut tracker = Tracker::new(Config::default(), start, SystemTime::now()).unwrap();
     let mut reply = [0u8; 1200];
     // A heartbeat 10 s ago with a 3 s TTL: due 7 s ago, and the loop has not run since.
-    let beat = frame(&Message::Heartbeat(Heartbeat {
-        device: "stalled",
-        boot: 1,
-        seq: 1,
-        interval_ms: 1000,
-        flags: 0,
-        payload: &[],
-        tag: None,
-    }));
+    let beat = frame(&Message::Heartbeat(Heartbeat::new("stalled", 1, 1, 1000)));
     tracker.handle(start, "127.0.0.1:9".parse().unwrap(), &beat, &mut reply);
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     let stop = Stop::new();

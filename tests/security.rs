@@ -157,7 +157,7 @@ fn a_replayed_heartbeat_does_not_delay_expiry() {
         Client::new(server.addr, QUERY_TIMEOUT).unwrap().with_operator_key(auth::operator_key(&master));
     let summary = client.summary().unwrap();
     assert!(summary.drops(presence::wire::DropReason::Replay) >= 1, "{summary:?}");
-    assert_eq!(summary.heartbeats, 2);
+    assert_eq!(summary.counts.heartbeats, 2);
 }
 
 #[test]

@@ -15,15 +15,7 @@ const DEVICES: usize = 40;
 const ROUNDS: u32 = 3;
 
 fn heartbeat(device: &str, seq: u32) -> Vec<u8> {
-    frame(&Message::Heartbeat(Heartbeat {
-        device,
-        boot: 1,
-        seq,
-        interval_ms: 300,
-        flags: 0,
-        payload: &[],
-        tag: None,
-    }))
+    frame(&Message::Heartbeat(Heartbeat::new(device, 1, seq, 300)))
 }
 
 #[test]
@@ -44,9 +36,12 @@ fn threads_keep_one_entry_per_device_across_sockets() {
     let mut client = Client::new(server.addr, Duration::from_secs(5)).unwrap();
     let expected = DEVICES as u64 * u64::from(ROUNDS);
     let summary = poll("every heartbeat counted", PROMPTLY, || {
-        client.summary().ok().filter(|s| s.heartbeats == expected)
+        client.summary().ok().filter(|s| s.counts.heartbeats == expected)
     });
-    assert_eq!((summary.online, summary.known, summary.total_drops()), (DEVICES as u64, DEVICES as u64, 0));
+    assert_eq!(
+        (summary.counts.online, summary.counts.known, summary.total_drops()),
+        (DEVICES as u64, DEVICES as u64, 0)
+    );
 
     // An old heartbeat replayed from a source port the device never used is
     // refused by the same replay window.
@@ -60,7 +55,11 @@ fn threads_keep_one_entry_per_device_across_sockets() {
     for id in &ids {
         let report = client.device(id).unwrap().expect("known device");
         assert!(report.online, "{id}: {report:?}");
-        assert_eq!((report.heartbeats, report.seq, report.flaps), (u64::from(ROUNDS), ROUNDS, 0), "{id}");
+        assert_eq!(
+            (report.numbers.heartbeats, report.numbers.seq, report.numbers.flaps),
+            (u64::from(ROUNDS), ROUNDS, 0),
+            "{id}"
+        );
         assert_eq!(report.address, last_source[id], "{id}");
     }
     // The listing walks every shard and names each device once.
@@ -91,7 +90,7 @@ fn threads_keep_one_entry_per_device_across_sockets() {
     assert_eq!(online, DEVICES, "one online event per device");
     let summary = client.summary().unwrap();
     assert_eq!(
-        (summary.online, summary.leaves, summary.expirations),
+        (summary.counts.online, summary.counts.leaves, summary.counts.expirations),
         (0, leavers as u64, (DEVICES - leavers) as u64)
     );
 
@@ -111,7 +110,9 @@ fn the_kernel_delivers_heartbeats_to_their_owners_thread() {
     }
     // Summaries are answered by whichever thread receives them, never handed over.
     let mut client = Client::new(server.addr, Duration::from_secs(5)).unwrap();
-    poll("every heartbeat counted", PROMPTLY, || client.summary().ok().filter(|s| s.heartbeats == 200));
+    poll("every heartbeat counted", PROMPTLY, || {
+        client.summary().ok().filter(|s| s.counts.heartbeats == 200)
+    });
     assert!(server.terminate().success());
     let mut log = Vec::new();
     let stopped = poll("the stopped line", PROMPTLY, || {

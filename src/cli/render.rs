@@ -21,16 +21,21 @@ pub(crate) fn fmt_secs(ms: u64) -> String {
 }
 
 pub(crate) fn write_summary(out: &mut impl Write, server: SocketAddr, s: &SummaryReport) -> io::Result<()> {
-    writeln!(out, "server      {server}, up {}", fmt_ms(s.uptime_ms / 1000 * 1000))?;
-    writeln!(out, "online      {} of {}", s.online, count(s.known, "known device", "known devices"))?;
+    writeln!(out, "server      {server}, up {}", fmt_ms(s.counts.uptime_ms / 1000 * 1000))?;
+    writeln!(
+        out,
+        "online      {} of {}",
+        s.counts.online,
+        count(s.counts.known, "known device", "known devices")
+    )?;
     writeln!(
         out,
         "received    {}, {}, {}",
-        count(s.heartbeats, "heartbeat", "heartbeats"),
-        count(s.leaves, "leave", "leaves"),
-        count(s.queries, "query", "queries")
+        count(s.counts.heartbeats, "heartbeat", "heartbeats"),
+        count(s.counts.leaves, "leave", "leaves"),
+        count(s.counts.queries, "query", "queries")
     )?;
-    writeln!(out, "expired     {}", s.expirations)?;
+    writeln!(out, "expired     {}", s.counts.expirations)?;
     if s.events_lost > 0 {
         writeln!(out, "events      {} lost (the server could not write them; see its log)", s.events_lost)?;
     }
@@ -52,15 +57,15 @@ pub(crate) fn payload_text(report: &DeviceReport) -> String {
 }
 
 pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result<()> {
-    let last_seen = UNIX_EPOCH + Duration::from_millis(r.last_seen_unix_ms);
+    let last_seen = UNIX_EPOCH + Duration::from_millis(r.numbers.last_seen_unix_ms);
     let device = printable(&r.device);
     match (r.online, r.offline_reason, r.offline_since_unix_ms) {
-        (true, _, _) => writeln!(out, "{device}  online, expires in {}", fmt_ms(r.expires_in_ms))?,
+        (true, _, _) => writeln!(out, "{device}  online, expires in {}", fmt_ms(r.numbers.expires_in_ms))?,
         (false, Some("expired"), Some(since)) => writeln!(
             out,
             "{device}  offline since {} (expired: no heartbeat for {})",
             humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(since)),
-            fmt_ms(r.ttl_ms.into())
+            fmt_ms(r.numbers.ttl_ms.into())
         )?,
         (false, Some("left"), _) => {
             writeln!(out, "{device}  offline (left: it said goodbye after its last heartbeat)")?
@@ -72,12 +77,19 @@ pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result
         out,
         "  last seen   {} ({} ago)",
         humantime::format_rfc3339_seconds(last_seen),
-        fmt_ms(r.last_seen_ago_ms)
+        fmt_ms(r.numbers.last_seen_ago_ms)
     )?;
-    let interval =
-        if r.interval_ms == 0 { "none declared".to_string() } else { fmt_ms(r.interval_ms.into()) };
-    writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.ttl_ms.into()))?;
-    writeln!(out, "  boot {}  seq {}  heartbeats {}  flaps {}", r.boot, r.seq, r.heartbeats, r.flaps)?;
+    let interval = if r.numbers.interval_ms == 0 {
+        "none declared".to_string()
+    } else {
+        fmt_ms(r.numbers.interval_ms.into())
+    };
+    writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.numbers.ttl_ms.into()))?;
+    writeln!(
+        out,
+        "  boot {}  seq {}  heartbeats {}  flaps {}",
+        r.numbers.boot, r.numbers.seq, r.numbers.heartbeats, r.numbers.flaps
+    )?;
     if !r.payload.is_empty() {
         writeln!(out, "  payload     {}", payload_text(r))?;
     }
@@ -97,9 +109,9 @@ pub(crate) fn write_list(out: &mut impl Write, devices: &[DeviceReport], what: &
             "{:<width$}  {:<22}  {:>13}  {:>13}  {:>10}",
             printable(&d.device),
             d.address.to_string(),
-            format!("{} ago", fmt_ms(d.last_seen_ago_ms / 1000 * 1000)),
-            format!("in {}", fmt_secs(d.expires_in_ms)),
-            d.heartbeats
+            format!("{} ago", fmt_ms(d.numbers.last_seen_ago_ms / 1000 * 1000)),
+            format!("in {}", fmt_secs(d.numbers.expires_in_ms)),
+            d.numbers.heartbeats
         )?;
     }
     writeln!(out, "{} {what}", devices.len())

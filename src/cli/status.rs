@@ -92,15 +92,7 @@ pub(crate) fn unknown_device_json(device: &str) -> serde_json::Value {
         offline_reason: None,
         offline_since_unix_ms: None,
         address: SocketAddr::from(([0, 0, 0, 0], 0)),
-        last_seen_ago_ms: 0,
-        last_seen_unix_ms: 0,
-        expires_in_ms: 0,
-        ttl_ms: 0,
-        interval_ms: 0,
-        boot: 0,
-        seq: 0,
-        heartbeats: 0,
-        flaps: 0,
+        numbers: presence::wire::DeviceNumbers::default(),
         payload: Vec::new(),
     });
     let mut object = match keys {

@@ -110,17 +110,7 @@ impl Client {
                     };
                     drops.insert(name, counter.count);
                 }
-                Ok(SummaryReport {
-                    online: s.online,
-                    known: s.known,
-                    uptime_ms: s.uptime_ms,
-                    heartbeats: s.heartbeats,
-                    leaves: s.leaves,
-                    queries: s.queries,
-                    expirations: s.expirations,
-                    drops,
-                    events_lost,
-                })
+                Ok(SummaryReport { counts: s.counts, drops, events_lost })
             }
             _ => Err(ClientError::UnexpectedReply),
         })

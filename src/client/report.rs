@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::wire::{self, DeviceInfo, DropReason};
+use crate::wire::{self, DeviceInfo, DeviceNumbers, DropReason, SummaryCounts};
 
 /// One device as reported by the server, owned and ready for display or JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -26,24 +26,9 @@ pub struct DeviceReport {
     pub offline_since_unix_ms: Option<u64>,
     /// Source address of its last heartbeat.
     pub address: SocketAddr,
-    /// Milliseconds since its last heartbeat.
-    pub last_seen_ago_ms: u64,
-    /// Wall time of its last heartbeat, Unix milliseconds.
-    pub last_seen_unix_ms: u64,
-    /// Milliseconds until it expires (0 when offline).
-    pub expires_in_ms: u64,
-    /// Its TTL in milliseconds.
-    pub ttl_ms: u32,
-    /// The interval it declared (0 = none).
-    pub interval_ms: u32,
-    /// Boot epoch of its last heartbeat.
-    pub boot: u32,
-    /// Sequence number of its last heartbeat.
-    pub seq: u32,
-    /// Heartbeats the server accepted from it.
-    pub heartbeats: u64,
-    /// Times it went offline.
-    pub flaps: u32,
+    /// Times and counts, as the server reported them (flattened in JSON).
+    #[serde(flatten)]
+    pub numbers: DeviceNumbers,
     /// Payload of its last heartbeat (in JSON: `payload_hex`, lowercase hex).
     #[serde(rename = "payload_hex", serialize_with = "crate::hex::serialize")]
     pub payload: Vec<u8>,
@@ -63,17 +48,9 @@ impl From<&DeviceInfo<'_>> for DeviceReport {
             online: info.online,
             offline_reason,
             offline_since_unix_ms: (offline_reason == Some("expired"))
-                .then(|| info.last_seen_unix_ms.saturating_add(info.ttl_ms.into())),
+                .then(|| info.numbers.last_seen_unix_ms.saturating_add(info.numbers.ttl_ms.into())),
             address: info.addr.into(),
-            last_seen_ago_ms: info.last_seen_ago_ms,
-            last_seen_unix_ms: info.last_seen_unix_ms,
-            expires_in_ms: info.expires_in_ms,
-            ttl_ms: info.ttl_ms,
-            interval_ms: info.interval_ms,
-            boot: info.boot,
-            seq: info.seq,
-            heartbeats: info.heartbeats,
-            flaps: info.flaps,
+            numbers: info.numbers,
             payload: info.payload.to_vec(),
         }
     }
@@ -82,20 +59,9 @@ impl From<&DeviceInfo<'_>> for DeviceReport {
 /// The server's summary, owned.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SummaryReport {
-    /// Devices online now.
-    pub online: u64,
-    /// Devices known, online or not.
-    pub known: u64,
-    /// Milliseconds since the server started.
-    pub uptime_ms: u64,
-    /// Heartbeats accepted.
-    pub heartbeats: u64,
-    /// Leaves accepted.
-    pub leaves: u64,
-    /// Queries answered (including this one).
-    pub queries: u64,
-    /// Devices that expired.
-    pub expirations: u64,
+    /// Devices, uptime and what was accepted (flattened in JSON).
+    #[serde(flatten)]
+    pub counts: SummaryCounts,
     /// Dropped datagrams by reason name; only reasons with a count appear.
     pub drops: BTreeMap<String, u64>,
     /// Event lines the server could not write to its events destination.

@@ -21,13 +21,9 @@ fn encode(message: &Message<'_>) -> Vec<u8> {
 
 fn heartbeat(device: &str, seq: u32) -> Vec<u8> {
     encode(&Message::Heartbeat(Heartbeat {
-        device,
-        boot: 1,
-        seq,
-        interval_ms: 1000,
         flags: wire::FLAG_ACK,
         payload: b"p",
-        tag: None,
+        ..Heartbeat::new(device, 1, seq, 1000)
     }))
 }
 

@@ -323,17 +323,7 @@ fn item11_pages_are_filled() {
 #[test]
 fn item12_needed_leaves_headroom_for_answers_that_grow() {
     let mut sim = Sim::new(Config { query_rate: 1000, query_burst: 1000, ..Config::default() });
-    let beat = |sim: &mut Sim, seq: u32| {
-        sim.send(Message::Heartbeat(Heartbeat {
-            device: "d",
-            boot: 1,
-            seq,
-            interval_ms: 100_000,
-            flags: 0,
-            payload: b"",
-            tag: None,
-        }))
-    };
+    let beat = |sim: &mut Sim, seq: u32| sim.send(Message::Heartbeat(Heartbeat::new("d", 1, seq, 100_000)));
     beat(&mut sim, 1);
     let ask = |padding: &[u8]| {
         unsigned(&Message::Query(Query { request: 1, kind: QueryKind::Device("d"), padding, tag: None }))

@@ -11,8 +11,8 @@ use crate::auth;
 use crate::shard;
 use crate::table::{Entry, OfflineReason, Which};
 use crate::wire::{
-    self, Counter, DeviceInfo, DropReason, ErrorCode, Message, Page, Query, QueryKind, RecordWriter, Status,
-    StatusBody, Summary,
+    self, Counter, DeviceInfo, DeviceNumbers, DropReason, ErrorCode, Message, Page, Query, QueryKind,
+    RecordWriter, Status, StatusBody, Summary, SummaryCounts,
 };
 
 /// Bytes added to an exact `RequestTooSmall.needed`: an answer can grow
@@ -111,13 +111,15 @@ impl Tracker {
                     }
                 }
                 StatusBody::Summary(Summary {
-                    online: totals.online,
-                    known: totals.known,
-                    uptime_ms: millis_u64(now.saturating_duration_since(self.started)),
-                    heartbeats: totals.counters.heartbeats(),
-                    leaves: totals.counters.leaves(),
-                    queries: totals.counters.queries(),
-                    expirations: totals.counters.expirations(),
+                    counts: SummaryCounts {
+                        online: totals.online,
+                        known: totals.known,
+                        uptime_ms: millis_u64(now.saturating_duration_since(self.started)),
+                        heartbeats: totals.counters.heartbeats(),
+                        leaves: totals.counters.leaves(),
+                        queries: totals.counters.queries(),
+                        expirations: totals.counters.expirations(),
+                    },
                     counters: counters.finish(),
                 })
             }
@@ -258,17 +260,19 @@ fn device_info<'e>(
         device,
         online: entry.is_online(),
         addr: entry.addr().into(),
-        last_seen_ago_ms: millis_u64(now.saturating_duration_since(entry.last_seen())),
-        last_seen_unix_ms: millis_u64(last_seen_wall.duration_since(UNIX_EPOCH).unwrap_or_default()),
-        expires_in_ms: entry
-            .deadline()
-            .map_or(0, |deadline| millis_u64(deadline.saturating_duration_since(now))),
-        ttl_ms: millis_u32(entry.ttl()),
-        interval_ms: millis_u32(entry.interval()),
-        boot: entry.window().boot(),
-        seq: entry.window().top(),
-        heartbeats: entry.heartbeats(),
-        flaps: entry.flaps(),
+        numbers: DeviceNumbers {
+            last_seen_ago_ms: millis_u64(now.saturating_duration_since(entry.last_seen())),
+            last_seen_unix_ms: millis_u64(last_seen_wall.duration_since(UNIX_EPOCH).unwrap_or_default()),
+            expires_in_ms: entry
+                .deadline()
+                .map_or(0, |deadline| millis_u64(deadline.saturating_duration_since(now))),
+            ttl_ms: millis_u32(entry.ttl()),
+            interval_ms: millis_u32(entry.interval()),
+            boot: entry.window().boot(),
+            seq: entry.window().top(),
+            heartbeats: entry.heartbeats(),
+            flaps: entry.flaps(),
+        },
         payload: entry.payload(),
         offline_reason: match entry.offline_reason() {
             None => wire::OFFLINE_NONE,

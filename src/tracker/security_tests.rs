@@ -58,7 +58,7 @@ impl Sim {
 }
 
 pub(super) fn heartbeat(device: &str, boot: u32, seq: u32) -> Message<'_> {
-    Message::Heartbeat(Heartbeat { device, boot, seq, interval_ms: 1000, flags: 0, payload: b"", tag: None })
+    Message::Heartbeat(Heartbeat::new(device, boot, seq, 1000))
 }
 
 pub(super) fn leave(device: &str, boot: u32, seq: u32) -> Message<'_> {

@@ -187,11 +187,11 @@ fn back_online_after_expiry_counts_a_flap() {
     let Message::Status(Status { request: 7, body: StatusBody::Device(info) }) = sim.reply(handled) else {
         panic!("expected a device status");
     };
-    assert_eq!((info.flaps, info.heartbeats, info.seq, info.online), (2, 3, 3, true));
-    assert_eq!(info.expires_in_ms, 3000);
+    assert_eq!((info.numbers.flaps, info.numbers.heartbeats, info.numbers.seq, info.online), (2, 3, 3, true));
+    assert_eq!(info.numbers.expires_in_ms, 3000);
     assert_eq!(info.addr, Addr::from(DEVICE_ADDR));
     assert_eq!(info.payload, b"bat=97");
-    assert_eq!(info.last_seen_unix_ms, 1_800_000_009_000);
+    assert_eq!(info.numbers.last_seen_unix_ms, 1_800_000_009_000);
 }
 
 #[test]
@@ -209,7 +209,7 @@ fn unknown_and_offline_devices_are_told_apart() {
         panic!("expected a device status")
     };
     assert!(!info.online);
-    assert_eq!((info.expires_in_ms, info.last_seen_ago_ms), (0, 5000));
+    assert_eq!((info.numbers.expires_in_ms, info.numbers.last_seen_ago_ms), (0, 5000));
 }
 
 #[test]
@@ -226,12 +226,12 @@ fn summary_counts_everything() {
     };
     assert_eq!(
         (
-            summary.online,
-            summary.known,
-            summary.uptime_ms,
-            summary.heartbeats,
-            summary.expirations,
-            summary.queries
+            summary.counts.online,
+            summary.counts.known,
+            summary.counts.uptime_ms,
+            summary.counts.heartbeats,
+            summary.counts.expirations,
+            summary.counts.queries
         ),
         (1, 2, 3500, 2, 1, 1)
     );
@@ -254,13 +254,9 @@ fn bad_datagrams_change_nothing_but_the_drop_counters() {
     let mut good = [0u8; 64];
     let len = wire::encode(
         &Message::Heartbeat(Heartbeat {
-            device: "d",
-            boot: 1,
-            seq: 2,
-            interval_ms: 50_000,
             flags: wire::FLAG_ACK,
             payload: b"x",
-            tag: None,
+            ..Heartbeat::new("d", 1, 2, 50_000)
         }),
         &mut good,
     )
@@ -358,13 +354,8 @@ fn paging_lists_every_device_once() {
     let ids: Vec<String> = (0..200).map(|i| format!("device-with-a-long-name-{i:04}")).collect();
     for id in &ids {
         sim.send(Message::Heartbeat(Heartbeat {
-            device: id,
-            boot: 1,
-            seq: 1,
-            interval_ms: 1000,
-            flags: 0,
             payload: &[7; wire::MAX_PAYLOAD_LEN],
-            tag: None,
+            ..Heartbeat::new(id, 1, 1, 1000)
         }));
     }
     assert_eq!(walk_list(&mut sim, 0, |_, _, _| {}), ids, "as many as fit per page");

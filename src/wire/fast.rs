@@ -106,13 +106,10 @@ pub(super) fn decode_heartbeat_fast(body: &[u8]) -> Option<Heartbeat<'_>> {
         return None;
     }
     Some(Heartbeat {
-        device,
-        boot: hb.boot,
-        seq: hb.seq,
-        interval_ms: hb.interval_ms,
         flags: hb.flags,
         payload: hb.payload,
         tag: hb.tag,
+        ..Heartbeat::new(device, hb.boot, hb.seq, hb.interval_ms)
     })
 }
 

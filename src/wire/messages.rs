@@ -25,6 +25,14 @@ pub struct Heartbeat<'a> {
     pub tag: Option<Tag>,
 }
 
+impl<'a> Heartbeat<'a> {
+    /// A heartbeat of `device` with (boot, seq), declaring `interval_ms`: no
+    /// flags, no payload, no tag (set those fields as needed).
+    pub const fn new(device: &'a str, boot: u32, seq: u32, interval_ms: u32) -> Self {
+        Heartbeat { device, boot, seq, interval_ms, flags: 0, payload: &[], tag: None }
+    }
+}
+
 /// "I am going offline now": a graceful shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Leave<'a> {
@@ -147,6 +155,21 @@ pub struct DeviceInfo<'a> {
     pub online: bool,
     /// Source address of its last accepted datagram.
     pub addr: Addr,
+    /// Times and counts: when it was last seen and expires, its TTL,
+    /// interval, boot, seq, heartbeats and flaps.
+    pub numbers: DeviceNumbers,
+    /// Payload of its last heartbeat.
+    pub payload: &'a [u8],
+    /// Why it is offline: [`OFFLINE_NONE`] while online, [`OFFLINE_EXPIRED`]
+    /// or [`OFFLINE_LEFT`]; other values are reserved (show them as unknown).
+    pub offline_reason: u8,
+}
+
+/// The numbers the server reports about one device, inside [`DeviceInfo`]
+/// (on the wire its fields simply follow `addr`, in this order) and in the
+/// client's owned report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DeviceNumbers {
     /// Milliseconds since its last heartbeat, by the server's monotonic clock.
     pub last_seen_ago_ms: u64,
     /// The wall time of its last heartbeat, in Unix milliseconds, for display.
@@ -165,11 +188,6 @@ pub struct DeviceInfo<'a> {
     pub heartbeats: u64,
     /// Times it went offline since the server started.
     pub flaps: u32,
-    /// Payload of its last heartbeat.
-    pub payload: &'a [u8],
-    /// Why it is offline: [`OFFLINE_NONE`] while online, [`OFFLINE_EXPIRED`]
-    /// or [`OFFLINE_LEFT`]; other values are reserved (show them as unknown).
-    pub offline_reason: u8,
 }
 
 /// [`DeviceInfo::offline_reason`] of a device that is online.
@@ -180,9 +198,10 @@ pub const OFFLINE_EXPIRED: u8 = 1;
 /// [`DeviceInfo::offline_reason`]: it sent a `Leave`.
 pub const OFFLINE_LEFT: u8 = 2;
 
-/// The server's counts, answering [`QueryKind::Summary`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Summary<'a> {
+/// The numbers of a [`Summary`] (on the wire its fields simply come first,
+/// in this order), shared with the client's owned report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SummaryCounts {
     /// Devices online now.
     pub online: u64,
     /// Devices the server holds, online or offline.
@@ -193,10 +212,17 @@ pub struct Summary<'a> {
     pub heartbeats: u64,
     /// Leaves accepted.
     pub leaves: u64,
-    /// Queries answered.
+    /// Queries answered (this one included).
     pub queries: u64,
     /// Devices that went offline because they expired.
     pub expirations: u64,
+}
+
+/// The server's counts, answering [`QueryKind::Summary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary<'a> {
+    /// Devices, uptime and what was accepted.
+    pub counts: SummaryCounts,
     /// Dropped datagrams by reason: records of [`Counter`], code = [`DropReason::code`](crate::wire::DropReason::code).
     #[serde(borrow)]
     pub counters: Records<'a, Counter>,

@@ -17,15 +17,17 @@ fn vector_info() -> DeviceInfo<'static> {
         device: "d1",
         online: true,
         addr: Addr::V4([127, 0, 0, 1], 5000),
-        last_seen_ago_ms: 10,
-        last_seen_unix_ms: 1_700_000_000_000,
-        expires_in_ms: 20_000,
-        ttl_ms: 30_000,
-        interval_ms: 10_000,
-        boot: 7,
-        seq: 8,
-        heartbeats: 8,
-        flaps: 0,
+        numbers: DeviceNumbers {
+            last_seen_ago_ms: 10,
+            last_seen_unix_ms: 1_700_000_000_000,
+            expires_in_ms: 20_000,
+            ttl_ms: 30_000,
+            interval_ms: 10_000,
+            boot: 7,
+            seq: 8,
+            heartbeats: 8,
+            flaps: 0,
+        },
         payload: b"ok",
         offline_reason: 0,
     }
@@ -53,26 +55,14 @@ fn hex_string(bytes: &[u8]) -> String {
 #[test]
 fn test_vectors() {
     check_vector(
-        Message::Heartbeat(Heartbeat {
-            device: "sensor-00042",
-            boot: 1000,
-            seq: 1,
-            interval_ms: 10_000,
-            flags: 0,
-            payload: &[],
-            tag: None,
-        }),
+        Message::Heartbeat(Heartbeat::new("sensor-00042", 1000, 1, 10_000)),
         "01000c73656e736f722d3030303432e80701904e000000",
     );
     check_vector(
         Message::Heartbeat(Heartbeat {
-            device: "d1",
-            boot: 0x1234_5678,
-            seq: 300,
-            interval_ms: 0,
             flags: FLAG_ACK,
             payload: &[0x5a],
-            tag: None,
+            ..Heartbeat::new("d1", 0x1234_5678, 300, 0)
         }),
         "0100026431f8acd19101ac020001015a00",
     );
@@ -106,13 +96,15 @@ fn test_vectors() {
         Message::Status(Status {
             request: 42,
             body: StatusBody::Summary(Summary {
-                online: 1,
-                known: 2,
-                uptime_ms: 1000,
-                heartbeats: 3,
-                leaves: 0,
-                queries: 1,
-                expirations: 0,
+                counts: SummaryCounts {
+                    online: 1,
+                    known: 2,
+                    uptime_ms: 1000,
+                    heartbeats: 3,
+                    leaves: 0,
+                    queries: 1,
+                    expirations: 0,
+                },
                 counters: counters.finish(),
             }),
         }),
@@ -151,15 +143,7 @@ fn test_vectors() {
 
 #[test]
 fn heartbeat_with_12_byte_id_is_at_most_33_bytes_unsigned_and_41_signed() {
-    let hb = Heartbeat {
-        device: "abcdefghijkl",
-        boot: u32::MAX,
-        seq: u32::MAX,
-        interval_ms: u32::MAX,
-        flags: KNOWN_FLAGS,
-        payload: &[],
-        tag: None,
-    };
+    let hb = Heartbeat { flags: KNOWN_FLAGS, ..Heartbeat::new("abcdefghijkl", u32::MAX, u32::MAX, u32::MAX) };
     assert_eq!(encoded(&Message::Heartbeat(hb)).len(), 33);
     // Signed: one more byte for the tag's presence and 8 for the tag.
     let signed = Heartbeat { tag: Some([0; 8]), ..hb };
@@ -232,7 +216,7 @@ fn ids_with_control_characters_are_refused() {
         frame.extend_from_slice(&[1, 1, 0, 0, 0, 0]);
         assert_eq!(decode(&frame), Err(Error::IdControlChar), "{id:?}");
         assert_eq!(decode_heartbeat_ascii(&frame), None, "{id:?}");
-        let hb = Heartbeat { device: id, boot: 1, seq: 1, interval_ms: 0, flags: 0, payload: &[], tag: None };
+        let hb = Heartbeat::new(id, 1, 1, 0);
         assert_eq!(encode(&Message::Heartbeat(hb), &mut [0u8; 64]), Err(Error::IdControlChar), "{id:?}");
         let query = Query { request: 1, kind: QueryKind::Device(id), padding: &[], tag: None };
         assert_eq!(encode(&Message::Query(query), &mut [0u8; 64]), Err(Error::IdControlChar), "{id:?}");
@@ -303,15 +287,17 @@ impl OwnedInfo {
             device: &self.device,
             online: self.online,
             addr: self.addr,
-            last_seen_ago_ms: ago,
-            last_seen_unix_ms: unix,
-            expires_in_ms: expires,
-            ttl_ms: ttl,
-            interval_ms: interval,
-            boot,
-            seq,
-            heartbeats,
-            flaps,
+            numbers: DeviceNumbers {
+                last_seen_ago_ms: ago,
+                last_seen_unix_ms: unix,
+                expires_in_ms: expires,
+                ttl_ms: ttl,
+                interval_ms: interval,
+                boot,
+                seq,
+                heartbeats,
+                flaps,
+            },
             payload: &self.payload,
             offline_reason: if self.online { 0 } else { (flaps % 3) as u8 },
         }
@@ -399,13 +385,15 @@ fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOn
             Message::Status(Status {
                 request: *r,
                 body: StatusBody::Summary(Summary {
-                    online: n[0],
-                    known: n[1],
-                    uptime_ms: n[2],
-                    heartbeats: n[3],
-                    leaves: n[4],
-                    queries: n[5],
-                    expirations: n[6],
+                    counts: SummaryCounts {
+                        online: n[0],
+                        known: n[1],
+                        uptime_ms: n[2],
+                        heartbeats: n[3],
+                        leaves: n[4],
+                        queries: n[5],
+                        expirations: n[6],
+                    },
                     counters: w.finish(),
                 }),
             })
@@ -536,10 +524,7 @@ proptest! {
 fn fast_path_takes_ordinary_heartbeats() {
     // A non-ASCII (but valid UTF-8) id is left to decode().
     let mut buf = [0u8; 64];
-    let hb =
-        Heartbeat {
-            device: "capteur-é", boot: 1, seq: 1, interval_ms: 0, flags: 0, payload: &[], tag: None
-        };
+    let hb = Heartbeat::new("capteur-é", 1, 1, 0);
     let len = encode(&Message::Heartbeat(hb), &mut buf).unwrap();
     assert_eq!(decode_heartbeat_ascii(&buf[..len]), None);
     assert_eq!(decode(&buf[..len]), Ok(Message::Heartbeat(hb)));
