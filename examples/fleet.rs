@@ -113,7 +113,7 @@ fn main() -> std::io::Result<()> {
         while sent < due {
             let i = (sent % n) as usize;
             let seq = (sent / n) as u32 + 1;
-            let hb = Heartbeat { device: &ids[i], boot, seq, interval_ms, flags: 0, payload: &[], tag: None };
+            let hb = Heartbeat::new(&ids[i], boot, seq, interval_ms);
             let len = encode(&Message::Heartbeat(hb), key(i), &mut frame).expect("valid frame");
             if socket.send(&frame[..len]).is_err() {
                 errors += 1;

@@ -1,8 +1,6 @@
 //! The server's hot path: a usual heartbeat decoded without serde.
 
-use super::{
-    Heartbeat, MAX_DATAGRAM, MAX_ID_LEN, MAX_PAYLOAD_LEN, TAG_LEN, Tag, VERSION, is_printable_ascii,
-};
+use super::{Heartbeat, MAX_DATAGRAM, MAX_ID_LEN, MAX_PAYLOAD_LEN, TAG_LEN, VERSION, is_printable_ascii};
 
 /// A cursor over a frame for [`decode_heartbeat_fast`]; every method returns
 /// `None` on anything it does not handle, and the caller then falls back.
@@ -47,36 +45,12 @@ impl<'a> Fast<'a> {
 }
 
 /// A heartbeat as [`decode_heartbeat_ascii`] reads it: the id as bytes
-/// (known to be ASCII, so valid UTF-8), the rest as in [`Heartbeat`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawHeartbeat<'a> {
-    /// The device id's bytes.
-    pub device: &'a [u8],
-    /// As [`Heartbeat::boot`].
-    pub boot: u32,
-    /// As [`Heartbeat::seq`].
-    pub seq: u32,
-    /// As [`Heartbeat::interval_ms`].
-    pub interval_ms: u32,
-    /// As [`Heartbeat::flags`].
-    pub flags: u8,
-    /// As [`Heartbeat::payload`].
-    pub payload: &'a [u8],
-    /// As [`Heartbeat::tag`].
-    pub tag: Option<Tag>,
-}
+/// (known to be printable ASCII, so valid UTF-8), the rest as in [`Heartbeat`].
+pub type RawHeartbeat<'a> = Heartbeat<'a, [u8]>;
 
 impl<'a> From<Heartbeat<'a>> for RawHeartbeat<'a> {
     fn from(hb: Heartbeat<'a>) -> Self {
-        RawHeartbeat {
-            device: hb.device.as_bytes(),
-            boot: hb.boot,
-            seq: hb.seq,
-            interval_ms: hb.interval_ms,
-            flags: hb.flags,
-            payload: hb.payload,
-            tag: hb.tag,
-        }
+        hb.with_device(hb.device.as_bytes())
     }
 }
 
@@ -138,5 +112,5 @@ pub(super) fn decode_heartbeat_raw(body: &[u8]) -> Option<RawHeartbeat<'_>> {
     {
         return None;
     }
-    Some(RawHeartbeat { device, boot, seq, interval_ms, flags, payload, tag })
+    Some(Heartbeat { device, boot, seq, interval_ms, flags, payload, tag })
 }

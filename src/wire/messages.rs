@@ -5,10 +5,18 @@ use serde::{Deserialize, Serialize};
 use super::{Records, Tag};
 
 /// "I am alive": sent by a device every `interval_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Heartbeat<'a> {
+///
+/// The id is a `str` on the wire; the server's hot path reads it as bytes
+/// first ([`RawHeartbeat`](crate::wire::RawHeartbeat), the same message with
+/// `Id = [u8]`), so the fields are declared once for both. Build one with
+/// [`Heartbeat::new`] (which takes any `&str`, a `&String` too), or with a
+/// struct literal whose `device` is a `&str`.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(serialize = "Id: Serialize", deserialize = "&'a Id: Deserialize<'de>"))]
+pub struct Heartbeat<'a, Id: ?Sized = str> {
     /// Who is speaking; devices are identified by id, never by address.
-    pub device: &'a str,
+    #[serde(borrow)]
+    pub device: &'a Id,
     /// Changes each time the device boots, so the server can tell a reboot
     /// from a late or repeated heartbeat.
     pub boot: u32,
@@ -25,11 +33,28 @@ pub struct Heartbeat<'a> {
     pub tag: Option<Tag>,
 }
 
+impl<Id: ?Sized> Clone for Heartbeat<'_, Id> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<Id: ?Sized> Copy for Heartbeat<'_, Id> {}
+
 impl<'a> Heartbeat<'a> {
     /// A heartbeat of `device` with (boot, seq), declaring `interval_ms`: no
     /// flags, no payload, no tag (set those fields as needed).
     pub const fn new(device: &'a str, boot: u32, seq: u32, interval_ms: u32) -> Self {
         Heartbeat { device, boot, seq, interval_ms, flags: 0, payload: &[], tag: None }
+    }
+}
+
+impl<'a, Id: ?Sized> Heartbeat<'a, Id> {
+    /// The same heartbeat with its id as `device` (the one place the fields
+    /// are copied from one form to the other).
+    pub fn with_device<Other: ?Sized>(self, device: &'a Other) -> Heartbeat<'a, Other> {
+        let Heartbeat { device: _, boot, seq, interval_ms, flags, payload, tag } = self;
+        Heartbeat { device, boot, seq, interval_ms, flags, payload, tag }
     }
 }
 

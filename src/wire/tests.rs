@@ -479,7 +479,8 @@ fn mutated_heartbeat() -> impl Strategy<Value = Vec<u8>> {
         proptest::option::of(any::<prop::sample::Index>()),
     )
         .prop_map(|(device, (boot, seq, interval_ms, flags), payload, tag, edits, cut)| {
-            let hb = Heartbeat { device: &device, boot, seq, interval_ms, flags, payload: &payload, tag };
+            let hb =
+                Heartbeat { device: device.as_str(), boot, seq, interval_ms, flags, payload: &payload, tag };
             let mut bytes = encoded(&Message::Heartbeat(hb));
             for (at, value) in edits {
                 let i = at.index(bytes.len());
