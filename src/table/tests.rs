@@ -416,3 +416,10 @@ fn a_device_record_stays_small() {
     // The memory target (≤ 128 bytes per device at 1 M devices) rests on this.
     assert!(std::mem::size_of::<Slot>() <= 88, "Slot is {} bytes", std::mem::size_of::<Slot>());
 }
+
+/// The memory budget (about 121 bytes a device at 1 M, target 128) rests on
+/// the slot staying 88 bytes; the flags byte took the second bool's place.
+#[test]
+fn a_slot_is_88_bytes() {
+    assert_eq!(std::mem::size_of::<Slot>(), 88);
+}
