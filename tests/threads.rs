@@ -88,6 +88,19 @@ fn threads_keep_one_entry_per_device_across_sockets() {
     }
     let online = server.events().into_iter().filter(|e| e["event"] == "online").count();
     assert_eq!(online, DEVICES, "one online event per device");
+    // Three threads, one numbering: the event seq is gap-free in file order,
+    // and each device's versions go 1 (online), 2 (offline).
+    let events = server.events();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=events.len() as u64).collect::<Vec<_>>());
+    for id in &ids {
+        let versions: Vec<u64> = events
+            .iter()
+            .filter(|e| e["device"] == id.as_str())
+            .map(|e| e["version"].as_u64().unwrap())
+            .collect();
+        assert_eq!(versions, [1, 2], "{id}");
+    }
     let summary = client.summary().unwrap();
     assert_eq!(
         (summary.counts.online, summary.counts.leaves, summary.counts.expirations),

@@ -87,8 +87,8 @@ pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result
     writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.numbers.ttl_ms.into()))?;
     writeln!(
         out,
-        "  boot {}  seq {}  heartbeats {}  flaps {}",
-        r.numbers.boot, r.numbers.seq, r.numbers.heartbeats, r.numbers.flaps
+        "  boot {}  seq {}  heartbeats {}  flaps {}  version {}",
+        r.numbers.boot, r.numbers.seq, r.numbers.heartbeats, r.numbers.flaps, r.numbers.version
     )?;
     if !r.payload.is_empty() {
         writeln!(out, "  payload     {}", payload_text(r))?;

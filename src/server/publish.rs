@@ -30,6 +30,9 @@ const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 pub(super) struct Outbox {
     /// The queue.
     queue: SyncSender<Transition>,
+    /// The last event sequence number given out; taken with the send, so
+    /// the queue holds transitions in sequence order.
+    seq: Arc<std::sync::Mutex<u64>>,
     /// Transitions lost in all: dropped here when the queue was full, plus
     /// what the sinks lost (the publisher adds those).
     lost: Arc<Lost>,
@@ -45,8 +48,12 @@ struct Lost {
 }
 
 impl Outbox {
-    /// Queues a transition; drops and counts it if the queue is full.
-    pub(super) fn send(&self, transition: Transition) {
+    /// Numbers a transition and queues it; drops and counts it if the queue
+    /// is full (its number is used up, so consumers see the gap).
+    pub(super) fn send(&self, mut transition: Transition) {
+        let mut seq = self.seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *seq += 1;
+        transition.seq = *seq;
         match self.queue.try_send(transition) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -99,7 +106,7 @@ pub(super) fn start(sinks: Vec<Box<dyn Sink>>) -> std::io::Result<(Outbox, Publi
     let thread = std::thread::Builder::new()
         .name("presence-publish".into())
         .spawn(move || publish(received, sinks, &publisher_lost))?;
-    Ok((Outbox { queue, lost }, thread))
+    Ok((Outbox { queue, seq: Arc::default(), lost }, thread))
 }
 
 /// The publisher: batches from the queue to every sink.
@@ -168,8 +175,11 @@ mod tests {
             at: crate::time::Instant::ZERO,
             deadline: None,
             addr,
+            version: 1,
+            boot: 1,
+            heartbeat_seq: 1,
         };
-        Transition { event, wall: SystemTime::now() }
+        Transition { seq: 0, event, wall: SystemTime::now() }
     }
 
     /// A sink that holds its first batch until released, and counts what it got.
@@ -208,5 +218,56 @@ mod tests {
             sent as u64,
             "every transition published or counted"
         );
+    }
+}
+
+#[cfg(test)]
+mod sequence_tests {
+    use super::*;
+    use crate::tracker::Event;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    /// A sink that keeps the sequence numbers it sees.
+    struct Seqs(Arc<Mutex<Vec<u64>>>);
+
+    impl Sink for Seqs {
+        fn publish(&mut self, batch: &[Transition]) {
+            self.0.lock().unwrap().extend(batch.iter().map(|t| t.seq));
+        }
+    }
+
+    #[test]
+    fn transitions_are_numbered_one_by_one_in_queue_order_across_threads() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (outbox, publisher) = start(vec![Box::new(Seqs(Arc::clone(&seen)))]).unwrap();
+        let senders: Vec<_> = (0..4)
+            .map(|k| {
+                let outbox = outbox.clone();
+                std::thread::spawn(move || {
+                    for i in 0..250u32 {
+                        let addr = "127.0.0.1:9".parse().unwrap();
+                        let event = Event {
+                            device: format!("t{k}-{i}").into(),
+                            kind: EventKind::Online,
+                            at: crate::time::Instant::ZERO,
+                            deadline: None,
+                            addr,
+                            version: 1,
+                            boot: 1,
+                            heartbeat_seq: i,
+                        };
+                        outbox.send(Transition { seq: 0, event, wall: SystemTime::now() });
+                    }
+                })
+            })
+            .collect();
+        for sender in senders {
+            sender.join().unwrap();
+        }
+        drop(outbox.close());
+        publisher.join().unwrap();
+        let seen = seen.lock().unwrap();
+        assert_eq!(*seen, (1..=1000).collect::<Vec<u64>>(), "gap-free, and in the order the sinks see them");
     }
 }

@@ -185,7 +185,7 @@ const BATCHES_PER_WAKE: usize = 4;
 fn publish(tracker: &mut Tracker, shared: &Shared<'_>) {
     while let Some(event) = tracker.poll_event() {
         let wall = tracker.wall_time(event.at);
-        shared.outbox.send(Transition { event, wall });
+        shared.outbox.send(Transition { seq: 0, event, wall });
     }
 }
 

@@ -69,15 +69,26 @@ pub struct JsonLines {
 struct EventLine<'a> {
     /// RFC 3339 wall time, milliseconds.
     time: String,
+    /// The server-wide event sequence (a gap means lost events).
+    seq: u64,
     /// The device id.
     device: &'a str,
     /// `online` or `offline`.
     event: &'static str,
+    /// The device's version after this transition (+1 per transition).
+    version: u32,
     /// `expired` or `left`, for offline events.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'static str>,
+    /// For an expiry, the deadline that passed (RFC 3339, milliseconds).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deadline: Option<String>,
     /// The device's last known address.
     address: SocketAddr,
+    /// Boot epoch of the frame the transition rests on.
+    boot: u32,
+    /// Sequence number of that frame (the device's, not the event `seq`).
+    heartbeat_seq: u32,
 }
 
 impl JsonLines {
@@ -112,12 +123,21 @@ impl JsonLines {
             EventKind::Online => None,
             EventKind::Offline(reason) => Some(reason.name()),
         };
+        let deadline = event.deadline.map(|deadline| {
+            let passed = wall - event.at.saturating_duration_since(deadline);
+            humantime::format_rfc3339_millis(passed).to_string()
+        });
         let line = EventLine {
             time: humantime::format_rfc3339_millis(wall).to_string(),
+            seq: transition.seq,
             device: &event.device,
             event: event.kind.name(),
+            version: event.version,
             reason,
+            deadline,
             address: SocketAddr::from(wire::Addr::from(event.addr)),
+            boot: event.boot,
+            heartbeat_seq: event.heartbeat_seq,
         };
         // Serializing plain strings and numbers into a Vec cannot fail.
         if serde_json::to_writer(&mut self.pending, &line).is_ok() {
@@ -229,9 +249,17 @@ mod tests {
 
     fn event(device: &str, kind: EventKind) -> Transition {
         let addr = "127.0.0.1:9".parse().unwrap();
-        let event =
-            Event { device: device.into(), kind, at: crate::time::Instant::ZERO, deadline: None, addr };
-        Transition { event, wall: SystemTime::now() }
+        let event = Event {
+            device: device.into(),
+            kind,
+            at: crate::time::Instant::ZERO,
+            deadline: None,
+            addr,
+            version: 1,
+            boot: 1,
+            heartbeat_seq: 1,
+        };
+        Transition { seq: 0, event, wall: SystemTime::now() }
     }
 
     fn lines(path: &std::path::Path) -> Vec<String> {

@@ -23,6 +23,9 @@ pub use file::JsonLines;
 /// which it happened (the engine's monotonic time converted by the loop).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
+    /// The server-wide event sequence: +1 per transition, assigned as it
+    /// enters the queue, so one lost on the way leaves a gap a consumer sees.
+    pub seq: u64,
     /// What happened, with its monotonic time.
     pub event: Event,
     /// The wall time of `event.at`, for display and for the events file.

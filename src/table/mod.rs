@@ -332,6 +332,7 @@ impl PresenceTable {
         slot.payload = payload;
         slot.online = true;
         if !was_online {
+            slot.version = slot.version.saturating_add(1);
             self.offline.remove(&(old_last_seen, i as u32));
             self.offline_slots.remove(i);
             self.online_slots.insert(i);
@@ -367,7 +368,7 @@ impl PresenceTable {
             ttl_ms,
             interval_ms,
             heartbeats: 1,
-            flaps: 0,
+            version: 1,
             generation: 0,
             payload,
             online: true,
@@ -449,7 +450,7 @@ impl PresenceTable {
         }
         slot.online = false;
         slot.flags |= LEFT;
-        slot.flaps = slot.flaps.saturating_add(1);
+        slot.version = slot.version.saturating_add(1);
         // Its expiry entry is now stale.
         slot.generation = slot.generation.wrapping_add(1);
         let last_seen = slot.last_seen;
@@ -498,7 +499,7 @@ impl PresenceTable {
             }
             let slot = &mut self.slots[i as usize];
             slot.online = false;
-            slot.flaps = slot.flaps.saturating_add(1);
+            slot.version = slot.version.saturating_add(1);
             let last_seen = slot.last_seen;
             self.online -= 1;
             self.online_slots.remove(i as usize);

@@ -69,8 +69,10 @@ pub(super) struct Slot {
     pub(super) interval_ms: u32,
     /// Heartbeats accepted (saturating).
     pub(super) heartbeats: u32,
-    /// Times it went offline (saturating).
-    pub(super) flaps: u32,
+    /// Its transitions so far: 1 when it first came online, +1 with every
+    /// transition after (online and offline alternate, so it is odd while
+    /// online, and the times it went offline are `version / 2`).
+    pub(super) version: u32,
     /// Which `expiry` entry is this slot's: others are stale.
     pub(super) generation: u32,
     /// Index into `payloads` of its last payload; 0 for none.
@@ -115,7 +117,7 @@ impl std::fmt::Debug for Entry<'_> {
             .field("addr", &self.addr())
             .field("window", &self.slot.window)
             .field("heartbeats", &self.slot.heartbeats)
-            .field("flaps", &self.slot.flaps)
+            .field("version", &self.slot.version)
             .field("payload", &self.payload())
             .finish()
     }
@@ -188,7 +190,14 @@ impl<'t> Entry<'t> {
 
     /// Times it went offline.
     pub fn flaps(&self) -> u32 {
-        self.slot.flaps
+        self.slot.version / 2
+    }
+
+    /// Its transitions so far, the version of its latest one: 1 for its
+    /// first `online`, +1 with each transition after. Consumers order and
+    /// dedupe a device's events by it.
+    pub fn version(&self) -> u32 {
+        self.slot.version
     }
 }
 

@@ -56,12 +56,17 @@ impl Tracker {
         self.counters.bump(Count::Heartbeats);
         // A device that came online was just admitted (or held), so its id is UTF-8.
         if let Some(device) = came_online.then(|| std::str::from_utf8(hb.device).ok()).flatten() {
+            // Rare (a transition): one more lookup for the version.
+            let version = self.table.get(device).map_or(1, |entry| entry.version());
             self.events.push_back(Event {
                 device: device.into(),
                 kind: EventKind::Online,
                 at: now,
                 deadline: None,
                 addr: from,
+                version,
+                boot: hb.boot,
+                heartbeat_seq: hb.seq,
             });
         }
         if hb.flags & wire::FLAG_ACK == 0 {
@@ -90,13 +95,16 @@ impl Tracker {
         let signed = self.authenticate_device(leave.device.as_bytes(), tag)?;
         let left = self.table.leave(leave.device, leave.boot, leave.seq, signed).map_err(refusal)?;
         if let Some(entry) = left {
-            let addr = entry.addr();
+            let (addr, version) = (entry.addr(), entry.version());
             self.events.push_back(Event {
                 device: leave.device.into(),
                 kind: EventKind::Offline(OfflineReason::Left),
                 at: now,
                 deadline: None,
                 addr,
+                version,
+                boot: leave.boot,
+                heartbeat_seq: leave.seq,
             });
         }
         self.counters.bump(Count::Leaves);

@@ -185,6 +185,9 @@ impl Tracker {
                 at: now,
                 deadline: Some(entry.due()),
                 addr: entry.addr(),
+                version: entry.version(),
+                boot: entry.window().boot(),
+                heartbeat_seq: entry.window().top(),
             });
         });
     }

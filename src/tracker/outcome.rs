@@ -39,6 +39,14 @@ pub struct Event {
     pub deadline: Option<Instant>,
     /// The device's last known address.
     pub addr: SocketAddr,
+    /// The device's version after this transition: 1 for its first online,
+    /// +1 with each transition after, never back while the server holds it.
+    pub version: u32,
+    /// The boot epoch of the frame the transition rests on (the newest
+    /// heartbeat or leave seen).
+    pub boot: u32,
+    /// The sequence number of that frame (not the server's event sequence).
+    pub heartbeat_seq: u32,
 }
 
 /// One thing the engine counts. The one list of counters: the engine, the

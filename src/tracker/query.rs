@@ -272,6 +272,7 @@ fn device_info<'e>(
             seq: entry.window().top(),
             heartbeats: entry.heartbeats(),
             flaps: entry.flaps(),
+            version: entry.version(),
         },
         payload: entry.payload(),
         offline_reason: match entry.offline_reason() {

@@ -399,3 +399,49 @@ fn paging_through_a_list_that_changes_between_pages() {
     }
     assert!(left.len() >= 8, "the list really changed");
 }
+
+/// Issue 11, part 1: every transition carries the device's version, +1 per
+/// transition, and the (boot, seq) it rests on; an expiry its deadline.
+#[test]
+fn events_carry_versions_that_rise_by_one_per_device() {
+    let mut sim = Sim::new(Config::default()); // interval 1 s: TTL 3 s
+    let mut versions = Vec::new();
+    let mut seen = |sim: &mut Sim| {
+        while let Some(event) = sim.tracker.poll_event() {
+            versions.push((
+                event.device.to_string(),
+                event.version,
+                event.kind,
+                event.boot,
+                event.heartbeat_seq,
+            ));
+            if let EventKind::Offline(OfflineReason::Expired) = event.kind {
+                assert!(event.deadline.is_some_and(|deadline| deadline <= event.at));
+            }
+        }
+    };
+    sim.beat("a", 1, 1000, 0); // online, v1
+    sim.beat("b", 1, 1000, 0); // online, v1
+    seen(&mut sim);
+    sim.at(3000);
+    sim.tracker.handle_timeout(sim.now); // both expire, v2
+    seen(&mut sim);
+    sim.at(4000);
+    sim.beat("a", 2, 1000, 0); // back online, v3
+    sim.send(Message::Leave(Leave { device: "a", boot: 1, seq: 3, tag: None })); // left, v4
+    seen(&mut sim);
+    let of =
+        |id: &str| versions.iter().filter(|v| v.0 == id).map(|v| (v.1, v.2, v.3, v.4)).collect::<Vec<_>>();
+    assert_eq!(
+        of("a"),
+        [
+            (1, EventKind::Online, 1, 1),
+            (2, EventKind::Offline(OfflineReason::Expired), 1, 1),
+            (3, EventKind::Online, 1, 2),
+            (4, EventKind::Offline(OfflineReason::Left), 1, 3),
+        ]
+    );
+    assert_eq!(of("b").iter().map(|v| v.0).collect::<Vec<_>>(), [1, 2]);
+    let entry = sim.tracker.table().get("a").unwrap();
+    assert_eq!((entry.version(), entry.flaps()), (4, 2));
+}

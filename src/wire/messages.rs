@@ -213,6 +213,9 @@ pub struct DeviceNumbers {
     pub heartbeats: u64,
     /// Times it went offline since the server started.
     pub flaps: u32,
+    /// The version of its latest transition (1 for its first online, +1
+    /// with each transition after), as in the events.
+    pub version: u32,
 }
 
 /// [`DeviceInfo::offline_reason`] of a device that is online.

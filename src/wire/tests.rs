@@ -27,6 +27,7 @@ fn vector_info() -> DeviceInfo<'static> {
             seq: 8,
             heartbeats: 8,
             flaps: 0,
+            version: 1,
         },
         payload: b"ok",
         offline_reason: 0,
@@ -112,7 +113,7 @@ fn test_vectors() {
     );
     check_vector(
         Message::Status(Status { request: 4, body: StatusBody::Device(vector_info()) }),
-        "0103040002643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b00",
+        "0103040002643101007f00000188270a80d095ffbc31a09c01b0ea01904e0708080001026f6b00",
     );
     let mut entry_buf = [0u8; 128];
     let mut entries = RecordWriter::new(&mut entry_buf);
@@ -122,7 +123,7 @@ fn test_vectors() {
             request: 9,
             body: StatusBody::Page(Page { next_cursor: None, matched: 1, entries: entries.finish() }),
         }),
-        "0103090300012202643101007f00000188270a80d095ffbc31a09c01b0ea01904e07080800026f6b00",
+        "0103090300012302643101007f00000188270a80d095ffbc31a09c01b0ea01904e0708080001026f6b00",
     );
     check_vector(
         Message::Ack(Ack { boot: 7, seq: 8, interval_ms: 10_000, ttl_ms: 30_000 }),
@@ -297,6 +298,7 @@ impl OwnedInfo {
                 seq,
                 heartbeats,
                 flaps,
+                version: flaps.wrapping_mul(2).wrapping_add(u32::from(self.online)),
             },
             payload: &self.payload,
             offline_reason: if self.online { 0 } else { (flaps % 3) as u8 },
