@@ -162,24 +162,11 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tracker::Event;
     use std::sync::Mutex;
     use std::sync::mpsc::channel;
-    use std::time::SystemTime;
 
     fn transition(i: usize) -> Transition {
-        let addr = "127.0.0.1:9".parse().unwrap();
-        let event = Event {
-            device: format!("d{i}").into(),
-            kind: EventKind::Online,
-            at: crate::time::Instant::ZERO,
-            deadline: None,
-            addr,
-            version: 1,
-            boot: 1,
-            heartbeat_seq: 1,
-        };
-        Transition { seq: 0, event, wall: SystemTime::now() }
+        Transition::for_test(&format!("d{i}"), EventKind::Online)
     }
 
     /// A sink that holds its first batch until released, and counts what it got.
@@ -224,9 +211,7 @@ mod tests {
 #[cfg(test)]
 mod sequence_tests {
     use super::*;
-    use crate::tracker::Event;
     use std::sync::Mutex;
-    use std::time::SystemTime;
 
     /// A sink that keeps the sequence numbers it sees.
     struct Seqs(Arc<Mutex<Vec<u64>>>);
@@ -246,18 +231,9 @@ mod sequence_tests {
                 let outbox = outbox.clone();
                 std::thread::spawn(move || {
                     for i in 0..250u32 {
-                        let addr = "127.0.0.1:9".parse().unwrap();
-                        let event = Event {
-                            device: format!("t{k}-{i}").into(),
-                            kind: EventKind::Online,
-                            at: crate::time::Instant::ZERO,
-                            deadline: None,
-                            addr,
-                            version: 1,
-                            boot: 1,
-                            heartbeat_seq: i,
-                        };
-                        outbox.send(Transition { seq: 0, event, wall: SystemTime::now() });
+                        let mut transition = Transition::for_test(&format!("t{k}-{i}"), EventKind::Online);
+                        transition.event.heartbeat_seq = i;
+                        outbox.send(transition);
                     }
                 })
             })

@@ -244,22 +244,9 @@ fn ends_torn(file: &File) -> io::Result<bool> {
 mod tests {
     use super::*;
     use crate::table::OfflineReason;
-    use crate::tracker::Event;
-    use std::time::SystemTime;
 
     fn event(device: &str, kind: EventKind) -> Transition {
-        let addr = "127.0.0.1:9".parse().unwrap();
-        let event = Event {
-            device: device.into(),
-            kind,
-            at: crate::time::Instant::ZERO,
-            deadline: None,
-            addr,
-            version: 1,
-            boot: 1,
-            heartbeat_seq: 1,
-        };
-        Transition { seq: 0, event, wall: SystemTime::now() }
+        Transition::for_test(device, kind)
     }
 
     fn lines(path: &std::path::Path) -> Vec<String> {

@@ -32,6 +32,25 @@ pub struct Transition {
     pub wall: SystemTime,
 }
 
+impl Transition {
+    /// A transition of `device` to `kind`, version 1, not numbered yet
+    /// (the sinks' and the queue's tests build them this way).
+    #[cfg(test)]
+    pub(crate) fn for_test(device: &str, kind: crate::tracker::EventKind) -> Transition {
+        let event = Event {
+            device: device.into(),
+            kind,
+            at: crate::time::Instant::ZERO,
+            deadline: None,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 9)),
+            version: 1,
+            boot: 1,
+            heartbeat_seq: 1,
+        };
+        Transition { seq: 0, event, wall: SystemTime::now() }
+    }
+}
+
 /// A destination for transitions. Called from the publisher thread only, so
 /// a sink may block or fail without touching the receive loops.
 pub trait Sink: Send {
