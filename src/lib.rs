@@ -18,6 +18,8 @@
 //!   datagrams and the current time as arguments and returns replies and
 //!   online/offline transitions as values; it never reads a clock or touches
 //!   a socket.
+//! - `state` (pure): the `--state` file format, a snapshot of every held
+//!   device; the engine writes and restores it, the server does the file IO.
 //! - `limit` (pure): query rate limits and the memory of answered signed queries.
 //! - `shard` (pure): which thread owns a device under `--threads N`, and
 //!   where a datagram that arrived on another thread's socket must go.
@@ -64,6 +66,8 @@ pub mod server;
 pub mod shard;
 #[cfg(feature = "server")]
 pub mod sink;
+#[cfg(feature = "engine")]
+pub mod state;
 #[cfg(feature = "engine")]
 pub mod table;
 #[cfg(feature = "std")]

@@ -355,13 +355,8 @@ impl PresenceTable {
         ttl_ms: u32,
         interval_ms: u32,
     ) -> Result<(), Refusal> {
-        if self.known >= self.max_devices {
-            self.forget_oldest_offline().ok_or(Refusal::OverCapacity)?;
-        }
-        let id = self.make_id(device);
-        let payload = self.store_payload(0, beat.payload);
         let slot = Slot {
-            id,
+            id: SlotId([0; INLINE_ID + 1]),
             last_seen: now_us,
             window: ReplayWindow::new(beat.boot, beat.seq),
             addr: beat.addr.into(),
@@ -370,10 +365,24 @@ impl PresenceTable {
             heartbeats: 1,
             version: 1,
             generation: 0,
-            payload,
+            payload: 0,
             online: true,
             flags: if beat.signed { SIGNED } else { 0 },
         };
+        self.insert(device, slot, beat.payload).map(|_| ())
+    }
+
+    /// Puts a device the table does not hold into a slot, with `slot`'s
+    /// record (its id and payload fields are set here), and files it as
+    /// online or offline. Makes room as [`PresenceTable::admit`] does.
+    fn insert(&mut self, device: &str, slot: Slot, payload: &[u8]) -> Result<usize, Refusal> {
+        if self.known >= self.max_devices {
+            self.forget_oldest_offline().ok_or(Refusal::OverCapacity)?;
+        }
+        let id = self.make_id(device);
+        let payload = self.store_payload(0, payload);
+        let slot = Slot { id, payload, ..slot };
+        let (online, deadline, last_seen) = (slot.online, slot.deadline(), slot.last_seen);
         let i = match self.free_slots.pop() {
             Some(i) => {
                 let generation = self.slots[i as usize].generation;
@@ -388,14 +397,51 @@ impl PresenceTable {
                 self.slots.len() - 1
             }
         };
-        self.online_slots.insert(i);
         self.held_slots.insert(i);
         self.index.insert(self.hasher.hash_one(device.as_bytes()), i as u32);
         self.known += 1;
-        self.online += 1;
-        let deadline = now_us + u64::from(ttl_ms) * 1000;
-        self.file(i, deadline);
-        Ok(())
+        if online {
+            self.online_slots.insert(i);
+            self.online += 1;
+            self.file(i, deadline);
+        } else {
+            self.offline_slots.insert(i);
+            self.offline.insert((last_seen, i as u32));
+        }
+        Ok(i)
+    }
+
+    /// Puts back a device as a snapshot kept it (see [`Held`]). Returns
+    /// `Ok(false)`, changing nothing, if the table already holds the id (a
+    /// snapshot taken while the table changed may list a device twice; the
+    /// first record wins). Refuses a device when the table is full of online
+    /// devices, as a heartbeat would be refused.
+    pub fn restore(&mut self, held: &Held<'_>) -> Result<bool, Refusal> {
+        if held.id.is_empty() {
+            return Err(Refusal::BadId);
+        }
+        if self.find(held.id.as_bytes()).is_some() {
+            return Ok(false);
+        }
+        let mut flags = if held.signed { SIGNED } else { 0 };
+        if held.left {
+            flags |= LEFT;
+        }
+        let slot = Slot {
+            id: SlotId([0; INLINE_ID + 1]),
+            last_seen: self.micros(held.last_seen),
+            window: held.window,
+            addr: held.addr.into(),
+            ttl_ms: held.ttl_ms,
+            interval_ms: held.interval_ms,
+            heartbeats: held.heartbeats,
+            version: held.version,
+            generation: 0,
+            payload: 0,
+            online: held.online,
+            flags,
+        };
+        self.insert(held.id, slot, held.payload).map(|_| true)
     }
 
     /// Removes the offline device silent the longest, if there is one.
@@ -585,7 +631,7 @@ mod levels;
 mod slot;
 mod window;
 
-pub use slot::Entry;
+pub use slot::{Entry, Held};
 use slot::{INLINE_ID, LEFT, LONG_ID, SIGNED, Slot, SlotId, check_frame, whole_millis};
 pub use window::{REPLAY_WINDOW, ReplayWindow};
 #[cfg(test)]

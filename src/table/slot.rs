@@ -201,6 +201,60 @@ impl<'t> Entry<'t> {
     }
 }
 
+/// Everything the table holds about one device, as a snapshot keeps it and
+/// [`PresenceTable::restore`] puts it back. The deadline of an online
+/// device is `last_seen + ttl_ms`; a caller that restores a device whose
+/// deadline must move (the server was down) sets `last_seen` and `ttl_ms`
+/// so that their sum is the new deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    /// The device id (never empty).
+    pub id: &'a str,
+    /// Whether it is online.
+    pub online: bool,
+    /// Whether it went offline by leaving (not by expiring).
+    pub left: bool,
+    /// Whether it has sent a signed frame (unsigned ones are refused since).
+    pub signed: bool,
+    /// The (boot, seq) pairs seen.
+    pub window: ReplayWindow,
+    /// When its last heartbeat arrived.
+    pub last_seen: Instant,
+    /// The TTL applied at its last heartbeat, in milliseconds.
+    pub ttl_ms: u32,
+    /// The interval it declared at its last heartbeat, in milliseconds.
+    pub interval_ms: u32,
+    /// Heartbeats accepted from it.
+    pub heartbeats: u32,
+    /// Its version (transitions so far).
+    pub version: u32,
+    /// Source address of its last heartbeat.
+    pub addr: SocketAddr,
+    /// Payload of its last heartbeat.
+    pub payload: &'a [u8],
+}
+
+impl<'t> Entry<'t> {
+    /// This device as a snapshot keeps it, under `id` (the id the listing gave).
+    pub fn held(&self, id: &'t str) -> Held<'t> {
+        let slot = self.slot;
+        Held {
+            id,
+            online: slot.online,
+            left: slot.flags & LEFT != 0,
+            signed: slot.flags & SIGNED != 0,
+            window: slot.window,
+            last_seen: self.last_seen(),
+            ttl_ms: slot.ttl_ms,
+            interval_ms: slot.interval_ms,
+            heartbeats: slot.heartbeats,
+            version: slot.version,
+            addr: self.addr(),
+            payload: self.payload(),
+        }
+    }
+}
+
 /// Checks a heartbeat's or leave's signature state and (boot, seq) against
 /// `slot`. Returns whether the frame starts a fresh replay window: the first
 /// signed frame of a device known only from unsigned ones.

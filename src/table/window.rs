@@ -25,6 +25,19 @@ impl ReplayWindow {
         ReplayWindow { boot, top: seq, seen: 1 }
     }
 
+    /// A window as [`ReplayWindow::boot`], [`ReplayWindow::top`] and
+    /// [`ReplayWindow::seen`] describe it (as a snapshot keeps it). `top`
+    /// itself always counts as seen.
+    pub fn from_parts(boot: u32, top: u32, seen: u64) -> Self {
+        ReplayWindow { boot, top, seen: seen | 1 }
+    }
+
+    /// Which of the [`REPLAY_WINDOW`] seqs up to `top` have been seen: bit
+    /// `i` stands for `top - i`.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
     /// The newest boot epoch seen.
     pub fn boot(&self) -> u32 {
         self.boot

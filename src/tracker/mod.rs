@@ -32,10 +32,12 @@ mod access;
 mod config;
 mod device;
 mod outcome;
+mod persist;
 mod query;
 
 pub use config::{AuthMode, Config, ConfigError, Keys, MAX_TTL, MIN_TTL};
 pub use outcome::{Count, Counters, Event, EventKind, Handled, Totals};
+pub use persist::Restored;
 pub use query::{LIST_SCAN_LIMIT, NEEDED_HEADROOM};
 
 /// Which shard an engine is, of how many (`--threads N`: shard `index` of
@@ -83,7 +85,9 @@ impl Tracker {
         config.validate()?;
         let gate = QueryGate::new(config.query_rate, config.query_burst, config.max_query_sources);
         Ok(Tracker {
-            table: PresenceTable::new(config.max_devices, now),
+            // Epoch zero, not `now`: a restored device may have been seen
+            // before this engine started (see `persist`).
+            table: PresenceTable::new(config.max_devices, Instant::ZERO),
             gate: Arc::new(Mutex::new(gate)),
             config,
             counters: Counters::default(),
@@ -300,6 +304,8 @@ mod test_prelude {
 }
 #[cfg(test)]
 mod hardening_tests;
+#[cfg(test)]
+mod persist_tests;
 #[cfg(test)]
 mod security_tests;
 #[cfg(test)]
