@@ -91,8 +91,11 @@ impl Sub<Instant> for Instant {
 #[cfg(feature = "std")]
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
-    /// The real instant that is the engine's origin.
+    /// The real instant at which engine time reads `offset`.
     origin: std::time::Instant,
+    /// Engine time at `origin`, in microseconds: zero, or the history a
+    /// restored table needs (see [`Clock::with_history`]).
+    offset: u64,
 }
 
 #[cfg(feature = "std")]
@@ -104,12 +107,21 @@ impl Clock {
 
     /// A clock whose origin (engine time zero) is the real instant `origin`.
     pub fn from_origin(origin: std::time::Instant) -> Clock {
-        Clock { origin }
+        Clock { origin, offset: 0 }
+    }
+
+    /// A clock that reads `history` now (reads the real clock), so that
+    /// engine instants up to `history` in the past exist. A server that
+    /// restores devices seen before it started needs them: engine time
+    /// cannot go below zero, and the real monotonic clock may not reach
+    /// back that far (it starts at boot).
+    pub fn with_history(history: Duration) -> Clock {
+        Clock { origin: std::time::Instant::now(), offset: micros_of(history) }
     }
 
     /// The engine instant of a real one (the origin for earlier ones).
     pub fn instant(&self, at: std::time::Instant) -> Instant {
-        Instant::from_micros(micros_of(at.saturating_duration_since(self.origin)))
+        Instant::from_micros(self.offset.saturating_add(micros_of(at.saturating_duration_since(self.origin))))
     }
 
     /// The engine instant now (reads the real clock).
@@ -117,9 +129,9 @@ impl Clock {
         self.instant(std::time::Instant::now())
     }
 
-    /// The real instant of an engine one.
+    /// The real instant of an engine one (the origin for instants before it).
     pub fn to_std(&self, at: Instant) -> std::time::Instant {
-        self.origin + Duration::from_micros(at.as_micros())
+        self.origin + Duration::from_micros(at.as_micros().saturating_sub(self.offset))
     }
 }
 
@@ -148,5 +160,16 @@ mod tests {
         let back = clock.to_std(engine);
         assert!(real.saturating_duration_since(back) < Duration::from_micros(1));
         assert_eq!(clock.instant(clock.to_std(Instant::from_micros(42))), Instant::from_micros(42));
+    }
+
+    #[test]
+    fn a_clock_with_history_starts_late_and_converts_both_ways() {
+        let day = Duration::from_secs(86_400);
+        let clock = Clock::with_history(day);
+        let now = clock.now();
+        assert!(now >= Instant::ZERO + day && now < Instant::ZERO + day + Duration::from_secs(60));
+        let later = now + Duration::from_millis(5);
+        assert_eq!(clock.instant(clock.to_std(later)), later);
+        assert_eq!(clock.to_std(Instant::ZERO), clock.to_std(Instant::ZERO + day));
     }
 }

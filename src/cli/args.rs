@@ -150,6 +150,20 @@ pub(crate) struct ServeArgs {
     /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id (--max-devices is split evenly).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
     pub(crate) threads: u16,
+    /// Keep the devices, their replay windows and versions, and the event sequence in this file across restarts: written every --state-every and at SIGTERM/SIGINT, restored at start.
+    #[arg(long, value_name = "PATH", env = "PRESENCE_STATE")]
+    pub(crate) state: Option<PathBuf>,
+    /// Time between state snapshots (with --state); a crash loses at most this much history.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_state_every, requires = "state", env = "PRESENCE_STATE_EVERY")]
+    pub(crate) state_every: Duration,
+}
+
+fn parse_state_every(s: &str) -> Result<Duration, String> {
+    let every = parse_duration(s)?;
+    if every < Duration::from_millis(100) {
+        return Err(format!("'{s}' is too short: snapshots at most every 100ms"));
+    }
+    Ok(every)
 }
 
 pub(crate) fn parse_net(s: &str) -> Result<Option<IpNet>, String> {

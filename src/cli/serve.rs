@@ -2,11 +2,11 @@
 
 use std::io::{self, BufWriter};
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
-use presence::server::{self, Stop};
+use presence::server::{self, Options, StateOptions, Stop, state};
 use presence::sink::{JsonLines, Sink};
 use presence::time::Clock;
 use presence::tracker::{AuthMode, Config, ConfigError, Keys, Totals, Tracker};
@@ -118,11 +118,31 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
     let stop = Stop::new();
     let signal_stop = stop.clone();
     on_signal(move || signal_stop.stop())?;
-    let clock = Clock::start();
-    let trackers = Tracker::new_sharded(config, group.len(), clock.now(), SystemTime::now())?;
+    // Engine time starts a year in: restored devices may have been seen
+    // before this process started.
+    let clock = Clock::with_history(HISTORY);
+    let (now, wall) = (clock.now(), SystemTime::now());
+    let (trackers, options) = match &args.state {
+        None => (Tracker::new_sharded(config, group.len(), now, wall)?, Options::default()),
+        Some(path) => {
+            state::check_writable(path).with_context(|| {
+                format!(
+                    "cannot write the state file {} (check that its directory exists and is writable)",
+                    path.display()
+                )
+            })?;
+            let recovered = state::restore(path, config, group.len(), now, wall)?;
+            log_recovered(&recovered);
+            let options = Options {
+                state: Some(StateOptions { path: path.clone(), every: args.state_every }),
+                event_seq: recovered.event_seq,
+            };
+            (recovered.trackers, options)
+        }
+    };
     let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
     let finished =
-        server::run_sharded(&sockets, trackers, clock, &stop, sinks).context("server loop failed")?;
+        server::run_with(&sockets, trackers, clock, &stop, sinks, options).context("server loop failed")?;
     let mut totals = Totals::default();
     for tracker in &finished.trackers {
         totals.add(&tracker.totals());
@@ -133,7 +153,34 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         heartbeats = totals.counters.heartbeats(),
         dropped = totals.counters.total_drops(),
         handed_over = finished.handed_over,
+        event_seq = finished.event_seq,
         "stopped"
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// How far back engine time reaches: a restored device seen longer ago
+/// than this shows as seen this long ago.
+const HISTORY: Duration = Duration::from_secs(366 * 86_400);
+
+fn log_recovered(recovered: &state::Recovered) {
+    let Some(from) = &recovered.from else {
+        tracing::info!("no state file yet: starting empty");
+        return;
+    };
+    let r = recovered.restored;
+    let age = recovered.written.and_then(|w| SystemTime::now().duration_since(w).ok()).unwrap_or_default();
+    tracing::info!(
+        file = %from.display(),
+        devices = r.devices,
+        online = r.online,
+        graced = r.graced,
+        event_seq = recovered.event_seq,
+        clean = recovered.clean,
+        age = %humantime::format_duration(Duration::from_secs(age.as_secs())),
+        "state restored"
+    );
+    if r.refused > 0 {
+        tracing::warn!(refused = r.refused, "devices of the state file did not fit in --max-devices");
+    }
 }

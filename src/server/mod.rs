@@ -20,6 +20,7 @@
 
 use std::io;
 use std::net::UdpSocket;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::sink::Sink;
@@ -33,11 +34,13 @@ mod handover;
 mod publish;
 mod run;
 mod shared;
+pub mod state;
 mod stop;
 mod wait;
 
 pub use bind::{Bound, bind, bind_group, steer_by_id};
 pub use publish::QUEUE as EVENTS_QUEUE;
+pub use state::StateOptions;
 pub use stop::Stop;
 
 use run::worker;
@@ -104,6 +107,22 @@ pub struct Finished {
     pub handed_over: u64,
     /// Transitions that did not reach every sink (queue full, or a sink failed).
     pub events_lost: u64,
+    /// The last event sequence number given out.
+    pub event_seq: u64,
+    /// Snapshots written (`--state`), the last one at stop included.
+    pub snapshots_written: u64,
+    /// Snapshots that could not be written.
+    pub snapshots_failed: u64,
+}
+
+/// How [`run_with`] runs, beyond sockets, engines and sinks.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Keep the state in a file: periodic snapshots, and one at stop.
+    pub state: Option<StateOptions>,
+    /// The last event sequence number given out before (from the restored
+    /// state; 0 for a fresh start). The first transition gets the next.
+    pub event_seq: u64,
 }
 
 /// Runs one loop per socket, each on its own thread (the first on the
@@ -123,6 +142,21 @@ pub fn run_sharded(
     stop: &Stop,
     sinks: Vec<Box<dyn Sink>>,
 ) -> Result<Finished, ServerError> {
+    run_with(sockets, trackers, clock, stop, sinks, Options::default())
+}
+
+/// [`run_sharded`] with [`Options`]: with `options.state`, the loops take
+/// a snapshot every `every` (a chunk per turn; a thread of its own writes
+/// the file), and the stopping thread writes the last one once the loops
+/// and the publisher are done (see [`state`]).
+pub fn run_with(
+    sockets: &[UdpSocket],
+    trackers: Vec<Tracker>,
+    clock: Clock,
+    stop: &Stop,
+    sinks: Vec<Box<dyn Sink>>,
+    options: Options,
+) -> Result<Finished, ServerError> {
     let shards = sockets.len();
     let numbered = trackers
         .iter()
@@ -131,7 +165,19 @@ pub fn run_sharded(
     if shards == 0 || trackers.len() != shards || !numbered {
         return Err(ServerError::Engines { sockets: shards, engines: trackers.len() });
     }
-    let (outbox, publisher) = publish::start(sinks)?;
+    let (outbox, publisher) = publish::start(sinks, options.event_seq)?;
+    let stats = Arc::new(state::SnapshotStats::default());
+    // Each loop's share of the periodic snapshots, and the thread that writes them.
+    let (mut turns, writer): (Vec<Option<state::Turn>>, _) = match &options.state {
+        Some(state) => {
+            let (parts, thread) =
+                state::start_writer(state.path.clone(), shards, outbox.seq_reader(), Arc::clone(&stats))?;
+            let start = clock.now();
+            let turns = (0..shards).map(|k| Some(state::Turn::new(parts.clone(), k, start, state.every)));
+            (turns.collect(), Some(thread))
+        }
+        None => ((0..shards).map(|_| None).collect(), None),
+    };
     let shared = Shared::new(sockets.len(), outbox, stop, clock)?;
     for (k, tracker) in trackers.iter().enumerate() {
         shared.stats[k].store(&tracker.totals());
@@ -142,9 +188,10 @@ pub fn run_sharded(
         let mut others = Vec::new();
         for (k, (socket, tracker)) in (1..).zip(sockets[1..].iter().zip(trackers)) {
             let shared = &shared;
+            let turn = turns[k].take();
             let thread = std::thread::Builder::new()
                 .name(format!("presence-{k}"))
-                .spawn_scoped(scope, move || worker(shared, k, socket, tracker));
+                .spawn_scoped(scope, move || worker(shared, k, socket, tracker, turn));
             match thread {
                 Ok(thread) => others.push(thread),
                 Err(e) => {
@@ -153,17 +200,56 @@ pub fn run_sharded(
                 }
             }
         }
-        let mut results = vec![worker(&shared, 0, &sockets[0], first)];
+        let mut results = vec![worker(&shared, 0, &sockets[0], first, turns[0].take())];
         for thread in others {
             results.push(thread.join().unwrap_or(Err(ServerError::Panicked("receive"))));
         }
         results.into_iter().collect::<Result<Vec<Tracker>, ServerError>>()
     });
-    // Every loop is done: closing the queue lets the publisher finish what
+    // Every loop is done (and has dropped its share of the snapshots, so
+    // the writer ends). Closing the queue lets the publisher finish what
     // is queued and return.
+    if let Some(writer) = writer {
+        writer.join().map_err(|_| ServerError::Panicked("state"))?;
+    }
     let handed_over = shared.handed_over.load(Ordering::Relaxed);
-    let lost = shared.into_outbox().close();
+    let outbox = shared.into_outbox();
+    let event_seq = outbox.last_seq();
+    let lost = outbox.close();
     drop(publisher.join().map_err(|_| ServerError::Panicked("publisher"))?);
     let trackers = result?;
-    Ok(Finished { trackers, handed_over, events_lost: lost.total() })
+    if let Some(state) = &options.state {
+        save_at_stop(state, &trackers, event_seq, &stats);
+    }
+    Ok(Finished {
+        trackers,
+        handed_over,
+        events_lost: lost.total(),
+        event_seq,
+        snapshots_written: stats.written.load(Ordering::Relaxed),
+        snapshots_failed: stats.failed.load(Ordering::Relaxed),
+    })
+}
+
+/// The last snapshot, written once nothing changes any more. A failure is
+/// logged and counted: the server is stopping either way.
+fn save_at_stop(state: &StateOptions, trackers: &[Tracker], event_seq: u64, stats: &state::SnapshotStats) {
+    let started = std::time::Instant::now();
+    match state::write_now(&state.path, trackers, event_seq) {
+        Ok((bytes, records)) => {
+            stats.written.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                file = %state.path.display(),
+                devices = records,
+                bytes,
+                event_seq,
+                took = ?started.elapsed(),
+                "state saved"
+            );
+        }
+        Err(e) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(file = %state.path.display(), error = %e, "cannot save the state at stop");
+        }
+    }
 }

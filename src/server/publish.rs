@@ -66,6 +66,18 @@ impl Outbox {
         }
     }
 
+    /// The last sequence number given out.
+    pub(super) fn last_seq(&self) -> u64 {
+        *self.seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads the last sequence number given out, from any thread, without
+    /// keeping the queue open.
+    pub(super) fn seq_reader(&self) -> impl Fn() -> u64 + Send + 'static {
+        let seq = Arc::clone(&self.seq);
+        move || *seq.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Transitions lost so far, whichever way.
     pub(super) fn lost(&self) -> u64 {
         self.lost.total()
@@ -99,14 +111,15 @@ pub(super) type Publisher = std::thread::JoinHandle<Vec<Box<dyn Sink>>>;
 
 /// Starts the publisher thread for `sinks`. It runs until every [`Outbox`]
 /// clone is dropped, then publishes what is left and returns the sinks.
-pub(super) fn start(sinks: Vec<Box<dyn Sink>>) -> std::io::Result<(Outbox, Publisher)> {
+/// The first transition gets sequence number `last_seq + 1`.
+pub(super) fn start(sinks: Vec<Box<dyn Sink>>, last_seq: u64) -> std::io::Result<(Outbox, Publisher)> {
     let (queue, received) = sync_channel(QUEUE);
     let lost = Arc::new(Lost::default());
     let publisher_lost = Arc::clone(&lost);
     let thread = std::thread::Builder::new()
         .name("presence-publish".into())
         .spawn(move || publish(received, sinks, &publisher_lost))?;
-    Ok((Outbox { queue, seq: Arc::default(), lost }, thread))
+    Ok((Outbox { queue, seq: Arc::new(std::sync::Mutex::new(last_seq)), lost }, thread))
 }
 
 /// The publisher: batches from the queue to every sink.
@@ -189,7 +202,7 @@ mod tests {
         let (release, held) = channel();
         let got = Arc::new(AtomicU64::new(0));
         let sink = Stalled { release: Mutex::new(Some(held)), got: Arc::clone(&got) };
-        let (outbox, publisher) = start(vec![Box::new(sink)]).unwrap();
+        let (outbox, publisher) = start(vec![Box::new(sink)], 0).unwrap();
         // The publisher holds one batch (at most BATCH) while the queue fills.
         let sent = QUEUE + BATCH + 1000;
         for i in 0..sent {
@@ -225,7 +238,7 @@ mod sequence_tests {
     #[test]
     fn transitions_are_numbered_one_by_one_in_queue_order_across_threads() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (outbox, publisher) = start(vec![Box::new(Seqs(Arc::clone(&seen)))]).unwrap();
+        let (outbox, publisher) = start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0).unwrap();
         let senders: Vec<_> = (0..4)
             .map(|k| {
                 let outbox = outbox.clone();

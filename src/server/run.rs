@@ -12,6 +12,7 @@ use super::batch::{BATCH, Batch};
 use super::drops::DropWarnings;
 use super::handover::Parcel;
 use super::shared::Shared;
+use super::state::Turn;
 use super::wait::{ReadTimeout, Ready, Timer, Waiter, far_wait};
 use crate::shard::{self, Route};
 use crate::sink::Transition;
@@ -24,8 +25,9 @@ pub(super) fn worker(
     me: usize,
     socket: &UdpSocket,
     mut tracker: Tracker,
+    snapshots: Option<Turn>,
 ) -> Result<Tracker, super::ServerError> {
-    let result = serve(shared, me, socket, &mut tracker);
+    let result = serve(shared, me, socket, &mut tracker, snapshots);
     if result.is_err() {
         // The other loops must not go on without this shard.
         shared.stop.stop();
@@ -33,7 +35,13 @@ pub(super) fn worker(
     result.map(|()| tracker).map_err(super::ServerError::Io)
 }
 
-fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Tracker) -> io::Result<()> {
+fn serve(
+    shared: &Shared<'_>,
+    me: usize,
+    socket: &UdpSocket,
+    tracker: &mut Tracker,
+    mut snapshots: Option<Turn>,
+) -> io::Result<()> {
     let shards = shared.inboxes.len();
     // One shard may block in the receive call itself while its next deadline
     // is far (see `far_wait`); the socket is then in blocking mode and every
@@ -61,7 +69,11 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
         if shards > 1 {
             shared.stats[me].store(&tracker.totals());
         }
-        let deadline = tracker.poll_timeout();
+        let mut deadline = tracker.poll_timeout();
+        if let Some(turn) = &snapshots {
+            let due = turn.deadline(now);
+            deadline = Some(deadline.map_or(due, |deadline| deadline.min(due)));
+        }
         let block_for = far_wait(deadline, now).filter(|_| may_block);
         let ready = match block_for {
             Some(wait) => {
@@ -133,6 +145,11 @@ fn serve(shared: &Shared<'_>, me: usize, socket: &UdpSocket, tracker: &mut Track
             }
         }
         publish(tracker, shared);
+        if let Some(turn) = &mut snapshots {
+            // After the publish: every transition the records reflect has
+            // its sequence number by now.
+            turn.step(tracker, shared.clock.now());
+        }
         answer.warnings.maybe_warn(std::time::Instant::now(), tracker.counters(), &shared.handover_drops);
     }
     // Devices whose deadline passed while the loop was busy or stalled
