@@ -165,7 +165,11 @@ const HISTORY: Duration = Duration::from_secs(366 * 86_400);
 
 fn log_recovered(recovered: &state::Recovered) {
     let Some(from) = &recovered.from else {
-        tracing::info!("no state file yet: starting empty");
+        if recovered.moved_aside.is_empty() {
+            tracing::info!("no state file yet: starting empty");
+        } else {
+            tracing::error!(bad = recovered.moved_aside.len(), "no good state file: starting empty");
+        }
         return;
     };
     let r = recovered.restored;

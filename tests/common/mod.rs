@@ -71,6 +71,12 @@ impl Server {
         server
     }
 
+    /// Starts the server bound to `bind` with `--events FILE` for a file the
+    /// caller owns, so that it outlives this server (a restart appends to it).
+    pub fn start_at(bind: &str, events: &std::path::Path, extra: &[&str]) -> Server {
+        Server::launch(bind, events.to_str().unwrap(), tempfile::tempdir().unwrap(), extra)
+    }
+
     fn launch(bind: &str, events: &str, dir: tempfile::TempDir, extra: &[&str]) -> Server {
         let events = PathBuf::from(events);
         let unlimited: &[&str] = if extra.contains(&"--query-rate") {
@@ -145,6 +151,28 @@ impl Server {
         let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         assert_eq!(rc, 0, "kill failed");
         poll("server exit", PROMPTLY, || self.child.try_wait().unwrap())
+    }
+}
+
+impl Server {
+    /// Sends SIGKILL and waits for the process to exit: a crash.
+    pub fn crash(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait");
+    }
+
+    /// Waits for a log line (after the listening line) whose message is `message`.
+    pub fn wait_log(&self, message: &str, limit: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let line =
+                self.log.recv_timeout(wait).unwrap_or_else(|_| panic!("no '{message}' in the log in time"));
+            let record: serde_json::Value = serde_json::from_str(&line).expect("json log line");
+            if record["fields"]["message"] == message {
+                return record;
+            }
+        }
     }
 }
 
