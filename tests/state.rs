@@ -314,3 +314,30 @@ fn a_state_path_that_cannot_be_written_is_a_clear_error_at_start() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("--state <PATH>"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_snapshot_that_cannot_be_written_is_logged_and_retried_while_serving_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let state_dir = dir.path().join("state-dir");
+    std::fs::create_dir(&state_dir).unwrap();
+    let state = state_dir.join("state");
+    let server = Server::start(&["--state", state.to_str().unwrap(), "--state-every", "200ms"]);
+    poll("a first snapshot", PROMPTLY, || state.exists().then_some(()));
+    // The directory disappears (an unmounted volume, an operator's mistake).
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    let warning = server.wait_log("cannot write the state snapshot; will retry", PROMPTLY);
+    assert_eq!(warning["level"], "WARN");
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .send_to(
+            &common::frame(&Message::Heartbeat(Heartbeat::new("still-served", 1, 1, 60_000))),
+            server.addr,
+        )
+        .unwrap();
+    poll("the heartbeat served", PROMPTLY, || (summary(server.addr).counts.online == 1).then_some(()));
+    assert!(summary(server.addr).snapshots_failed >= 1);
+    std::fs::create_dir(&state_dir).unwrap();
+    server.wait_log("state snapshots are written again", PROMPTLY);
+    let bytes = std::fs::read(&state).unwrap();
+    assert!(Snapshot::read(&bytes).unwrap().devices().any(|r| r.unwrap().id == "still-served"));
+}

@@ -39,6 +39,9 @@ pub(crate) fn write_summary(out: &mut impl Write, server: SocketAddr, s: &Summar
     if s.events_lost > 0 {
         writeln!(out, "events      {} lost (the server could not write them; see its log)", s.events_lost)?;
     }
+    if s.snapshots_failed > 0 {
+        writeln!(out, "state       {} snapshots not written (see the server's log)", s.snapshots_failed)?;
+    }
     if s.drops.is_empty() {
         writeln!(out, "dropped     0")?;
     } else {

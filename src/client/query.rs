@@ -97,12 +97,19 @@ impl Client {
         self.ask(QueryKind::Summary, |body| match body {
             StatusBody::Summary(s) => {
                 let mut drops = BTreeMap::new();
-                let mut events_lost = 0;
+                let (mut events_lost, mut snapshots_failed) = (0, 0);
                 for counter in s.counters.iter() {
                     let counter = counter?;
-                    if counter.code == wire::COUNTER_EVENTS_LOST {
-                        events_lost = counter.count;
-                        continue;
+                    match counter.code {
+                        wire::COUNTER_EVENTS_LOST => {
+                            events_lost = counter.count;
+                            continue;
+                        }
+                        wire::COUNTER_SNAPSHOTS_FAILED => {
+                            snapshots_failed = counter.count;
+                            continue;
+                        }
+                        _ => {}
                     }
                     let name = match DropReason::from_code(counter.code) {
                         Some(reason) => reason.name().to_owned(),
@@ -110,7 +117,7 @@ impl Client {
                     };
                     drops.insert(name, counter.count);
                 }
-                Ok(SummaryReport { counts: s.counts, drops, events_lost })
+                Ok(SummaryReport { counts: s.counts, drops, events_lost, snapshots_failed })
             }
             _ => Err(ClientError::UnexpectedReply),
         })

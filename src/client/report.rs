@@ -66,6 +66,8 @@ pub struct SummaryReport {
     pub drops: BTreeMap<String, u64>,
     /// Event lines the server could not write to its events destination.
     pub events_lost: u64,
+    /// State snapshots (`--state`) the server could not write.
+    pub snapshots_failed: u64,
 }
 
 impl SummaryReport {

@@ -178,7 +178,7 @@ pub fn run_with(
         }
         None => ((0..shards).map(|_| None).collect(), None),
     };
-    let shared = Shared::new(sockets.len(), outbox, stop, clock)?;
+    let shared = Shared::new(sockets.len(), outbox, stop, clock, Arc::clone(&stats))?;
     for (k, tracker) in trackers.iter().enumerate() {
         shared.stats[k].store(&tracker.totals());
     }

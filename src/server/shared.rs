@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use super::handover::{INBOX_LIMIT, Inbox, Parcel};
 use super::publish::Outbox;
+use super::state::SnapshotStats;
 use super::stop::{Stop, Waker};
 use crate::time::Clock;
 use crate::tracker::{Count, Counters, Totals};
@@ -26,10 +27,18 @@ pub(super) struct Shared<'a> {
     pub(super) handover_drops: AtomicU64,
     /// Datagrams handed from one shard to another.
     pub(super) handed_over: AtomicU64,
+    /// What the snapshot writer counted (`--state`).
+    pub(super) snapshots: Arc<SnapshotStats>,
 }
 
 impl<'a> Shared<'a> {
-    pub(super) fn new(shards: usize, outbox: Outbox, stop: &'a Stop, clock: Clock) -> std::io::Result<Self> {
+    pub(super) fn new(
+        shards: usize,
+        outbox: Outbox,
+        stop: &'a Stop,
+        clock: Clock,
+        snapshots: Arc<SnapshotStats>,
+    ) -> std::io::Result<Self> {
         let mut inboxes = Vec::with_capacity(shards);
         for _ in 0..shards {
             let waker = Arc::new(Waker::new()?);
@@ -44,6 +53,7 @@ impl<'a> Shared<'a> {
             clock,
             handover_drops: AtomicU64::new(0),
             handed_over: AtomicU64::new(0),
+            snapshots,
         })
     }
 
@@ -54,7 +64,11 @@ impl<'a> Shared<'a> {
 
     /// The totals of every shard but `me`, and the server's own counts.
     pub(super) fn peer_totals(&self, me: usize) -> Totals {
-        let mut totals = Totals { events_lost: self.outbox.lost(), ..Totals::default() };
+        let mut totals = Totals {
+            events_lost: self.outbox.lost(),
+            snapshots_failed: self.snapshots.failed.load(Ordering::Relaxed),
+            ..Totals::default()
+        };
         for (k, stats) in self.stats.iter().enumerate() {
             if k != me {
                 totals.add(&stats.load());
@@ -131,6 +145,7 @@ impl ShardStats {
             known: self.known.load(Ordering::Relaxed),
             counters,
             events_lost: 0,
+            snapshots_failed: 0,
         }
     }
 }

@@ -135,6 +135,7 @@ impl Tracker {
             known: self.table.known_count() as u64,
             counters: self.counters.clone(),
             events_lost: 0,
+            snapshots_failed: 0,
         }
     }
 

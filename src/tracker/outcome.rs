@@ -189,12 +189,15 @@ pub struct Totals {
     /// Events the server could not deliver to its sinks. The engine does
     /// not publish events; the server passes this count in.
     pub events_lost: u64,
+    /// State snapshots the server could not write; the server passes it in.
+    pub snapshots_failed: u64,
 }
 
 impl Totals {
     /// Nothing held, nothing counted: the peers of a server with one shard
     /// and no lost events.
-    pub const NONE: Totals = Totals { online: 0, known: 0, counters: Counters::ZERO, events_lost: 0 };
+    pub const NONE: Totals =
+        Totals { online: 0, known: 0, counters: Counters::ZERO, events_lost: 0, snapshots_failed: 0 };
 
     /// Adds `other` to these.
     pub fn add(&mut self, other: &Totals) {
@@ -202,6 +205,7 @@ impl Totals {
         self.known += other.known;
         self.counters.add(&other.counters);
         self.events_lost += other.events_lost;
+        self.snapshots_failed += other.snapshots_failed;
     }
 }
 

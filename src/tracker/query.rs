@@ -104,7 +104,11 @@ impl Tracker {
                 let mut counters = RecordWriter::new(&mut counter_buf);
                 let drops =
                     DropReason::ALL.into_iter().map(|reason| (reason.code(), totals.counters.drops(reason)));
-                for (code, count) in drops.chain([(wire::COUNTER_EVENTS_LOST, totals.events_lost)]) {
+                let server_counts = [
+                    (wire::COUNTER_EVENTS_LOST, totals.events_lost),
+                    (wire::COUNTER_SNAPSHOTS_FAILED, totals.snapshots_failed),
+                ];
+                for (code, count) in drops.chain(server_counts) {
                     if count > 0 {
                         // Cannot fail: the buffer holds every counter at its largest.
                         let _ = counters.push(&Counter { code, count });

@@ -261,11 +261,14 @@ pub struct Summary<'a> {
 /// count other things.
 pub const COUNTER_EVENTS_LOST: u16 = 256;
 
+/// [`Counter::code`] of the state snapshots (`--state`) the server could not write.
+pub const COUNTER_SNAPSHOTS_FAILED: u16 = 257;
+
 /// One named counter inside a [`Summary`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
-    /// What is counted: a [`DropReason::code`](crate::wire::DropReason::code) (below 256), or
-    /// [`COUNTER_EVENTS_LOST`].
+    /// What is counted: a [`DropReason::code`](crate::wire::DropReason::code) (below 256),
+    /// [`COUNTER_EVENTS_LOST`] or [`COUNTER_SNAPSHOTS_FAILED`].
     pub code: u16,
     /// How many.
     pub count: u64,
