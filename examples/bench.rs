@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- --drain-only # only the drain figures
 //! cargo run --release --example bench -- --cpu-only   # only the fixed-rate CPU figures
 //! cargo run --release --example bench -- --list-only  # only the list page figures
+//! cargo run --release --example bench -- --state-only # only the --state figures
 //! ```
 //!
 //! Figures:
@@ -31,6 +32,12 @@
 //!   the CLI sends) with 1 M devices held of which 10 are online, against
 //!   the same page with only those 10 held, measured in-process in the same
 //!   run (a page must cost what it returns, not what the table holds).
+//! - **state**: with 1 M devices (16-byte ids, no payload): the state
+//!   file's size per device, the time to write it whole (as at stop) and to
+//!   restore it, the longest time one snapshot chunk holds a loop (the
+//!   pause), and the query round trip and kernel drops at the query
+//!   figure's rate with a snapshot every second, against the same run
+//!   without `--state`.
 //!
 //! Everything sends only to 127.0.0.1 and stops by itself.
 
@@ -122,6 +129,11 @@ fn main() -> std::io::Result<()> {
     println!("presence end-to-end benchmark{} on {} cores", if quick { " (quick)" } else { "" }, cores());
     let mut rows: Vec<(String, String, String)> = Vec::new();
 
+    if std::env::args().any(|a| a == "--state-only") {
+        state_figures(&plan, &mut rows)?;
+        print_rows(rows);
+        return Ok(());
+    }
     list_page_figures(&plan, &mut rows);
     if std::env::args().any(|a| a == "--list-only") {
         print_rows(rows);
@@ -188,7 +200,7 @@ fn main() -> std::io::Result<()> {
         ));
     }
     for (rate, figure) in [(plan.expiry_rate, "expiry"), (plan.query_rate, "query")] {
-        let live = live(&plan, rate)?;
+        let live = live(&plan, rate, None)?;
         let load = format!("{} devices, {} heartbeats/s", human(plan.live_devices), human(rate as usize));
         if figure == "expiry" {
             rows.push((
@@ -204,7 +216,67 @@ fn main() -> std::io::Result<()> {
             ));
         }
     }
+    state_figures(&plan, &mut rows)?;
     print_rows(rows);
+    Ok(())
+}
+
+/// The `--state` figures (see the module docs).
+fn state_figures(plan: &Plan, rows: &mut Vec<(String, String, String)>) -> std::io::Result<()> {
+    let n = plan.memory_devices;
+    let tracker = populated(n, AuthMode::Off, &[]);
+    // The pause: the longest a loop spends on one chunk, over a whole snapshot.
+    let mut chunk = presence::state::Chunk::default();
+    let mut pauses = Vec::new();
+    let mut at = Some(0);
+    while let Some(start) = at {
+        chunk.clear();
+        let began = Instant::now();
+        at = tracker.snapshot_chunk(start, server::state::CHUNK, &mut chunk);
+        pauses.push(began.elapsed());
+    }
+    pauses.sort();
+    rows.push((
+        format!("state snapshot pause, {} devices, {} per chunk", human(n), server::state::CHUNK),
+        format!("p50 {} p99 {}", micros(percentile(&pauses, 0.5)), micros(percentile(&pauses, 0.99))),
+        format!("max {} ({} chunks)", micros(*pauses.last().unwrap_or(&Duration::ZERO)), pauses.len()),
+    ));
+    let dir = std::env::temp_dir().join(format!("presence-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("state");
+    let began = Instant::now();
+    let (bytes, records) = server::state::write_now(&path, std::slice::from_ref(&tracker), 0)?;
+    let written = began.elapsed();
+    drop(tracker);
+    rows.push((
+        format!("state file, {} devices, 16-byte ids, no payload", human(records as usize)),
+        format!("{:.1} B/device", bytes as f64 / records as f64),
+        format!("written whole (as at stop) in {}", micros(written)),
+    ));
+    let began = Instant::now();
+    let recovered = server::state::restore(&path, config(AuthMode::Off), 1, clock().now(), SystemTime::now())
+        .map_err(std::io::Error::other)?;
+    let restored = began.elapsed();
+    rows.push((
+        format!("state restore, {} devices", human(recovered.restored.devices as usize)),
+        micros(restored),
+        "read, checked, decoded and filed".into(),
+    ));
+    drop(recovered);
+    let _ = std::fs::remove_dir_all(&dir);
+    // Queries and kernel drops under load, without and with snapshots every second.
+    let load =
+        format!("{} devices, {} heartbeats/s", human(plan.live_devices), human(plan.query_rate as usize));
+    let without = live(plan, plan.query_rate, None)?;
+    let every = Duration::from_secs(1);
+    let with = live(plan, plan.query_rate, Some(every))?;
+    for (label, run) in [("without --state", &without), ("--state-every 1s", &with)] {
+        rows.push((
+            format!("query round trip, {load}, {label}"),
+            format!("p50 {} p99 {}", micros(run.rtt_p50), micros(run.rtt_p99)),
+            format!("max {}; {} kernel drops; {} snapshots", micros(run.rtt_max), run.drops, run.snapshots),
+        ));
+    }
     Ok(())
 }
 
@@ -676,6 +748,10 @@ struct Live {
     rtt_p50: Duration,
     rtt_p99: Duration,
     rtt_max: Duration,
+    /// The kernel's drop count for the server's socket.
+    drops: u64,
+    /// Snapshots written during the run (the last one at stop included).
+    snapshots: u64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -687,7 +763,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// The server under a fixed heartbeat rate: `live_expiring` devices were
 /// given staggered TTLs and expire during the run; the others keep beating.
-fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
+fn live(plan: &Plan, rate: u64, state_every: Option<Duration>) -> std::io::Result<Live> {
     let n = plan.live_devices;
     let steady = n - plan.live_expiring;
     let socket = UdpSocket::bind("127.0.0.1:0")?;
@@ -728,8 +804,18 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
     let sinks: Vec<Box<dyn Sink>> = vec![Box::new(observer)];
     let stop = Stop::new();
     let loop_stop = stop.clone();
-    let server =
-        std::thread::spawn(move || server::run(&socket, tracker, clock(), &loop_stop, sinks).map(|_| ()));
+    let dir = std::env::temp_dir().join(format!("presence-bench-live-{}", std::process::id()));
+    let options = server::Options {
+        state: state_every.map(|every| server::StateOptions { path: dir.join("state"), every }),
+        event_seq: 0,
+    };
+    std::fs::create_dir_all(&dir)?;
+    let port = addr.port();
+    let server = std::thread::spawn(move || {
+        let sockets = [socket];
+        server::run_with(&sockets, vec![tracker], clock(), &loop_stop, sinks, options)
+            .map(|finished| (finished.snapshots_written, kernel_drops(port)))
+    });
 
     // The steady devices beat at the offered rate.
     let sender = std::thread::spawn(move || -> std::io::Result<()> {
@@ -769,7 +855,8 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
     }
     sender.join().expect("sender thread")?;
     stop.stop();
-    server.join().expect("server thread")?;
+    let (snapshots, drops) = server.join().expect("server thread")?;
+    let _ = std::fs::remove_dir_all(&dir);
     let mut late = lateness.lock().unwrap().clone();
     late.sort();
     rtts.sort();
@@ -782,6 +869,8 @@ fn live(plan: &Plan, rate: u64) -> std::io::Result<Live> {
         rtt_p50: percentile(&rtts, 0.5),
         rtt_p99: percentile(&rtts, 0.99),
         rtt_max: rtts.last().copied().unwrap_or_default(),
+        drops,
+        snapshots,
     })
 }
 
