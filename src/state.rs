@@ -383,4 +383,35 @@ mod tests {
         let snapshot = Snapshot::read(&file(&[])).map(|s| (s.records, s.devices().count())).unwrap();
         assert_eq!(snapshot, (0, 0));
     }
+
+    /// The example records of PROTOCOL.md ("The state file"), byte for byte.
+    #[test]
+    fn a_record_is_encoded_as_protocol_md_says() {
+        let v4 = Record::new(
+            "sensor-1",
+            (true, false, true),
+            (7, 300, 0b1011),
+            1_800_000_000_000_000,
+            (3000, 1000),
+            42,
+            3,
+            "10.0.0.7:4000".parse().unwrap(),
+            b"hi",
+        );
+        let v6 = Record { addr: "[2001:db8::1]:4000".parse().unwrap(), ..v4 };
+        let hex = |record: &Record<'_>| {
+            let mut chunk = Chunk::default();
+            chunk.push(record);
+            chunk.bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+        };
+        let common = concat!(
+            "08 73 65 6e 73 6f 72 2d 31 05 07 ac 02 0b 00 00 00 00 00 00 00 ",
+            "80 80 e2 c4 f2 a2 99 03 b8 17 e8 07 2a 03"
+        );
+        assert_eq!(hex(&v4), format!("{common} 00 0a 00 00 07 a0 1f 02 68 69"));
+        assert_eq!(
+            hex(&v6),
+            format!("{common} 01 20 01 0d b8 00 00 00 00 00 00 00 00 00 00 00 01 a0 1f 02 68 69")
+        );
+    }
 }

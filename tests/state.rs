@@ -210,6 +210,7 @@ fn a_crash_loses_at_most_one_snapshot_period_and_no_device() {
     let restored = server.wait_log("state restored", PROMPTLY);
     assert_eq!(restored["fields"]["devices"], DEVICES + 1);
     assert_eq!(restored["fields"]["clean"], false);
+    assert_eq!(restored["fields"]["event_seq"], DEVICES as u64 + 1 + presence::server::state::CRASH_SEQ_GAP);
     let first = summary(addr);
     heartbeats_after(addr, first.counts.heartbeats, 3 * DEVICES as u64);
     // No offline event and no second online for devices that kept beating.
@@ -224,6 +225,16 @@ fn a_crash_loses_at_most_one_snapshot_period_and_no_device() {
         (summary(addr).counts.heartbeats > before).then_some(())
     });
     replay(addr, &frames[2..]);
+    // The sequence jumps past whatever was numbered between the snapshot
+    // and the crash: 1001 events before it, then the gap.
+    let leave = presence::wire::Leave { device: "witness", boot: 1, seq: 4, tag: None };
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let len =
+        auth::encode_signed(&Message::Leave(leave), &auth::device_key(&master, "witness"), &mut buf).unwrap();
+    witness.send_to(&buf[..len], addr).unwrap();
+    let offline = server.wait_event("witness", "offline", Some("left"), PROMPTLY);
+    assert_eq!(offline["seq"], DEVICES as u64 + 1 + presence::server::state::CRASH_SEQ_GAP + 1);
+    assert_eq!(offline["version"], 2);
     drop(fleet);
 }
 

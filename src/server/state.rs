@@ -44,6 +44,13 @@ pub struct StateOptions {
 /// holds a loop for long.
 pub const CHUNK: usize = 256;
 
+/// How far the event sequence jumps after a crash. The events numbered
+/// between the last snapshot and the crash are unknown, so their numbers
+/// are skipped (more than any server numbers between two snapshots): a
+/// sequence number is never given to two events, and the jump shows
+/// consumers a gap, as a loss would.
+pub const CRASH_SEQ_GAP: u64 = 1 << 32;
+
 /// The writer thread's nice value: it yields the CPU to the loops.
 const WRITER_NICE: i32 = 10;
 
@@ -161,7 +168,9 @@ pub struct Recovered {
     pub trackers: Vec<Tracker>,
     /// The file the devices came from, if any.
     pub from: Option<PathBuf>,
-    /// The last event sequence number given out before that file was written (0 without one).
+    /// The event sequence number to continue from: the last one given out
+    /// before that file was written, plus [`CRASH_SEQ_GAP`] if it was not
+    /// written at a clean stop (0 without a file).
     pub event_seq: u64,
     /// Whether that file was written by a server that was stopping.
     pub clean: bool,
@@ -219,10 +228,13 @@ pub fn restore(
         match Snapshot::read(&bytes) {
             Ok(snapshot) => {
                 let (trackers, restored) = Tracker::restore_sharded(config, shards, now, wall, &snapshot)?;
+                // After a crash, events after the snapshot were numbered
+                // already; their numbers must not be given out again.
+                let gap = if snapshot.clean { 0 } else { CRASH_SEQ_GAP };
                 return Ok(Recovered {
                     trackers,
                     from: Some(candidate),
-                    event_seq: snapshot.event_seq,
+                    event_seq: snapshot.event_seq.saturating_add(gap),
                     clean: snapshot.clean,
                     written: Some(snapshot.written),
                     restored,
