@@ -3,7 +3,7 @@
 
 use std::cmp::Reverse;
 
-use super::PresenceTable;
+use super::{HELD, PresenceTable, SUSPECT};
 
 impl PresenceTable {
     /// Checks that the indexes agree; panics with a message if not.
@@ -16,7 +16,7 @@ impl PresenceTable {
                 assert!(valid.insert(*i, *filed).is_none(), "slot {i} filed twice under one generation");
             }
         }
-        let (mut online, mut known) = (0, 0);
+        let (mut online, mut known, mut late, mut held) = (0, 0, 0, 0);
         for (i, slot) in self.slots.iter().enumerate() {
             if slot.is_free() {
                 assert!(self.free_slots.contains(&(i as u32)), "free slot {i} not listed");
@@ -32,11 +32,23 @@ impl PresenceTable {
             assert!(self.held_slots.contains(i), "held bitmap misses {id}");
             if slot.online {
                 online += 1;
+                late += usize::from(slot.flags & (SUSPECT | HELD) != 0);
+                if slot.flags & HELD != 0 {
+                    held += 1;
+                    assert!(!valid.contains_key(&(i as u32)), "{id} is held but filed");
+                    continue;
+                }
                 let filed = valid.get(&(i as u32)).unwrap_or_else(|| panic!("{id} is online but not filed"));
-                assert!(*filed <= slot.deadline(), "{id} is filed after its deadline");
+                assert!(*filed <= self.next_due(slot), "{id} is filed after it is due");
+                if slot.flags & SUSPECT != 0 {
+                    assert!(self.suspect_at(slot).is_some(), "{id} is suspect but never becomes late");
+                }
+            } else {
+                assert_eq!(slot.flags & (SUSPECT | HELD), 0, "{id} is offline and late");
             }
         }
         assert_eq!((online, known), (self.online, self.known), "counts disagree");
+        assert_eq!((late, held), (self.late, self.held), "late and held counts disagree");
         assert_eq!(self.offline.len(), known - online, "offline index size");
         assert_eq!(self.online_slots.len(), online, "online bitmap size");
         assert_eq!(self.offline_slots.len(), known - online, "offline bitmap size");

@@ -83,6 +83,42 @@ pub enum Refusal {
     Unsigned,
 }
 
+/// What a heartbeat did to its device (see [`PresenceTable::arrive`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arrival {
+    /// It came online: it was unknown or offline.
+    Online,
+    /// It was online but late (suspect), and is on time again.
+    Back {
+        /// Whether it was held (its deadline had passed while the server
+        /// suspected its own network).
+        held: bool,
+    },
+    /// It was online and on time, or the heartbeat was a late one that moves nothing.
+    Continued,
+}
+
+/// Why a device is due in a sweep (see [`PresenceTable::sweep`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lateness {
+    /// It just became late: no heartbeat for `suspect_after` intervals past
+    /// the expected one, and its deadline is still ahead. The table marks it
+    /// suspect whatever the verdict.
+    Suspect,
+    /// Its deadline passed.
+    Expired,
+}
+
+/// What to do with a device whose deadline passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Take it offline (reason: expired).
+    Offline,
+    /// Hold it as suspect: it stays online, unfiled, until it beats again or
+    /// [`PresenceTable::release_held`] takes it offline.
+    Hold,
+}
+
 /// One accepted heartbeat, as the table needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Beat<'a> {
@@ -135,8 +171,18 @@ pub struct PresenceTable {
     offline_slots: LevelSet,
     /// Slots of every held device, likewise.
     held_slots: LevelSet,
-    /// Devices online now.
+    /// Devices online now (late and held ones included).
     online: usize,
+    /// Online devices that are late (suspect), held ones included.
+    late: usize,
+    /// Online devices held (see [`Verdict::Hold`]).
+    held: usize,
+    /// The slots held, with the generation they were held under (a device
+    /// that beat again since, or left, no longer counts).
+    held_list: Vec<(u32, u32)>,
+    /// A device is late once `suspect_after` intervals pass after the one
+    /// at which its next heartbeat was expected; 0: never.
+    suspect_after: u32,
     /// Devices held now.
     known: usize,
     /// The most devices held at once.
@@ -165,9 +211,42 @@ impl PresenceTable {
             offline_slots: LevelSet::default(),
             held_slots: LevelSet::default(),
             online: 0,
+            late: 0,
+            held: 0,
+            held_list: Vec::new(),
+            suspect_after: 0,
             known: 0,
             max_devices: max_devices.clamp(1, u32::MAX as usize),
         }
+    }
+
+    /// Devices become late (suspect) once `missed` intervals pass after the
+    /// one at which their next heartbeat was due, if their deadline is still
+    /// ahead then; 0 turns suspicion off. A device that declares no interval
+    /// is never late. Applies to devices as they are next filed.
+    pub fn set_suspect_after(&mut self, missed: u32) {
+        self.suspect_after = missed;
+    }
+
+    /// When the device in `slot` becomes late, if it does before its deadline.
+    fn suspect_at(&self, slot: &Slot) -> Option<u64> {
+        if self.suspect_after == 0 || slot.interval_ms == 0 {
+            return None;
+        }
+        let interval = u64::from(slot.interval_ms) * 1000;
+        let at = slot.last_seen.saturating_add(interval.saturating_mul(u64::from(self.suspect_after) + 1));
+        (at < slot.deadline()).then_some(at)
+    }
+
+    /// When the sweep must next look at an online device that is not held:
+    /// when it becomes late, or its deadline.
+    fn next_due(&self, slot: &Slot) -> u64 {
+        if slot.flags & SUSPECT == 0 {
+            if let Some(at) = self.suspect_at(slot) {
+                return at;
+            }
+        }
+        slot.deadline()
     }
 
     /// Microseconds since the table's epoch (an earlier `at` counts as the epoch).
@@ -292,14 +371,24 @@ impl PresenceTable {
     /// The id may be given as bytes (the server's hot path skips the UTF-8
     /// check for ids it already holds); a new id that is not UTF-8 is refused.
     pub fn beat(&mut self, now: Instant, device: impl AsRef<[u8]>, beat: Beat<'_>) -> Result<bool, Refusal> {
+        self.arrive(now, device, beat).map(|arrival| arrival == Arrival::Online)
+    }
+
+    /// [`PresenceTable::beat`], saying what the heartbeat did: brought the
+    /// device online, brought it back from being late (or held), or neither.
+    pub fn arrive(
+        &mut self,
+        now: Instant,
+        device: impl AsRef<[u8]>,
+        beat: Beat<'_>,
+    ) -> Result<Arrival, Refusal> {
         let device: &[u8] = device.as_ref();
         let now_us = self.micros(now);
         let ttl_ms = whole_millis(beat.ttl);
         let interval_ms = whole_millis(beat.interval);
-        let deadline = now_us + u64::from(ttl_ms) * 1000;
         let Some(i) = self.find(device) else {
             let device = std::str::from_utf8(device).map_err(|_| Refusal::BadId)?;
-            return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| true);
+            return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| Arrival::Online);
         };
         let slot = &self.slots[i];
         let fresh_window = check_frame(slot, beat.signed, beat.boot, beat.seq)?;
@@ -309,10 +398,11 @@ impl PresenceTable {
             let slot = &mut self.slots[i];
             slot.window.accept(beat.boot, beat.seq);
             slot.heartbeats = slot.heartbeats.saturating_add(1);
-            return Ok(false);
+            return Ok(Arrival::Continued);
         }
-        let (was_online, old_deadline, old_last_seen, old_payload) =
-            (slot.online, slot.deadline(), slot.last_seen, slot.payload);
+        let (was_online, old_due, old_last_seen, old_payload) =
+            (slot.online, self.next_due(slot), slot.last_seen, slot.payload);
+        let was_late = if slot.online { slot.flags & (SUSPECT | HELD) } else { 0 };
         let payload = self.store_payload(old_payload, beat.payload);
         let slot = &mut self.slots[i];
         if fresh_window {
@@ -323,7 +413,7 @@ impl PresenceTable {
         if beat.signed {
             slot.flags |= SIGNED;
         }
-        slot.flags &= !LEFT;
+        slot.flags &= !(LEFT | SUSPECT | HELD);
         slot.last_seen = now_us;
         slot.ttl_ms = ttl_ms;
         slot.interval_ms = interval_ms;
@@ -331,18 +421,29 @@ impl PresenceTable {
         slot.heartbeats = slot.heartbeats.saturating_add(1);
         slot.payload = payload;
         slot.online = true;
+        let due = self.next_due(&self.slots[i]);
         if !was_online {
+            let slot = &mut self.slots[i];
             slot.version = slot.version.saturating_add(1);
             self.offline.remove(&(old_last_seen, i as u32));
             self.offline_slots.remove(i);
             self.online_slots.insert(i);
             self.online += 1;
-            self.file(i, deadline);
-        } else if deadline < old_deadline {
-            // Moved earlier (a shorter TTL): the filed entry would be late.
-            self.file(i, deadline);
+            self.file(i, due);
+            return Ok(Arrival::Online);
         }
-        Ok(!was_online)
+        if was_late != 0 {
+            self.late -= 1;
+        }
+        if was_late & HELD != 0 {
+            // A held device has no expiry entry.
+            self.held -= 1;
+            self.file(i, due);
+        } else if due < old_due {
+            // Moved earlier (a shorter TTL or interval): the filed entry would be late.
+            self.file(i, due);
+        }
+        Ok(if was_late != 0 { Arrival::Back { held: was_late & HELD != 0 } } else { Arrival::Continued })
     }
 
     /// Adds a new device, making room by forgetting the longest-silent
@@ -381,8 +482,8 @@ impl PresenceTable {
         }
         let id = self.make_id(device);
         let payload = self.store_payload(0, payload);
-        let slot = Slot { id, payload, ..slot };
-        let (online, deadline, last_seen) = (slot.online, slot.deadline(), slot.last_seen);
+        let slot = Slot { id, payload, flags: slot.flags & (SIGNED | LEFT), ..slot };
+        let (online, due, last_seen) = (slot.online, self.next_due(&slot), slot.last_seen);
         let i = match self.free_slots.pop() {
             Some(i) => {
                 let generation = self.slots[i as usize].generation;
@@ -403,7 +504,7 @@ impl PresenceTable {
         if online {
             self.online_slots.insert(i);
             self.online += 1;
-            self.file(i, deadline);
+            self.file(i, due);
         } else {
             self.offline_slots.insert(i);
             self.offline.insert((last_seen, i as u32));
@@ -494,8 +595,15 @@ impl PresenceTable {
         if !slot.online {
             return Ok(None);
         }
+        let was_late = slot.flags & (SUSPECT | HELD);
         slot.online = false;
-        slot.flags |= LEFT;
+        slot.flags = (slot.flags & !(SUSPECT | HELD)) | LEFT;
+        if was_late != 0 {
+            self.late -= 1;
+        }
+        if was_late & HELD != 0 {
+            self.held -= 1;
+        }
         slot.version = slot.version.saturating_add(1);
         // Its expiry entry is now stale.
         slot.generation = slot.generation.wrapping_add(1);
@@ -523,8 +631,25 @@ impl PresenceTable {
     /// Takes offline exactly the devices whose deadline is `<= now`, in
     /// deadline order, and reports each. Costs O(log n) per expired device,
     /// per re-filed or stale entry, and O(1) when nothing is due; it never
-    /// looks at the others.
+    /// looks at the others. (Devices that become late meanwhile are marked
+    /// suspect; [`PresenceTable::sweep`] reports those too.)
     pub fn expire(&mut self, now: Instant, mut offline: impl FnMut(&str, Entry<'_>)) {
+        self.sweep(now, |_, _, _| Verdict::Offline, |id, entry| offline(id, entry));
+    }
+
+    /// Handles everything due at `now`, in order: a device that becomes late
+    /// is marked suspect and reported to `due` with [`Lateness::Suspect`]
+    /// (its verdict is ignored); a device whose deadline passed is reported
+    /// to `due` with [`Lateness::Expired`], as it is before anything changes,
+    /// and taken offline or held as the verdict says. Each device taken
+    /// offline is then reported to `offline`, as it is after. Costs what
+    /// [`PresenceTable::expire`] costs.
+    pub fn sweep(
+        &mut self,
+        now: Instant,
+        mut due: impl FnMut(&str, Entry<'_>, Lateness) -> Verdict,
+        mut offline: impl FnMut(&str, Entry<'_>),
+    ) {
         let now_us = self.micros(now);
         while let Some(&Reverse((filed, i, generation))) = self.expiry.peek() {
             if filed > now_us {
@@ -535,26 +660,92 @@ impl PresenceTable {
             if slot.is_free() || !slot.online || slot.generation != generation {
                 continue;
             }
-            let deadline = slot.deadline();
-            if deadline != filed {
+            let next = self.next_due(slot);
+            if next != filed {
                 // Filed early and heartbeats moved it on: re-file at the real
-                // deadline. If that is due too it surfaces again in its turn,
-                // so devices still expire in deadline order.
-                self.expiry.push(Reverse((deadline, i, generation)));
+                // time. If that is due too it surfaces again in its turn,
+                // so devices still come due in order.
+                self.expiry.push(Reverse((next, i, generation)));
                 continue;
             }
-            let slot = &mut self.slots[i as usize];
-            slot.online = false;
-            slot.version = slot.version.saturating_add(1);
-            let last_seen = slot.last_seen;
-            self.online -= 1;
-            self.online_slots.remove(i as usize);
-            self.offline_slots.insert(i as usize);
-            self.offline.insert((last_seen, i));
+            let deadline = slot.deadline();
+            if next < deadline {
+                // It became late: suspect until it beats or its deadline.
+                self.slots[i as usize].flags |= SUSPECT;
+                self.late += 1;
+                self.file(i as usize, deadline);
+                let entry = self.entry(i as usize);
+                due(Self::id_of(entry.slot, &self.long_ids), entry, Lateness::Suspect);
+                continue;
+            }
+            let entry = self.entry(i as usize);
+            match due(Self::id_of(entry.slot, &self.long_ids), entry, Lateness::Expired) {
+                Verdict::Hold => {
+                    let slot = &mut self.slots[i as usize];
+                    if slot.flags & SUSPECT == 0 {
+                        self.late += 1;
+                    }
+                    slot.flags |= HELD;
+                    // No entry stays filed for it.
+                    slot.generation = slot.generation.wrapping_add(1);
+                    self.held_list.push((i, slot.generation));
+                    self.held += 1;
+                }
+                Verdict::Offline => {
+                    self.take_offline(i as usize);
+                    let entry = self.entry(i as usize);
+                    offline(Self::id_of(entry.slot, &self.long_ids), entry);
+                }
+            }
+        }
+        self.drop_stale_top();
+    }
+
+    /// Takes an online device offline because its deadline passed (now, or
+    /// while it was held).
+    fn take_offline(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        let was_late = slot.flags & (SUSPECT | HELD);
+        slot.online = false;
+        slot.flags &= !(SUSPECT | HELD | LEFT);
+        slot.version = slot.version.saturating_add(1);
+        // Any entry filed for it is stale now.
+        slot.generation = slot.generation.wrapping_add(1);
+        let last_seen = slot.last_seen;
+        if was_late != 0 {
+            self.late -= 1;
+        }
+        if was_late & HELD != 0 {
+            self.held -= 1;
+        }
+        self.online -= 1;
+        self.online_slots.remove(i);
+        self.offline_slots.insert(i);
+        self.offline.insert((last_seen, i as u32));
+    }
+
+    /// Takes offline (reason: expired) every device still held, reporting
+    /// each as it is after. Costs O(devices held since the last release).
+    pub fn release_held(&mut self, mut offline: impl FnMut(&str, Entry<'_>)) {
+        for (i, generation) in std::mem::take(&mut self.held_list) {
+            let slot = &self.slots[i as usize];
+            if slot.is_free() || !slot.online || slot.flags & HELD == 0 || slot.generation != generation {
+                continue;
+            }
+            self.take_offline(i as usize);
             let entry = self.entry(i as usize);
             offline(Self::id_of(entry.slot, &self.long_ids), entry);
         }
         self.drop_stale_top();
+    }
+
+    /// Sets the version of `device`, if the table holds it (a caller that
+    /// does not report a transition takes it back; one that reports a
+    /// transition the table does not count adds it).
+    pub fn set_version(&mut self, device: &[u8], version: u32) {
+        if let Some(i) = self.find(device) {
+            self.slots[i].version = version;
+        }
     }
 
     /// When the next sweep is due: the earliest filed deadline of an online
@@ -603,9 +794,19 @@ impl PresenceTable {
         })
     }
 
-    /// How many devices are online.
+    /// How many devices are online (late and held ones included).
     pub fn online_count(&self) -> usize {
         self.online
+    }
+
+    /// How many online devices are late (suspect), held ones included.
+    pub fn late_count(&self) -> usize {
+        self.late
+    }
+
+    /// How many online devices are held (see [`Verdict::Hold`]).
+    pub fn held_count(&self) -> usize {
+        self.held
     }
 
     /// How many devices are known, online or offline.
@@ -632,7 +833,7 @@ mod slot;
 mod window;
 
 pub use slot::{Entry, Held};
-use slot::{INLINE_ID, LEFT, LONG_ID, SIGNED, Slot, SlotId, check_frame, whole_millis};
+use slot::{HELD, INLINE_ID, LEFT, LONG_ID, SIGNED, SUSPECT, Slot, SlotId, check_frame, whole_millis};
 pub use window::{REPLAY_WINDOW, ReplayWindow};
 #[cfg(test)]
 mod tests;

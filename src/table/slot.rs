@@ -88,6 +88,12 @@ pub(super) struct Slot {
 pub(super) const SIGNED: u8 = 1;
 /// Slot flag: the device went offline by leaving (not by expiring).
 pub(super) const LEFT: u8 = 2;
+/// Slot flag: an online device is late: no heartbeat for `suspect_after`
+/// intervals past the one expected (see [`PresenceTable::set_suspect_after`]).
+pub(super) const SUSPECT: u8 = 4;
+/// Slot flag: an online device whose deadline passed while the server
+/// suspected its own network: held (as suspect) instead of taken offline.
+pub(super) const HELD: u8 = 8;
 
 impl Slot {
     pub(super) fn deadline(&self) -> u64 {
@@ -167,6 +173,17 @@ impl<'t> Entry<'t> {
     /// Whether it has sent a signed frame (unsigned ones are refused since).
     pub fn is_signed(&self) -> bool {
         self.slot.flags & SIGNED != 0
+    }
+
+    /// Whether it is online but late (suspect), held or not.
+    pub fn is_suspect(&self) -> bool {
+        self.slot.online && self.slot.flags & (SUSPECT | HELD) != 0
+    }
+
+    /// Whether its deadline passed while the server suspected its own
+    /// network, so it is held as suspect instead of offline.
+    pub fn is_held(&self) -> bool {
+        self.slot.online && self.slot.flags & HELD != 0
     }
 
     /// Why it is offline; `None` while it is online.

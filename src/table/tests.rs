@@ -423,3 +423,57 @@ fn a_device_record_stays_small() {
 fn a_slot_is_88_bytes() {
     assert_eq!(std::mem::size_of::<Slot>(), 88);
 }
+
+#[test]
+fn a_late_device_is_suspect_then_held_or_offline_and_a_heartbeat_brings_it_back() {
+    let t0 = Instant::from_micros(1 << 40);
+    let ms = |n: u64| t0 + Duration::from_millis(n);
+    let mut table = PresenceTable::new(usize::MAX, t0);
+    table.set_suspect_after(1);
+    // Interval 100 ms, TTL 300 ms: late at 200 ms, due at 300 ms.
+    let every = |seq| Beat { interval: Duration::from_millis(100), ..beat(300, seq) };
+    for (id, seq) in [("a", 1), ("b", 1), ("c", 1)] {
+        assert_eq!(table.arrive(t0, id, every(seq)), Ok(Arrival::Online));
+    }
+    let sweep = |table: &mut PresenceTable, at, verdict: Verdict| {
+        let got = std::cell::RefCell::new(Vec::new());
+        table.sweep(
+            at,
+            |id, entry, lateness| {
+                assert!(entry.is_online());
+                got.borrow_mut().push(format!("{id} {lateness:?}"));
+                verdict
+            },
+            |id, entry| {
+                assert!(!entry.is_online());
+                got.borrow_mut().push(format!("{id} offline"));
+            },
+        );
+        table.assert_invariants();
+        got.into_inner()
+    };
+    assert!(sweep(&mut table, ms(199), Verdict::Offline).is_empty());
+    assert_eq!(sweep(&mut table, ms(200), Verdict::Offline), ["a Suspect", "b Suspect", "c Suspect"]);
+    assert_eq!((table.online_count(), table.late_count()), (3, 3));
+    assert!(table.get("a").unwrap().is_suspect());
+    // "a" beats again: on time, no longer late.
+    assert_eq!(table.arrive(ms(250), "a", every(2)), Ok(Arrival::Back { held: false }));
+    assert_eq!(table.late_count(), 2);
+    // "b" is held at its deadline, "c" too; nothing goes offline.
+    assert_eq!(sweep(&mut table, ms(300), Verdict::Hold), ["b Expired", "c Expired"]);
+    assert_eq!((table.online_count(), table.late_count(), table.held_count()), (3, 2, 2));
+    assert_eq!(table.next_deadline(), Some(ms(450)), "held devices are not filed: a is next");
+    assert!(table.get("b").unwrap().is_held());
+    // "b" comes back; "c" is released and goes offline.
+    assert_eq!(table.arrive(ms(400), "b", every(2)), Ok(Arrival::Back { held: true }));
+    let mut released = Vec::new();
+    table.release_held(|id, entry| released.push((id.to_string(), entry.is_online(), entry.version())));
+    table.assert_invariants();
+    assert_eq!(released, [("c".to_string(), false, 2)]);
+    assert_eq!((table.online_count(), table.late_count(), table.held_count()), (2, 0, 0));
+    // Without suspicion, nothing is ever late.
+    table.set_suspect_after(0);
+    table.arrive(ms(500), "a", every(3)).unwrap();
+    assert_eq!(sweep(&mut table, ms(799), Verdict::Offline), ["b Expired", "b offline"]);
+    assert_eq!(sweep(&mut table, ms(800), Verdict::Offline), ["a Expired", "a offline"]);
+}

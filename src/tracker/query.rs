@@ -259,7 +259,11 @@ fn device_info<'e>(
     device: &'e str,
     entry: &Entry<'e>,
 ) -> DeviceInfo<'e> {
-    let last_seen_wall = started_wall + entry.last_seen().saturating_duration_since(started);
+    // A restored device may have been seen before this engine started.
+    let last_seen_wall = match entry.last_seen().checked_duration_since(started) {
+        Some(after) => started_wall + after,
+        None => started_wall - started.saturating_duration_since(entry.last_seen()),
+    };
     DeviceInfo {
         device,
         online: entry.is_online(),
