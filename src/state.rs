@@ -39,7 +39,7 @@ const LEFT: u8 = 2;
 const SIGNED: u8 = 4;
 
 /// One held device as the file stores it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record<'a> {
     /// The device id.
     pub id: &'a str,
@@ -65,6 +65,17 @@ pub struct Record<'a> {
     pub addr: SocketAddr,
     /// Payload of its last heartbeat.
     pub payload: &'a [u8],
+    /// Its flap history, if its state changed within the flap window.
+    pub flap: Option<FlapRecord>,
+}
+
+/// A device's recent state changes, for flap damping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlapRecord {
+    /// When its state changed (wall clock, Unix µs), oldest first.
+    pub changes: Vec<u64>,
+    /// Whether it is flapping (its events held back).
+    pub flapping: bool,
 }
 
 impl<'a> Record<'a> {
@@ -96,6 +107,7 @@ impl<'a> Record<'a> {
             version,
             addr,
             payload,
+            flap: None,
         }
     }
 
@@ -398,7 +410,11 @@ mod tests {
             "10.0.0.7:4000".parse().unwrap(),
             b"hi",
         );
-        let v6 = Record { addr: "[2001:db8::1]:4000".parse().unwrap(), ..v4 };
+        let v6 = Record { addr: "[2001:db8::1]:4000".parse().unwrap(), ..v4.clone() };
+        let flapping = Record {
+            flap: Some(FlapRecord { changes: vec![1_800_000_000_000_000], flapping: true }),
+            ..v4.clone()
+        };
         let hex = |record: &Record<'_>| {
             let mut chunk = Chunk::default();
             chunk.push(record);
@@ -408,10 +424,14 @@ mod tests {
             "08 73 65 6e 73 6f 72 2d 31 05 07 ac 02 0b 00 00 00 00 00 00 00 ",
             "80 80 e2 c4 f2 a2 99 03 b8 17 e8 07 2a 03"
         );
-        assert_eq!(hex(&v4), format!("{common} 00 0a 00 00 07 a0 1f 02 68 69"));
+        assert_eq!(hex(&v4), format!("{common} 00 0a 00 00 07 a0 1f 02 68 69 00"));
         assert_eq!(
             hex(&v6),
-            format!("{common} 01 20 01 0d b8 00 00 00 00 00 00 00 00 00 00 00 01 a0 1f 02 68 69")
+            format!("{common} 01 20 01 0d b8 00 00 00 00 00 00 00 00 00 00 00 01 a0 1f 02 68 69 00")
+        );
+        assert_eq!(
+            hex(&flapping),
+            format!("{common} 00 0a 00 00 07 a0 1f 02 68 69 01 01 80 80 e2 c4 f2 a2 99 03 01")
         );
     }
 }

@@ -35,6 +35,15 @@ pub(crate) fn write_summary(out: &mut impl Write, server: SocketAddr, s: &Summar
         count(s.counts.leaves, "leave", "leaves"),
         count(s.counts.queries, "query", "queries")
     )?;
+    if s.counts.late > 0 {
+        writeln!(out, "suspect     {} late, {} of them held", s.counts.late, s.counts.held)?;
+    }
+    if s.counts.degraded > 0 {
+        writeln!(
+            out,
+            "degraded    the server suspects its own network: it holds silent devices as suspect instead of taking them offline, until heartbeats come back or --max-hold passes"
+        )?;
+    }
     writeln!(out, "expired     {}", s.counts.expirations)?;
     if s.events_lost > 0 {
         writeln!(out, "events      {} lost (the server could not write them; see its log)", s.events_lost)?;
@@ -63,6 +72,16 @@ pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result
     let last_seen = UNIX_EPOCH + Duration::from_millis(r.numbers.last_seen_unix_ms);
     let device = printable(&r.device);
     match (r.online, r.offline_reason, r.offline_since_unix_ms) {
+        (true, _, _) if r.held => writeln!(
+            out,
+            "{device}  suspect (held: its deadline passed while the server suspects its own network)"
+        )?,
+        (true, _, _) if r.state == "suspect" => writeln!(
+            out,
+            "{device}  suspect (late: no heartbeat for {}), expires in {}",
+            fmt_ms(r.numbers.last_seen_ago_ms),
+            fmt_ms(r.numbers.expires_in_ms)
+        )?,
         (true, _, _) => writeln!(out, "{device}  online, expires in {}", fmt_ms(r.numbers.expires_in_ms))?,
         (false, Some("expired"), Some(since)) => writeln!(
             out,
@@ -90,7 +109,7 @@ pub(crate) fn write_device(out: &mut impl Write, r: &DeviceReport) -> io::Result
     writeln!(out, "  interval    {interval}, ttl {}", fmt_ms(r.numbers.ttl_ms.into()))?;
     writeln!(
         out,
-        "  boot {}  seq {}  heartbeats {}  flaps {}  version {}",
+        "  boot {}  seq {}  heartbeats {}  flap score {}  version {}",
         r.numbers.boot, r.numbers.seq, r.numbers.heartbeats, r.numbers.flaps, r.numbers.version
     )?;
     if !r.payload.is_empty() {

@@ -89,6 +89,8 @@ pub(crate) fn unknown_device_json(device: &str) -> serde_json::Value {
         device: String::new(),
         known: false,
         online: false,
+        state: "unknown",
+        held: false,
         offline_reason: None,
         offline_since_unix_ms: None,
         address: SocketAddr::from(([0, 0, 0, 0], 0)),

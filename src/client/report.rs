@@ -15,8 +15,14 @@ pub struct DeviceReport {
     /// Whether the server knows it (always true in a report from the server;
     /// the CLI prints unknown devices in the same shape with `false`).
     pub known: bool,
-    /// Whether it is online now.
+    /// Whether it is online now (suspect devices are online).
     pub online: bool,
+    /// `online`, `suspect` (online but late, or held while the server is
+    /// degraded) or `offline`.
+    pub state: &'static str,
+    /// Whether it is held: its deadline passed while the server was
+    /// degraded, so it is suspect instead of offline.
+    pub held: bool,
     /// Why it is offline: `expired` or `left` (`None` while online; `unknown`
     /// for a reason this client does not know).
     pub offline_reason: Option<&'static str>,
@@ -42,10 +48,17 @@ impl From<&DeviceInfo<'_>> for DeviceReport {
             (false, wire::OFFLINE_LEFT) => Some("left"),
             (false, _) => Some("unknown"),
         };
+        let state = match (info.online, info.offline_reason) {
+            (false, _) => "offline",
+            (true, wire::ONLINE_SUSPECT | wire::ONLINE_HELD) => "suspect",
+            (true, _) => "online",
+        };
         DeviceReport {
             device: info.device.to_owned(),
             known: true,
             online: info.online,
+            state,
+            held: info.online && info.offline_reason == wire::ONLINE_HELD,
             offline_reason,
             offline_since_unix_ms: (offline_reason == Some("expired"))
                 .then(|| info.numbers.last_seen_unix_ms.saturating_add(info.numbers.ttl_ms.into())),

@@ -157,9 +157,22 @@ struct Summary {
 impl Summary {
     fn count(&mut self, batch: &[Transition]) {
         for transition in batch {
-            match transition.event.kind {
+            let event = &transition.event;
+            match event.kind {
                 EventKind::Online => self.counts.0 += 1,
                 EventKind::Offline(_) => self.counts.1 += 1,
+                EventKind::Degraded => tracing::warn!(
+                    cause = event.fleet.map(|f| f.cause.name()),
+                    online = event.fleet.map(|f| f.online),
+                    late = event.fleet.map(|f| f.late),
+                    "degraded: many devices went silent at once (or the kernel dropped datagrams); the server suspects its own network and holds devices as suspect instead of taking them offline"
+                ),
+                EventKind::Recovered => tracing::info!(
+                    cause = event.fleet.map(|f| f.cause.name()),
+                    released = event.fleet.map(|f| f.released),
+                    "recovered: devices still silent went offline"
+                ),
+                _ => {}
             }
         }
         let now = Instant::now();

@@ -112,6 +112,10 @@ pub(super) struct ShardStats {
     online: AtomicU64,
     /// Devices held.
     known: AtomicU64,
+    /// Late, held and degraded (see [`Totals`]).
+    late: AtomicU64,
+    held: AtomicU64,
+    degraded: AtomicU64,
     /// Indexed by [`Count::index`].
     counts: [AtomicU64; Count::LEN],
 }
@@ -121,6 +125,9 @@ impl Default for ShardStats {
         ShardStats {
             online: AtomicU64::new(0),
             known: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            degraded: AtomicU64::new(0),
             counts: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
@@ -130,6 +137,9 @@ impl ShardStats {
     pub(super) fn store(&self, totals: &Totals) {
         self.online.store(totals.online, Ordering::Relaxed);
         self.known.store(totals.known, Ordering::Relaxed);
+        self.late.store(totals.late, Ordering::Relaxed);
+        self.held.store(totals.held, Ordering::Relaxed);
+        self.degraded.store(totals.degraded, Ordering::Relaxed);
         for (count, value) in totals.counters.iter() {
             self.counts[count.index()].store(value, Ordering::Relaxed);
         }
@@ -143,6 +153,9 @@ impl ShardStats {
         Totals {
             online: self.online.load(Ordering::Relaxed),
             known: self.known.load(Ordering::Relaxed),
+            late: self.late.load(Ordering::Relaxed),
+            held: self.held.load(Ordering::Relaxed),
+            degraded: self.degraded.load(Ordering::Relaxed),
             counters,
             events_lost: 0,
             snapshots_failed: 0,

@@ -71,24 +71,47 @@ struct EventLine<'a> {
     time: String,
     /// The server-wide event sequence (a gap means lost events).
     seq: u64,
-    /// The device id.
-    device: &'a str,
-    /// `online` or `offline`.
+    /// The device id (not for fleet events).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<&'a str>,
+    /// The event's name (EVENTS.md).
     event: &'static str,
     /// The device's version after this transition (+1 per transition).
-    version: u32,
-    /// `expired` or `left`, for offline events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    /// Why, for every kind but `online`.
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<&'static str>,
+    /// `suspect`, for an `online` back from suspect.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'static str>,
+    /// `online` or `offline`: the device's state, for `flapping` and `stable`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<&'static str>,
     /// For an expiry, the deadline that passed (RFC 3339, milliseconds).
     #[serde(skip_serializing_if = "Option::is_none")]
     deadline: Option<String>,
+    /// For an offline after being held: how long past its deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held_ms: Option<u64>,
     /// The device's last known address.
-    address: SocketAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<SocketAddr>,
     /// Boot epoch of the frame the transition rests on.
-    boot: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot: Option<u32>,
     /// Sequence number of that frame (the device's, not the event `seq`).
-    heartbeat_seq: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heartbeat_seq: Option<u32>,
+    /// For `degraded` and `recovered`: devices online, late, held, released.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    online: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    late: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    held: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    released: Option<u64>,
 }
 
 impl JsonLines {
@@ -120,9 +143,15 @@ impl JsonLines {
     fn record(&mut self, transition: &Transition) {
         let (event, wall) = (&transition.event, transition.wall);
         let reason = match event.kind {
-            EventKind::Online => None,
+            EventKind::Online | EventKind::Back => None,
             EventKind::Offline(reason) => Some(reason.name()),
+            EventKind::Suspect => Some("late"),
+            EventKind::Flapping => Some("state_changes"),
+            EventKind::Stable => Some("quiet"),
+            EventKind::Degraded | EventKind::Recovered => event.fleet.map(|fleet| fleet.cause.name()),
         };
+        let device_level = !event.kind.is_server();
+        let fleet = event.fleet;
         let deadline = event.deadline.map(|deadline| {
             let passed = wall - event.at.saturating_duration_since(deadline);
             humantime::format_rfc3339_millis(passed).to_string()
@@ -130,14 +159,21 @@ impl JsonLines {
         let line = EventLine {
             time: humantime::format_rfc3339_millis(wall).to_string(),
             seq: transition.seq,
-            device: &event.device,
+            device: device_level.then_some(&*event.device),
             event: event.kind.name(),
-            version: event.version,
+            version: device_level.then_some(event.version),
             reason,
+            from: (event.kind == EventKind::Back).then_some("suspect"),
+            state: event.online.map(|online| if online { "online" } else { "offline" }),
             deadline,
-            address: SocketAddr::from(wire::Addr::from(event.addr)),
-            boot: event.boot,
-            heartbeat_seq: event.heartbeat_seq,
+            held_ms: event.held_ms,
+            address: device_level.then(|| SocketAddr::from(wire::Addr::from(event.addr))),
+            boot: device_level.then_some(event.boot),
+            heartbeat_seq: device_level.then_some(event.heartbeat_seq),
+            online: fleet.map(|f| f.online),
+            late: fleet.map(|f| f.late),
+            held: fleet.map(|f| f.held),
+            released: fleet.map(|f| f.released),
         };
         // Serializing plain strings and numbers into a Vec cannot fail.
         if serde_json::to_writer(&mut self.pending, &line).is_ok() {

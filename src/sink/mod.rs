@@ -46,6 +46,9 @@ impl Transition {
             version: 1,
             boot: 1,
             heartbeat_seq: 1,
+            held_ms: None,
+            online: None,
+            fleet: None,
         };
         Transition { seq: 0, event, wall: SystemTime::now() }
     }

@@ -833,6 +833,7 @@ mod slot;
 mod window;
 
 pub use slot::{Entry, Held};
+
 use slot::{HELD, INLINE_ID, LEFT, LONG_ID, SIGNED, SUSPECT, Slot, SlotId, check_frame, whole_millis};
 pub use window::{REPLAY_WINDOW, ReplayWindow};
 #[cfg(test)]

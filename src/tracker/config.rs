@@ -91,6 +91,54 @@ pub struct Config {
     pub query_burst: u32,
     /// Most query sources tracked by the rate limiter at once.
     pub max_query_sources: usize,
+    /// A device is suspect (late) once this many intervals pass after the
+    /// one its heartbeat was due at, while its deadline is still ahead; 0:
+    /// never. Status always shows it.
+    pub suspect_after: u32,
+    /// Whether `suspect` transitions (and the `online` back from suspect)
+    /// are reported as events.
+    pub suspect_events: bool,
+    /// Self-preservation: when many devices turn late at once, or the
+    /// kernel drops datagrams, hold devices instead of taking them offline.
+    /// `None`: off.
+    pub preservation: Option<Preservation>,
+    /// Flap damping. `None`: off.
+    pub flap_damping: Option<FlapDamping>,
+}
+
+/// When the server suspects its own network rather than its devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preservation {
+    /// It enters `degraded` when more than this share of the online devices
+    /// (in percent) turn late or expire within one `min_ttl`.
+    pub late_percent: u32,
+    /// ...and only while at least this many devices are online, so that a
+    /// death or two in a small fleet is never taken for a blackout.
+    pub min_online: usize,
+    /// The longest it holds devices, whatever happens.
+    pub max_hold: Duration,
+}
+
+impl Default for Preservation {
+    fn default() -> Self {
+        Preservation { late_percent: 20, min_online: 50, max_hold: Duration::from_secs(300) }
+    }
+}
+
+/// When a device counts as flapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlapDamping {
+    /// It flaps when its state (online, offline) changes more than this
+    /// many times within `window`.
+    pub changes: u32,
+    /// The window; a flapping device is stable again after this long without a change.
+    pub window: Duration,
+}
+
+impl Default for FlapDamping {
+    fn default() -> Self {
+        FlapDamping { changes: 6, window: Duration::from_secs(600) }
+    }
 }
 
 /// The sources that may query without the operator key by default. Parsed
@@ -111,6 +159,10 @@ impl Default for Config {
             query_rate: 20,
             query_burst: 40,
             max_query_sources: 4096,
+            suspect_after: 1,
+            suspect_events: false,
+            preservation: Some(Preservation::default()),
+            flap_damping: Some(FlapDamping::default()),
         }
     }
 }

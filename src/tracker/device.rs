@@ -7,7 +7,7 @@ use crate::time::Instant;
 
 use super::{AuthMode, Count, Event, EventKind, Handled, Tracker, millis_u32};
 use crate::auth;
-use crate::table::{Beat, OfflineReason, Refusal};
+use crate::table::{Arrival, Beat, OfflineReason, Refusal};
 use crate::wire::{self, Ack, DropReason, Leave, Message, RawHeartbeat, Tag};
 
 impl Tracker {
@@ -52,22 +52,35 @@ impl Tracker {
         };
         let beat =
             Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload, signed };
-        let came_online = self.table.beat(now, hb.device, beat).map_err(refusal)?;
+        let arrival = self.table.arrive(now, hb.device, beat).map_err(refusal)?;
         self.counters.bump(Count::Heartbeats);
-        // A device that came online was just admitted (or held), so its id is UTF-8.
-        if let Some(device) = came_online.then(|| std::str::from_utf8(hb.device).ok()).flatten() {
+        let kind = match arrival {
+            Arrival::Continued => None,
+            Arrival::Online => Some(EventKind::Online),
+            Arrival::Back { .. } => self.config.suspect_events.then_some(EventKind::Back),
+        };
+        // A device that came online or back is held, so its id is UTF-8.
+        if let Some((kind, device)) = kind.zip(std::str::from_utf8(hb.device).ok()) {
             // Rare (a transition): one more lookup for the version.
             let version = self.table.get(device).map_or(1, |entry| entry.version());
-            self.events.push_back(Event {
+            let event = Event {
                 device: device.into(),
-                kind: EventKind::Online,
+                kind,
                 at: now,
                 deadline: None,
                 addr: from,
                 version,
                 boot: hb.boot,
                 heartbeat_seq: hb.seq,
-            });
+                held_ms: None,
+                online: None,
+                fleet: None,
+            };
+            if kind == EventKind::Online {
+                self.report_change(event);
+            } else {
+                self.report_other(event);
+            }
         }
         if hb.flags & wire::FLAG_ACK == 0 {
             return Ok(Handled::Done);
@@ -96,7 +109,7 @@ impl Tracker {
         let left = self.table.leave(leave.device, leave.boot, leave.seq, signed).map_err(refusal)?;
         if let Some(entry) = left {
             let (addr, version) = (entry.addr(), entry.version());
-            self.events.push_back(Event {
+            self.report_change(Event {
                 device: leave.device.into(),
                 kind: EventKind::Offline(OfflineReason::Left),
                 at: now,
@@ -105,6 +118,9 @@ impl Tracker {
                 version,
                 boot: leave.boot,
                 heartbeat_seq: leave.seq,
+                held_ms: None,
+                online: None,
+                fleet: None,
             });
         }
         self.counters.bump(Count::Leaves);

@@ -25,18 +25,20 @@ use crate::time::Instant;
 
 use crate::auth;
 use crate::limit::QueryGate;
-use crate::table::{OfflineReason, PresenceTable};
+use crate::table::{Entry, Lateness, OfflineReason, PresenceTable, Verdict};
 use crate::wire::{self, DropReason, ErrorCode, ErrorReply, Message};
 
 mod access;
 mod config;
 mod device;
+mod flap;
 mod outcome;
 mod persist;
+mod preserve;
 mod query;
 
-pub use config::{AuthMode, Config, ConfigError, Keys, MAX_TTL, MIN_TTL};
-pub use outcome::{Count, Counters, Event, EventKind, Handled, Totals};
+pub use config::{AuthMode, Config, ConfigError, FlapDamping, Keys, MAX_TTL, MIN_TTL, Preservation};
+pub use outcome::{Count, Counters, Event, EventKind, Fleet, FleetCause, Handled, Totals};
 pub use persist::Restored;
 pub use query::{LIST_SCAN_LIMIT, NEEDED_HEADROOM};
 
@@ -77,6 +79,12 @@ pub struct Tracker {
     shard: ShardPosition,
     /// The last declared interval (ms) seen and the TTL it gets.
     last_ttl: Option<(u32, Duration)>,
+    /// Self-preservation: whether devices are held instead of taken offline.
+    preserver: preserve::Preserver,
+    /// Flap histories of the devices that changed state lately.
+    flaps: flap::Flaps,
+    /// Transitions a sweep found, before flap damping and versions (reused).
+    swept: Vec<Event>,
 }
 
 impl Tracker {
@@ -84,10 +92,15 @@ impl Tracker {
     pub fn new(config: Config, now: Instant, wall: SystemTime) -> Result<Self, ConfigError> {
         config.validate()?;
         let gate = QueryGate::new(config.query_rate, config.query_burst, config.max_query_sources);
+        let mut table = PresenceTable::new(config.max_devices, Instant::ZERO);
+        table.set_suspect_after(config.suspect_after);
         Ok(Tracker {
+            preserver: preserve::Preserver::new(config.preservation, config.min_ttl, now),
+            flaps: flap::Flaps::new(config.flap_damping),
+            swept: Vec::new(),
             // Epoch zero, not `now`: a restored device may have been seen
             // before this engine started (see `persist`).
-            table: PresenceTable::new(config.max_devices, Instant::ZERO),
+            table,
             gate: Arc::new(Mutex::new(gate)),
             config,
             counters: Counters::default(),
@@ -133,6 +146,9 @@ impl Tracker {
         Totals {
             online: self.table.online_count() as u64,
             known: self.table.known_count() as u64,
+            late: self.table.late_count() as u64,
+            held: self.table.held_count() as u64,
+            degraded: u64::from(self.preserver.degraded()),
             counters: self.counters.clone(),
             events_lost: 0,
             snapshots_failed: 0,
@@ -173,28 +189,163 @@ impl Tracker {
     }
 
     /// When [`Tracker::handle_timeout`] must next be called: the earliest
-    /// device deadline, or `None` if no device is online.
+    /// device deadline (or time a device turns late), the next look at the
+    /// rates while degraded, or a flapping device's window; `None` if
+    /// nothing is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.table.next_deadline()
+        [self.table.next_deadline(), self.preserver.next_tick(), self.flaps.next_due()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Expires every device whose deadline is `<= now`.
+    /// Handles everything due at `now`: devices that turn late or expire
+    /// (held instead while degraded), leaving `degraded`, and flapping
+    /// devices that are stable again.
     pub fn handle_timeout(&mut self, now: Instant) {
-        let events = &mut self.events;
+        let heartbeats = self.counters.heartbeats();
+        if let preserve::Step::Recover(cause) =
+            self.preserver.tick(now, heartbeats, self.table.online_count())
+        {
+            self.recover(now, cause);
+        }
+        let online = self.table.online_count();
+        let (suspect_events, started) = (self.config.suspect_events, self.started);
+        let (preserver, counters) = (&mut self.preserver, &mut self.counters);
+        // Both callbacks add to it; they never run at once.
+        let swept = std::cell::RefCell::new(std::mem::take(&mut self.swept));
+        let mut entered = false;
+        self.table.sweep(
+            now,
+            |id, entry, lateness| {
+                let newly_late = lateness == Lateness::Suspect || !entry.is_suspect();
+                // Silence from before this engine started (a restore) says
+                // nothing about the network now.
+                let evidence = newly_late && entry.last_seen() >= started;
+                if evidence && preserver.note_late(now, entry.ttl(), online, heartbeats) {
+                    entered = true;
+                }
+                let verdict = if preserver.degraded() { Verdict::Hold } else { Verdict::Offline };
+                if suspect_events && newly_late && (lateness == Lateness::Suspect || verdict == Verdict::Hold)
+                {
+                    swept.borrow_mut().push(device_event(id, &entry, EventKind::Suspect, now, None));
+                }
+                verdict
+            },
+            |id, entry| {
+                counters.bump(Count::Expirations);
+                let kind = EventKind::Offline(OfflineReason::Expired);
+                swept.borrow_mut().push(device_event(id, &entry, kind, now, Some(entry.due())));
+            },
+        );
+        let mut swept = swept.into_inner();
+        for event in swept.drain(..) {
+            match event.kind {
+                EventKind::Suspect => self.report_other(event),
+                _ => self.report_change(event),
+            }
+        }
+        self.swept = swept;
+        if entered {
+            let cause = self.preserver.episode.map_or(FleetCause::LateDevices, |e| e.cause);
+            self.events.push_back(Event::fleet(EventKind::Degraded, now, self.fleet(cause, 0)));
+        }
+        self.settle_flaps(now);
+    }
+
+    /// The kernel has dropped `total` datagrams on this engine's socket so
+    /// far (SO_RXQ_OVFL): if that went up, the server suspects its own
+    /// network and holds devices instead of taking them offline.
+    pub fn note_kernel_drops(&mut self, now: Instant, total: u64) {
+        if self.preserver.note_kernel_drops(now, total, self.table.online_count()) {
+            self.events.push_back(Event::fleet(
+                EventKind::Degraded,
+                now,
+                self.fleet(FleetCause::KernelDrops, 0),
+            ));
+        }
+    }
+
+    /// Whether this engine is degraded (holding devices).
+    pub fn is_degraded(&self) -> bool {
+        self.preserver.degraded()
+    }
+
+    /// The fleet as a degraded or recovered event reports it.
+    fn fleet(&self, cause: FleetCause, released: u64) -> Fleet {
+        Fleet {
+            cause,
+            online: self.table.online_count() as u64,
+            late: self.table.late_count() as u64,
+            held: self.table.held_count() as u64,
+            released,
+        }
+    }
+
+    /// Leaves `degraded`: every device still held goes offline (expired,
+    /// with how long it was held), then the `recovered` event.
+    fn recover(&mut self, now: Instant, cause: FleetCause) {
+        let mut released = std::mem::take(&mut self.swept);
         let counters = &mut self.counters;
-        self.table.expire(now, |id, entry| {
+        self.table.release_held(|id, entry| {
             counters.bump(Count::Expirations);
-            events.push_back(Event {
-                device: id.into(),
-                kind: EventKind::Offline(OfflineReason::Expired),
-                at: now,
-                deadline: Some(entry.due()),
-                addr: entry.addr(),
-                version: entry.version(),
-                boot: entry.window().boot(),
-                heartbeat_seq: entry.window().top(),
-            });
+            let mut event =
+                device_event(id, &entry, EventKind::Offline(OfflineReason::Expired), now, Some(entry.due()));
+            event.held_ms = Some(millis_u64(now.saturating_duration_since(entry.due())));
+            released.push(event);
         });
+        let count = released.len() as u64;
+        for event in released.drain(..) {
+            self.report_change(event);
+        }
+        self.swept = released;
+        self.events.push_back(Event::fleet(EventKind::Recovered, now, self.fleet(cause, count)));
+    }
+
+    /// Reports an online or offline transition whose version the table has
+    /// counted, unless flap damping holds it back (then the version is
+    /// taken back, so versions stay gap-free for consumers).
+    fn report_change(&mut self, event: Event) {
+        if event.kind == EventKind::Online && event.version == 1 {
+            // A device's first online is not a change of state.
+            self.events.push_back(event);
+            return;
+        }
+        match self.flaps.change(&event.device, event.at) {
+            flap::Change::Report => self.events.push_back(event),
+            flap::Change::StartsFlapping => {
+                let online = matches!(event.kind, EventKind::Online);
+                self.events.push_back(Event { kind: EventKind::Flapping, online: Some(online), ..event });
+            }
+            flap::Change::HoldBack => {
+                self.table.set_version(event.device.as_bytes(), event.version.saturating_sub(1));
+            }
+        }
+    }
+
+    /// Reports a transition the table does not count (suspect, back from
+    /// suspect): it gets the next version, unless the device is flapping.
+    fn report_other(&mut self, mut event: Event) {
+        if self.flaps.is_flapping(&event.device) {
+            return;
+        }
+        event.version = event.version.saturating_add(1);
+        self.table.set_version(event.device.as_bytes(), event.version);
+        self.events.push_back(event);
+    }
+
+    /// Emits `stable` for flapping devices quiet for the flap window.
+    fn settle_flaps(&mut self, now: Instant) {
+        let mut quiet = Vec::new();
+        self.flaps.settle(now, |device| quiet.push(Box::<str>::from(device)));
+        for device in quiet {
+            let Some(entry) = self.table.get(&device) else { continue };
+            let mut event = device_event(&device, &entry, EventKind::Stable, now, None);
+            event.online = Some(entry.is_online());
+            event.version = event.version.saturating_add(1);
+            self.table.set_version(device.as_bytes(), event.version);
+            self.events.push_back(event);
+        }
     }
 
     /// The next transition to publish, oldest first.
@@ -285,6 +436,29 @@ fn unsupported_version(datagram: &[u8], reply: &mut [u8]) -> Option<usize> {
 fn error_reply(code: ErrorCode, request_len: usize, reply: &mut [u8]) -> Option<usize> {
     let error = Message::Error(ErrorReply { code, supported_version: wire::VERSION });
     wire::encode(&error, reply).ok().filter(|len| *len <= request_len)
+}
+
+/// An event about one device, from its entry; `version` is the entry's.
+fn device_event(
+    id: &str,
+    entry: &Entry<'_>,
+    kind: EventKind,
+    at: Instant,
+    deadline: Option<Instant>,
+) -> Event {
+    Event {
+        device: id.into(),
+        kind,
+        at,
+        deadline,
+        addr: entry.addr(),
+        version: entry.version(),
+        boot: entry.window().boot(),
+        heartbeat_seq: entry.window().top(),
+        held_ms: None,
+        online: None,
+        fleet: None,
+    }
 }
 
 fn millis_u64(d: Duration) -> u64 {

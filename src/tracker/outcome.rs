@@ -7,23 +7,89 @@ use std::net::SocketAddr;
 use crate::table::{DeviceId, OfflineReason};
 use crate::wire::DropReason;
 
-/// What happened to a device.
+/// What happened to a device, or to the server's view of the fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     /// First heartbeat, or the first after being offline.
     Online,
     /// Expired or left.
     Offline(OfflineReason),
+    /// Late: no heartbeat for `suspect_after` intervals past the expected
+    /// one (only with `suspect_events`).
+    Suspect,
+    /// On time again after being suspect: written as `online` with `"from":
+    /// "suspect"` (only with `suspect_events`).
+    Back,
+    /// Its state changed more than the flap limit allows: its online and
+    /// offline events are held back until it is stable.
+    Flapping,
+    /// A flapping device has not changed state for the flap window.
+    Stable,
+    /// The server suspects its own network and holds devices instead of
+    /// taking them offline. Not about one device.
+    Degraded,
+    /// The server left `degraded`. Not about one device.
+    Recovered,
 }
 
 impl EventKind {
-    /// `"online"` or `"offline"`.
+    /// The event's name in the events file.
     pub fn name(self) -> &'static str {
         match self {
-            EventKind::Online => "online",
+            EventKind::Online | EventKind::Back => "online",
             EventKind::Offline(_) => "offline",
+            EventKind::Suspect => "suspect",
+            EventKind::Flapping => "flapping",
+            EventKind::Stable => "stable",
+            EventKind::Degraded => "degraded",
+            EventKind::Recovered => "recovered",
         }
     }
+
+    /// Whether it is about the server (the fleet view), not one device.
+    pub fn is_server(self) -> bool {
+        matches!(self, EventKind::Degraded | EventKind::Recovered)
+    }
+}
+
+/// Why the server entered `degraded`, or how it left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetCause {
+    /// Many devices turned late or expired within one `min_ttl`.
+    LateDevices,
+    /// The kernel dropped datagrams (the socket's receive queue overflowed).
+    KernelDrops,
+    /// Heartbeats arrived at a normal rate again for one full TTL.
+    HeartbeatsNormal,
+    /// It held devices for `max_hold`.
+    MaxHold,
+}
+
+impl FleetCause {
+    /// A stable snake_case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            FleetCause::LateDevices => "late_devices",
+            FleetCause::KernelDrops => "kernel_drops",
+            FleetCause::HeartbeatsNormal => "heartbeats_normal",
+            FleetCause::MaxHold => "max_hold",
+        }
+    }
+}
+
+/// The fleet as a `degraded` or `recovered` event sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fleet {
+    /// Why the server entered or left `degraded`.
+    pub cause: FleetCause,
+    /// Devices online (late and held ones included).
+    pub online: u64,
+    /// Of those, devices late (suspect), held ones included.
+    pub late: u64,
+    /// Of those, devices held.
+    pub held: u64,
+    /// For `recovered`: devices that were held and went offline now.
+    pub released: u64,
 }
 
 /// A transition, reported as a value for the caller to publish.
@@ -47,6 +113,32 @@ pub struct Event {
     pub boot: u32,
     /// The sequence number of that frame (not the server's event sequence).
     pub heartbeat_seq: u32,
+    /// For an offline after being held: how long past its deadline it was held.
+    pub held_ms: Option<u64>,
+    /// For `flapping` and `stable`: whether the device is online now.
+    pub online: Option<bool>,
+    /// For `degraded` and `recovered`: the fleet; then `device` is empty,
+    /// and `addr`, `version`, `boot` and `heartbeat_seq` mean nothing.
+    pub fleet: Option<Fleet>,
+}
+
+impl Event {
+    /// An event about the fleet, not one device.
+    pub fn fleet(kind: EventKind, at: Instant, fleet: Fleet) -> Event {
+        Event {
+            device: "".into(),
+            kind,
+            at,
+            deadline: None,
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            version: 0,
+            boot: 0,
+            heartbeat_seq: 0,
+            held_ms: None,
+            online: None,
+            fleet: Some(fleet),
+        }
+    }
 }
 
 /// One thing the engine counts. The one list of counters: the engine, the
@@ -184,6 +276,12 @@ pub struct Totals {
     pub online: u64,
     /// Devices held, online or offline.
     pub known: u64,
+    /// Online devices late (suspect), held ones included.
+    pub late: u64,
+    /// Online devices held as suspect (degraded).
+    pub held: u64,
+    /// Engines (threads) degraded.
+    pub degraded: u64,
     /// Everything counted.
     pub counters: Counters,
     /// Events the server could not deliver to its sinks. The engine does
@@ -196,13 +294,24 @@ pub struct Totals {
 impl Totals {
     /// Nothing held, nothing counted: the peers of a server with one shard
     /// and no lost events.
-    pub const NONE: Totals =
-        Totals { online: 0, known: 0, counters: Counters::ZERO, events_lost: 0, snapshots_failed: 0 };
+    pub const NONE: Totals = Totals {
+        online: 0,
+        known: 0,
+        late: 0,
+        held: 0,
+        degraded: 0,
+        counters: Counters::ZERO,
+        events_lost: 0,
+        snapshots_failed: 0,
+    };
 
     /// Adds `other` to these.
     pub fn add(&mut self, other: &Totals) {
         self.online += other.online;
         self.known += other.known;
+        self.late += other.late;
+        self.held += other.held;
+        self.degraded += other.degraded;
         self.counters.add(&other.counters);
         self.events_lost += other.events_lost;
         self.snapshots_failed += other.snapshots_failed;

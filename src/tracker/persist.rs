@@ -11,7 +11,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::state::{Chunk, Record, Snapshot, unix_micros};
+use crate::state::{Chunk, FlapRecord, Record, Snapshot, unix_micros};
 use crate::table::{Held, ReplayWindow, Which};
 use crate::time::Instant;
 
@@ -51,7 +51,11 @@ impl Tracker {
                 return Some(slot);
             }
             let held = entry.held(id);
-            chunk.push(&Record::new(
+            let flap = self.flaps.export(id).map(|(changes, flapping)| FlapRecord {
+                changes: changes.iter().map(|at| unix_micros(self.wall_time(*at))).collect(),
+                flapping,
+            });
+            let mut record = Record::new(
                 held.id,
                 (held.online, held.left, held.signed),
                 (held.window.boot(), held.window.top(), held.window.seen()),
@@ -61,7 +65,9 @@ impl Tracker {
                 held.version,
                 held.addr,
                 held.payload,
-            ));
+            );
+            record.flap = flap;
+            chunk.push(&record);
         }
         None
     }
@@ -103,8 +109,13 @@ impl Tracker {
                 addr: record.addr,
                 payload: record.payload,
             };
-            match shards[shard].table.restore(&held) {
+            let engine = &mut shards[shard];
+            match engine.table.restore(&held) {
                 Ok(true) => {
+                    if let Some(flap) = &record.flap {
+                        let at = |unix_us: u64| now - Duration::from_micros(wall_us.saturating_sub(unix_us));
+                        engine.flaps.import(record.id, flap.changes.iter().map(|t| at(*t)), flap.flapping);
+                    }
                     report.devices += 1;
                     report.online += u64::from(held.online);
                     report.graced += u64::from(graced);

@@ -93,9 +93,14 @@ impl Tracker {
         let mut counter_buf = [0u8; (DropReason::ALL.len() + 1) * 16];
         let body = match query.kind {
             QueryKind::Device(device) => match self.table.get(device) {
-                Some(entry) => {
-                    StatusBody::Device(device_info(self.started, self.started_wall, now, device, &entry))
-                }
+                Some(entry) => StatusBody::Device(device_info(
+                    self.started,
+                    self.started_wall,
+                    now,
+                    device,
+                    &entry,
+                    self.flaps.score(device, now),
+                )),
                 None => StatusBody::UnknownDevice,
             },
             QueryKind::Summary => {
@@ -123,6 +128,9 @@ impl Tracker {
                         leaves: totals.counters.leaves(),
                         queries: totals.counters.queries(),
                         expirations: totals.counters.expirations(),
+                        late: totals.late,
+                        held: totals.held,
+                        degraded: totals.degraded,
                     },
                     counters: counters.finish(),
                 })
@@ -206,7 +214,8 @@ impl Tracker {
                 matched += 1;
                 continue;
             }
-            let info = device_info(self.started, self.started_wall, now, id, &entry);
+            let info =
+                device_info(self.started, self.started_wall, now, id, &entry, self.flaps.score(id, now));
             let written = postcard::to_slice(&info, &mut self.page_scratch[end..]).map(|b| b.len());
             let count = self.page_ends.len() as u64 + 1;
             match written {
@@ -258,6 +267,7 @@ fn device_info<'e>(
     now: Instant,
     device: &'e str,
     entry: &Entry<'e>,
+    flaps: u32,
 ) -> DeviceInfo<'e> {
     // A restored device may have been seen before this engine started.
     let last_seen_wall = match entry.last_seen().checked_duration_since(started) {
@@ -279,11 +289,13 @@ fn device_info<'e>(
             boot: entry.window().boot(),
             seq: entry.window().top(),
             heartbeats: entry.heartbeats(),
-            flaps: entry.flaps(),
+            flaps,
             version: entry.version(),
         },
         payload: entry.payload(),
         offline_reason: match entry.offline_reason() {
+            None if entry.is_held() => wire::ONLINE_HELD,
+            None if entry.is_suspect() => wire::ONLINE_SUSPECT,
             None => wire::OFFLINE_NONE,
             Some(OfflineReason::Expired) => wire::OFFLINE_EXPIRED,
             Some(OfflineReason::Left) => wire::OFFLINE_LEFT,

@@ -185,8 +185,10 @@ pub struct DeviceInfo<'a> {
     pub numbers: DeviceNumbers,
     /// Payload of its last heartbeat.
     pub payload: &'a [u8],
-    /// Why it is offline: [`OFFLINE_NONE`] while online, [`OFFLINE_EXPIRED`]
-    /// or [`OFFLINE_LEFT`]; other values are reserved (show them as unknown).
+    /// Why it is offline ([`OFFLINE_EXPIRED`], [`OFFLINE_LEFT`]), or, while
+    /// online, whether it is on time ([`OFFLINE_NONE`]) or late
+    /// ([`ONLINE_SUSPECT`], [`ONLINE_HELD`]); other values are reserved
+    /// (show them as unknown).
     pub offline_reason: u8,
 }
 
@@ -211,7 +213,8 @@ pub struct DeviceNumbers {
     pub seq: u32,
     /// Heartbeats accepted from it since the server started.
     pub heartbeats: u64,
-    /// Times it went offline since the server started.
+    /// Its flap score: times its state (online, offline) changed within the
+    /// server's flap window, whether the events were written or held back.
     pub flaps: u32,
     /// The version of its latest transition (1 for its first online, +1
     /// with each transition after), as in the events.
@@ -225,6 +228,12 @@ pub const OFFLINE_NONE: u8 = 0;
 pub const OFFLINE_EXPIRED: u8 = 1;
 /// [`DeviceInfo::offline_reason`]: it sent a `Leave`.
 pub const OFFLINE_LEFT: u8 = 2;
+/// [`DeviceInfo::offline_reason`] of an online device that is late
+/// (suspect): no heartbeat for `--suspect-after` intervals past the one due.
+pub const ONLINE_SUSPECT: u8 = 3;
+/// [`DeviceInfo::offline_reason`] of an online device whose deadline passed
+/// while the server was degraded: held as suspect instead of offline.
+pub const ONLINE_HELD: u8 = 4;
 
 /// The numbers of a [`Summary`] (on the wire its fields simply come first,
 /// in this order), shared with the client's owned report.
@@ -244,6 +253,13 @@ pub struct SummaryCounts {
     pub queries: u64,
     /// Devices that went offline because they expired.
     pub expirations: u64,
+    /// Of the online devices, those late (suspect), held ones included.
+    pub late: u64,
+    /// Of those, devices held because the server is degraded.
+    pub held: u64,
+    /// Receive threads that are degraded (suspect their own network): 0
+    /// when all is well.
+    pub degraded: u64,
 }
 
 /// The server's counts, answering [`QueryKind::Summary`].

@@ -105,11 +105,14 @@ fn test_vectors() {
                     leaves: 0,
                     queries: 1,
                     expirations: 0,
+                    late: 1,
+                    held: 0,
+                    degraded: 0,
                 },
                 counters: counters.finish(),
             }),
         }),
-        "01032a020102e80703000100020502",
+        "01032a020102e80703000100010000020502",
     );
     check_vector(
         Message::Status(Status { request: 4, body: StatusBody::Device(vector_info()) }),
@@ -322,7 +325,7 @@ enum Owned {
     QueryList(u32, Option<String>, u16),
     StatusDevice(u32, OwnedInfo),
     StatusUnknown(u32),
-    StatusSummary(u32, [u64; 7], Vec<(u16, u64)>),
+    StatusSummary(u32, [u64; 10], Vec<(u16, u64)>),
     StatusPage(u32, Option<String>, Vec<OwnedInfo>),
     Ack(u32, u32, u32, u32),
     Error(u8),
@@ -339,7 +342,7 @@ fn owned() -> impl Strategy<Value = Owned> {
             .prop_map(|(r, a, l)| Owned::QueryList(r, a, l)),
         (any::<u32>(), info()).prop_map(|(r, i)| Owned::StatusDevice(r, i)),
         any::<u32>().prop_map(Owned::StatusUnknown),
-        (any::<u32>(), any::<[u64; 7]>(), proptest::collection::vec(any::<(u16, u64)>(), 0..10))
+        (any::<u32>(), any::<[u64; 10]>(), proptest::collection::vec(any::<(u16, u64)>(), 0..10))
             .prop_map(|(r, n, c)| Owned::StatusSummary(r, n, c)),
         (any::<u32>(), proptest::option::of(id()), proptest::collection::vec(info(), 0..5))
             .prop_map(|(r, c, e)| Owned::StatusPage(r, c, e)),
@@ -395,6 +398,9 @@ fn with_message<R>(owned: &Owned, tag: Option<Tag>, padding: &[u8], f: impl FnOn
                         leaves: n[4],
                         queries: n[5],
                         expirations: n[6],
+                        late: n[7],
+                        held: n[8],
+                        degraded: n[9],
                     },
                     counters: w.finish(),
                 }),
