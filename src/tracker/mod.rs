@@ -482,6 +482,8 @@ mod hardening_tests;
 #[cfg(test)]
 mod persist_tests;
 #[cfg(test)]
+mod resilience_tests;
+#[cfg(test)]
 mod security_tests;
 #[cfg(test)]
 mod tests;

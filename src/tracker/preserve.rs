@@ -38,8 +38,9 @@ pub(super) struct Episode {
     pub(super) since: Instant,
     /// Why.
     pub(super) cause: FleetCause,
-    /// Since when heartbeats have been normal again, if they are.
-    normal_since: Option<Instant>,
+    /// Since when heartbeats have been coming again, if they are, with the
+    /// engine's heartbeat counter then.
+    normal_since: Option<(Instant, u64)>,
     /// The longest TTL of the devices that turned late or were held in it.
     longest_ttl: Duration,
 }
@@ -170,24 +171,27 @@ impl Preserver {
             self.episode = None;
             return Step::Recover(FleetCause::MaxHold);
         }
-        // The current sub-window is partial: judge the rate on the full ones.
-        let full = |ring: &[u64; BUCKETS], at: usize| -> u64 {
-            ring.iter().enumerate().filter(|(i, _)| *i != at).map(|(_, n)| *n).sum::<u64>()
-        };
-        let rate = full(&self.heartbeats, self.at) * BUCKETS as u64 / (BUCKETS as u64 - 1);
-        let late = full(&self.late, self.at) * BUCKETS as u64 / (BUCKETS as u64 - 1);
+        let window = self.bucket * BUCKETS as u32;
+        let late: u64 = self.late.iter().sum();
         let storm = late * 100 > u64::from(config.late_percent) * online.max(1) as u64;
-        let normal = !storm && rate * 100 >= NORMAL_RATE_PERCENT * self.baseline && rate > 0;
-        match (normal, episode.normal_since) {
-            (false, _) => episode.normal_since = None,
-            (true, None) => episode.normal_since = Some(now),
-            (true, Some(since)) => {
-                let wait = episode.longest_ttl.max(self.bucket * BUCKETS as u32);
-                if now.saturating_duration_since(since) >= wait {
+        let coming = self.heartbeats.iter().sum::<u64>() > 0 || heartbeats > self.heartbeats_mark;
+        let wait = episode.longest_ttl.max(window);
+        match episode.normal_since {
+            _ if storm => episode.normal_since = None,
+            None if coming => episode.normal_since = Some((now, heartbeats)),
+            None => {}
+            Some((since, mark)) if now.saturating_duration_since(since) >= wait => {
+                // Over one full TTL, heartbeats came at half the usual rate or more?
+                let got = heartbeats.saturating_sub(mark);
+                let usual = self.baseline as u128 * now.saturating_duration_since(since).as_micros()
+                    / window.as_micros().max(1);
+                if got as u128 * 100 >= usual * u128::from(NORMAL_RATE_PERCENT) {
                     self.episode = None;
                     return Step::Recover(FleetCause::HeartbeatsNormal);
                 }
+                episode.normal_since = coming.then_some((now, heartbeats));
             }
+            Some(_) => {}
         }
         Step::Stay
     }
