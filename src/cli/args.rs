@@ -153,9 +153,49 @@ pub(crate) struct ServeArgs {
     /// Keep the devices, their replay windows and versions, and the event sequence in this file across restarts: written every --state-every and at SIGTERM/SIGINT, restored at start.
     #[arg(long, value_name = "PATH", env = "PRESENCE_STATE")]
     pub(crate) state: Option<PathBuf>,
+    /// A device is suspect once this many intervals pass after the one its heartbeat was due at (before its deadline); 0: never.
+    #[arg(long, value_name = "N", default_value_t = 1, env = "PRESENCE_SUSPECT_AFTER")]
+    pub(crate) suspect_after: u32,
+    /// Also write `suspect` events, and `online` events (with "from": "suspect") when suspect devices are on time again.
+    #[arg(long, env = "PRESENCE_SUSPECT_EVENTS")]
+    pub(crate) suspect_events: bool,
+    /// When many devices go silent at once, suspect the server's own network and hold them as suspect instead of taking them offline.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_switch, action = clap::ArgAction::Set, env = "PRESENCE_SELF_PRESERVATION")]
+    pub(crate) self_preservation: bool,
+    /// Self-preservation starts when more than this share of the online devices turn late or expire within one --min-ttl.
+    #[arg(long, value_name = "PERCENT", default_value = "20%", value_parser = parse_percent, env = "PRESENCE_DEGRADED_SHARE")]
+    pub(crate) degraded_share: u32,
+    /// ...and only with at least this many devices online (per --threads thread), so a death in a small fleet is never taken for a blackout.
+    #[arg(long, value_name = "N", default_value_t = 50, env = "PRESENCE_DEGRADED_MIN_ONLINE")]
+    pub(crate) degraded_min_online: u64,
+    /// The longest devices are held while degraded, whatever happens; then the silent ones go offline.
+    #[arg(long, value_name = "DUR", default_value = "5m", value_parser = parse_duration, env = "PRESENCE_MAX_HOLD")]
+    pub(crate) max_hold: Duration,
+    /// A device whose state changes more than this many times within --flap-window is flapping: its online/offline events are held back until it is stable; 0: no flap damping.
+    #[arg(long, value_name = "N", default_value_t = 6, env = "PRESENCE_FLAP_CHANGES")]
+    pub(crate) flap_changes: u32,
+    /// The flap window; a flapping device is stable again after this long without a change.
+    #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_duration, env = "PRESENCE_FLAP_WINDOW")]
+    pub(crate) flap_window: Duration,
     /// Time between state snapshots (with --state); a crash loses at most this much history.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_state_every, requires = "state", env = "PRESENCE_STATE_EVERY")]
     pub(crate) state_every: Duration,
+}
+
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is neither on nor off")),
+    }
+}
+
+fn parse_percent(s: &str) -> Result<u32, String> {
+    let number = s.trim().trim_end_matches('%');
+    match number.parse::<u32>() {
+        Ok(percent) if (1..=100).contains(&percent) => Ok(percent),
+        _ => Err(format!("'{s}' is not a percentage from 1% to 100% (try 20%)")),
+    }
 }
 
 fn parse_state_every(s: &str) -> Result<Duration, String> {

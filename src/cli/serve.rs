@@ -9,7 +9,7 @@ use presence::keyfile::KeyFile;
 use presence::server::{self, Options, StateOptions, Stop, state};
 use presence::sink::{JsonLines, Sink};
 use presence::time::Clock;
-use presence::tracker::{AuthMode, Config, ConfigError, Keys, Totals, Tracker};
+use presence::tracker::{AuthMode, Config, ConfigError, FlapDamping, Keys, Preservation, Totals, Tracker};
 
 use super::args::ServeArgs;
 use crate::on_signal;
@@ -56,6 +56,15 @@ impl TryFrom<&ServeArgs> for Config {
             query_allow: args.query_allow.iter().flatten().copied().collect(),
             query_rate: args.query_rate,
             query_burst: args.query_burst,
+            suspect_after: args.suspect_after,
+            suspect_events: args.suspect_events,
+            preservation: args.self_preservation.then_some(Preservation {
+                late_percent: args.degraded_share,
+                min_online: usize::try_from(args.degraded_min_online).unwrap_or(usize::MAX),
+                max_hold: args.max_hold,
+            }),
+            flap_damping: (args.flap_changes > 0)
+                .then_some(FlapDamping { changes: args.flap_changes, window: args.flap_window }),
             ..Config::default()
         };
         match config.validate() {
@@ -113,6 +122,9 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         max_ttl = %humantime::format_duration(config.max_ttl),
         auth = config.auth.name(),
         max_devices = config.max_devices,
+        suspect_after = config.suspect_after,
+        self_preservation = config.preservation.is_some(),
+        flap_damping = config.flap_damping.is_some(),
         "listening"
     );
     let stop = Stop::new();

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 
 use nix::errno::Errno;
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 
 /// Receive buffer size: larger than [`wire::MAX_DATAGRAM`] so an oversized
 /// datagram is seen as oversized rather than silently cut to fit.
@@ -23,14 +23,26 @@ pub(super) struct Batch {
     buffers: Box<[[u8; RECV_BUF]; BATCH]>,
     /// Length and source of each message of the last call.
     received: Vec<(usize, Option<SocketAddr>)>,
+    /// The kernel's count of datagrams it dropped for this socket (its
+    /// receive queue was full), as the last datagram that carried it said
+    /// (SO_RXQ_OVFL: only datagrams that follow a drop carry it).
+    pub(super) kernel_drops: u64,
+    /// Whether the control buffers must be made again before the next call:
+    /// the kernel sets each header's control length to what it wrote (0 for
+    /// no drop count), and `nix` does not reset it, so after a call that
+    /// had room for none, a drop count is cut off (MSG_CTRUNC). Only
+    /// datagrams that follow a drop carry one, so this happens only then.
+    refresh: bool,
 }
 
 impl Batch {
     pub(super) fn new() -> Self {
         Batch {
-            headers: MultiHeaders::preallocate(BATCH, None),
+            headers: MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(u32))),
             buffers: Box::new([[0; RECV_BUF]; BATCH]),
             received: Vec::with_capacity(BATCH),
+            kernel_drops: 0,
+            refresh: false,
         }
     }
 
@@ -38,6 +50,9 @@ impl Batch {
     /// `MSG_DONTWAIT` it never blocks; with `MSG_WAITFORONE` on a blocking
     /// socket it waits for the first datagram (or the socket's read timeout).
     pub(super) fn receive(&mut self, socket: &UdpSocket, flags: MsgFlags) -> io::Result<usize> {
+        if std::mem::take(&mut self.refresh) {
+            self.headers = MultiHeaders::preallocate(BATCH, Some(nix::cmsg_space!(u32)));
+        }
         let mut slices = self.buffers.each_mut().map(|buffer| [IoSliceMut::new(buffer)]);
         self.received.clear();
         let results = match recvmmsg(socket.as_raw_fd(), &mut self.headers, slices.iter_mut(), flags, None) {
@@ -47,6 +62,16 @@ impl Batch {
         };
         for message in results {
             self.received.push((message.bytes, message.address.and_then(|a| socket_addr(&a))));
+            if message.flags.contains(MsgFlags::MSG_CTRUNC) {
+                self.refresh = true;
+            }
+            for cmsg in message.cmsgs().into_iter().flatten() {
+                if let ControlMessageOwned::RxqOvfl(dropped) = cmsg {
+                    self.kernel_drops = self.kernel_drops.max(u64::from(dropped));
+                    // The headers that carried it have less room now.
+                    self.refresh = true;
+                }
+            }
         }
         Ok(self.received.len())
     }

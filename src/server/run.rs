@@ -49,6 +49,12 @@ fn serve(
     // watches their inboxes.
     let may_block = shards == 1;
     socket.set_nonblocking(!may_block)?;
+    // Datagrams that follow a kernel drop carry the drop count (SO_RXQ_OVFL),
+    // which tells self-preservation the server itself is overwhelmed.
+    if let Err(e) = nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::RxqOvfl, &1) {
+        tracing::debug!(error = %e, "cannot ask for the kernel's drop count (SO_RXQ_OVFL)");
+    }
+    let mut kernel_drops = 0;
     if may_block {
         shared.stop.register_datagram_wake(socket.local_addr()?);
     }
@@ -134,6 +140,10 @@ fn serve(
                         answer.handle(tracker, now, from, datagram, &Totals::NONE);
                     }
                 }
+            }
+            if batch.kernel_drops > kernel_drops {
+                kernel_drops = batch.kernel_drops;
+                tracker.note_kernel_drops(now, kernel_drops);
             }
             if received < BATCH {
                 break;
