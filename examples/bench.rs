@@ -413,8 +413,10 @@ fn echo_rate(round_trips: usize) -> std::io::Result<f64> {
 /// Median engine time per first `List` page (10 entries), over 20 rounds of
 /// 100 pages, with `held` devices held of which the last 10 are online.
 fn list_page_ns(held: usize) -> f64 {
-    let mut tracker = populated(held.saturating_sub(10), AuthMode::Off, &[]);
-    // Everyone populated so far expires; then 10 devices come online.
+    // Everyone populated so far expires (all at once, which self-preservation
+    // would hold back: off here); then 10 devices come online.
+    let no_hold = Config { preservation: None, ..config(AuthMode::Off) };
+    let mut tracker = populated_with(no_hold, held.saturating_sub(10), &[], 1).remove(0);
     let later = clock().now() + Duration::from_secs(7200);
     tracker.handle_timeout(later);
     while tracker.poll_event().is_some() {}
@@ -631,8 +633,14 @@ fn populated(n: usize, auth: AuthMode, payload: &[u8]) -> Tracker {
 
 /// `threads` tracker shards with `n` devices online (seq 1) between them.
 fn populated_shards(n: usize, auth: AuthMode, payload: &[u8], threads: usize) -> Vec<Tracker> {
+    populated_with(config(auth), n, payload, threads)
+}
+
+/// `threads` tracker shards made with `config`, with `n` devices online (seq 1) between them.
+fn populated_with(config: Config, n: usize, payload: &[u8], threads: usize) -> Vec<Tracker> {
+    let auth = config.auth;
     let mut shards =
-        Tracker::new_sharded(config(auth), threads, clock().now(), SystemTime::now()).expect("valid config");
+        Tracker::new_sharded(config, threads, clock().now(), SystemTime::now()).expect("valid config");
     let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut reply = vec![0u8; wire::MAX_DATAGRAM];
     for i in 0..n {
