@@ -173,7 +173,7 @@ impl JsonLines {
             online: fleet.map(|f| f.online),
             late: fleet.map(|f| f.late),
             held: fleet.map(|f| f.held),
-            released: fleet.map(|f| f.released),
+            released: fleet.filter(|_| event.kind == EventKind::Recovered).map(|f| f.released),
         };
         // Serializing plain strings and numbers into a Vec cannot fail.
         if serde_json::to_writer(&mut self.pending, &line).is_ok() {

@@ -69,9 +69,9 @@ pub(super) struct Slot {
     pub(super) interval_ms: u32,
     /// Heartbeats accepted (saturating).
     pub(super) heartbeats: u32,
-    /// Its transitions so far: 1 when it first came online, +1 with every
-    /// transition after (online and offline alternate, so it is odd while
-    /// online, and the times it went offline are `version / 2`).
+    /// Its version: 1 when it first came online, +1 with every online or
+    /// offline transition after; the engine adjusts it for the events it
+    /// writes or holds back ([`PresenceTable::set_version`]).
     pub(super) version: u32,
     /// Which `expiry` entry is this slot's: others are stale.
     pub(super) generation: u32,
@@ -205,7 +205,8 @@ impl<'t> Entry<'t> {
         self.slot.heartbeats.into()
     }
 
-    /// Times it went offline.
+    /// Times it went offline, if every transition was counted in its
+    /// version (the table's own count; the engine's flap score is another).
     pub fn flaps(&self) -> u32 {
         self.slot.version / 2
     }
