@@ -8,7 +8,7 @@
 //! good `PATH` or a good `PATH.prev`.
 //!
 //! Periodic snapshots are taken by the loops a chunk at a time
-//! ([`Turn`]) and written by a thread of their own ([`start_writer`]), so
+//! (`Turn`) and written by a thread of their own (`start_writer`), so
 //! neither encoding nor the disk ever holds a loop for long. The last
 //! snapshot, at stop, is written by the stopping thread once the loops are
 //! done ([`write_now`]).
