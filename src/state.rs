@@ -37,6 +37,8 @@ const ONLINE: u8 = 1;
 const LEFT: u8 = 2;
 /// Record flag: it has sent signed frames.
 const SIGNED: u8 = 4;
+/// Record flag: it is late (suspect).
+const LATE: u8 = 8;
 
 /// One held device as the file stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +126,16 @@ impl<'a> Record<'a> {
     /// Whether it had sent signed frames.
     pub fn signed(&self) -> bool {
         self.flags & SIGNED != 0
+    }
+
+    /// Whether it was late (suspect).
+    pub fn late(&self) -> bool {
+        self.flags & LATE != 0
+    }
+
+    /// Marks it late (suspect).
+    pub fn set_late(&mut self, late: bool) {
+        self.flags = if late { self.flags | LATE } else { self.flags & !LATE };
     }
 
     /// The replay window's bitmap (bit i: `top - i` seen).

@@ -482,7 +482,13 @@ impl PresenceTable {
         }
         let id = self.make_id(device);
         let payload = self.store_payload(0, payload);
-        let slot = Slot { id, payload, flags: slot.flags & (SIGNED | LEFT), ..slot };
+        let mut slot = Slot { id, payload, ..slot };
+        // Only an online device that turns late before its deadline can be late.
+        let keep = if slot.online && self.suspect_at(&slot).is_some() { SUSPECT } else { 0 };
+        slot.flags &= SIGNED | LEFT | keep;
+        if slot.flags & SUSPECT != 0 {
+            self.late += 1;
+        }
         let (online, due, last_seen) = (slot.online, self.next_due(&slot), slot.last_seen);
         let i = match self.free_slots.pop() {
             Some(i) => {
@@ -527,6 +533,9 @@ impl PresenceTable {
         let mut flags = if held.signed { SIGNED } else { 0 };
         if held.left {
             flags |= LEFT;
+        }
+        if held.late {
+            flags |= SUSPECT;
         }
         let slot = Slot {
             id: SlotId([0; INLINE_ID + 1]),

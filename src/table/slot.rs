@@ -234,6 +234,10 @@ pub struct Held<'a> {
     pub left: bool,
     /// Whether it has sent a signed frame (unsigned ones are refused since).
     pub signed: bool,
+    /// Whether it is late (suspect), held or not. A restored device stays
+    /// late only if it can be (it declared an interval, and its deadline is
+    /// after the time it turns late).
+    pub late: bool,
     /// The (boot, seq) pairs seen.
     pub window: ReplayWindow,
     /// When its last heartbeat arrived.
@@ -261,6 +265,7 @@ impl<'t> Entry<'t> {
             online: slot.online,
             left: slot.flags & LEFT != 0,
             signed: slot.flags & SIGNED != 0,
+            late: slot.online && slot.flags & (SUSPECT | HELD) != 0,
             window: slot.window,
             last_seen: self.last_seen(),
             ttl_ms: slot.ttl_ms,

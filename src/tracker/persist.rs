@@ -67,6 +67,7 @@ impl Tracker {
                 held.payload,
             );
             record.flap = flap;
+            record.set_late(held.late);
             chunk.push(&record);
         }
         None
@@ -100,6 +101,7 @@ impl Tracker {
                 online: record.online(),
                 left: record.left(),
                 signed: record.signed(),
+                late: record.late(),
                 window: ReplayWindow::from_parts(record.boot, record.top, record.seen()),
                 last_seen,
                 ttl_ms,

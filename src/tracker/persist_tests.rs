@@ -25,7 +25,12 @@ struct Fleet {
 }
 
 fn config() -> Config {
-    Config { auth: AuthMode::Optional, keys: Some(Keys::from_master(&MASTER)), ..Config::default() }
+    Config {
+        auth: AuthMode::Optional,
+        keys: Some(Keys::from_master(&MASTER)),
+        suspect_events: true,
+        ..Config::default()
+    }
 }
 
 fn device_addr(device: usize) -> SocketAddr {
@@ -274,16 +279,20 @@ fn after_a_downtime_only_passed_deadlines_get_one_ttl_of_grace() {
     let short = table.get("short").unwrap();
     assert_eq!(short.due(), restart + Duration::from_secs(3), "one TTL from the restart");
     assert_eq!(restart - short.last_seen(), Duration::from_secs(11), "last seen stays true");
+    // Last heard 11 s ago with a 1 s interval, it is late: with suspect
+    // events on, that is said at once; its deadline is the grace's.
     fleet.advance(2_999);
-    assert!(fleet.events.is_empty(), "{:?}", fleet.events);
+    let events: Vec<_> = fleet.events.iter().map(|e| (&*e.device, e.kind, e.version, e.at)).collect();
+    assert_eq!(events, [("short", EventKind::Suspect, 2, restart + Duration::from_millis(2_999))]);
     fleet.advance(1);
-    let offline: Vec<_> = fleet.events.iter().map(|e| (&*e.device, e.kind, e.version, e.deadline)).collect();
+    let offline: Vec<_> =
+        fleet.events[1..].iter().map(|e| (&*e.device, e.kind, e.version, e.deadline)).collect();
     assert_eq!(
         offline,
         [(
             "short",
             EventKind::Offline(crate::table::OfflineReason::Expired),
-            2,
+            3,
             Some(restart + Duration::from_secs(3))
         )]
     );
