@@ -8,21 +8,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{PROMPTLY, Server, cli, poll, stderr, stdout};
+use common::{PROMPTLY, Server, cli, keygen, poll, stderr, stdout};
 use presence::auth;
 use presence::client::{Client, ClientError, Sender};
 use presence::keyfile::{KeyFile, parse_hex_key};
 
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Runs `presence keygen` into `dir` and returns the file and the master key.
-fn keygen(dir: &Path) -> (String, auth::Key) {
-    let path = dir.join("master.key");
-    let out = cli(&["keygen", "--out", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let KeyFile::Master(master) = KeyFile::read(&path).unwrap() else { panic!("not a master key file") };
-    (path.to_str().unwrap().to_string(), master)
-}
 
 #[test]
 fn keygen_writes_a_private_key_once_and_derive_key_matches_the_library() {

@@ -11,22 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{PROMPTLY, Server, cli, poll, stderr};
+use common::{PROMPTLY, Server, cli, keygen, poll, stderr};
 use presence::auth;
 use presence::client::{Client, SummaryReport};
-use presence::keyfile::KeyFile;
 use presence::state::Snapshot;
 use presence::wire::{DropReason, Heartbeat, MAX_DATAGRAM, Message};
 
 const DEVICES: usize = 1000;
-
-fn keygen(dir: &Path) -> (String, auth::Key) {
-    let path = dir.join("master.key");
-    let out = cli(&["keygen", "--out", path.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let KeyFile::Master(master) = KeyFile::read(&path).unwrap() else { panic!("not a master key") };
-    (path.to_str().unwrap().to_string(), master)
-}
 
 /// A signed heartbeat declaring a 60 s interval (so the device stays online through the test).
 fn signed_beat(master: &auth::Key, device: &str, seq: u32) -> Vec<u8> {

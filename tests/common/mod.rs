@@ -207,6 +207,17 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Runs `presence keygen` into `dir` and returns the file and the master key.
+pub fn keygen(dir: &std::path::Path) -> (String, presence::auth::Key) {
+    let path = dir.join("master.key");
+    let out = cli(&["keygen", "--out", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let presence::keyfile::KeyFile::Master(master) = presence::keyfile::KeyFile::read(&path).unwrap() else {
+        panic!("not a master key file")
+    };
+    (path.to_str().unwrap().to_string(), master)
+}
+
 /// A message encoded as one datagram.
 pub fn frame(message: &presence::wire::Message<'_>) -> Vec<u8> {
     let mut buf = [0u8; presence::wire::MAX_DATAGRAM];
