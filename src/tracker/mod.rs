@@ -374,7 +374,10 @@ impl Tracker {
         reply: &mut [u8],
         peers: &Totals,
     ) -> Handled {
-        self.handle_timeout(now);
+        // Per datagram: only when something is due (a few compares, not a sweep).
+        if self.poll_timeout().is_some_and(|due| due <= now) {
+            self.handle_timeout(now);
+        }
         if let Some(hb) = wire::decode_heartbeat_ascii(datagram) {
             // The usual heartbeat: its tag, if any, is the last 8 bytes.
             let tag = hb.tag.map(|tag| (&datagram[..datagram.len() - auth::TAG_LEN], tag));
