@@ -815,7 +815,7 @@ fn live(plan: &Plan, rate: u64, state_every: Option<Duration>) -> std::io::Resul
     let dir = std::env::temp_dir().join(format!("presence-bench-live-{}", std::process::id()));
     let options = server::Options {
         state: state_every.map(|every| server::StateOptions { path: dir.join("state"), every }),
-        event_seq: 0,
+        ..server::Options::default()
     };
     std::fs::create_dir_all(&dir)?;
     let port = addr.port();

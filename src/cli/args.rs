@@ -150,6 +150,9 @@ pub(crate) struct ServeArgs {
     /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id (--max-devices is split evenly).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
     pub(crate) threads: u16,
+    /// Transitions each destination (events file, brokers) may have waiting; a destination that is down or slow loses its oldest beyond this, and counts them.
+    #[arg(long, value_name = "N", default_value_t = presence::server::SINK_BUFFER, env = "PRESENCE_SINK_BUFFER")]
+    pub(crate) sink_buffer: usize,
     /// Keep the devices, their replay windows and versions, and the event sequence in this file across restarts: written every --state-every and at SIGTERM/SIGINT, restored at start.
     #[arg(long, value_name = "PATH", env = "PRESENCE_STATE")]
     pub(crate) state: Option<PathBuf>,

@@ -148,10 +148,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
             let options = Options {
                 state: Some(StateOptions { path: path.clone(), every: args.state_every }),
                 event_seq: recovered.event_seq,
+                sink_buffer: 0,
             };
             (recovered.trackers, options)
         }
     };
+    let options = Options { sink_buffer: args.sink_buffer, ..options };
     let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
     let finished =
         server::run_with(&sockets, trackers, clock, &stop, sinks, options).context("server loop failed")?;

@@ -30,6 +30,7 @@ use crate::tracker::{ShardPosition, Tracker};
 mod batch;
 mod bind;
 mod drops;
+mod feed;
 mod handover;
 mod publish;
 mod run;
@@ -39,6 +40,7 @@ mod stop;
 mod wait;
 
 pub use bind::{Bound, bind, bind_group, steer_by_id};
+pub use feed::SinkFeeds;
 pub use publish::QUEUE as EVENTS_QUEUE;
 pub use state::StateOptions;
 pub use stop::Stop;
@@ -123,7 +125,12 @@ pub struct Options {
     /// The last event sequence number given out before (from the restored
     /// state; 0 for a fresh start). The first transition gets the next.
     pub event_seq: u64,
+    /// Transitions each sink may have waiting (`--sink-buffer`); 0: the default.
+    pub sink_buffer: usize,
 }
+
+/// A sink's buffer when none is given: about 10 MB of transitions.
+pub const SINK_BUFFER: usize = 65_536;
 
 /// Runs one loop per socket, each on its own thread (the first on the
 /// calling thread), with `trackers[i]` as shard `i` (see
@@ -165,7 +172,8 @@ pub fn run_with(
     if shards == 0 || trackers.len() != shards || !numbered {
         return Err(ServerError::Engines { sockets: shards, engines: trackers.len() });
     }
-    let (outbox, publisher) = publish::start(sinks, options.event_seq)?;
+    let sink_buffer = if options.sink_buffer == 0 { SINK_BUFFER } else { options.sink_buffer };
+    let (outbox, publisher, _feeds) = publish::start(sinks, options.event_seq, sink_buffer)?;
     let stats = Arc::new(state::SnapshotStats::default());
     // Each loop's share of the periodic snapshots, and the thread that writes them.
     let (mut turns, writer): (Vec<Option<state::Turn>>, _) = match &options.state {

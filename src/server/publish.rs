@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
+use super::feed::{Feed, SinkFeeds};
 use crate::sink::{Sink, Transition};
 use crate::tracker::EventKind;
 
@@ -38,13 +39,13 @@ pub(super) struct Outbox {
     lost: Arc<Lost>,
 }
 
-/// What was lost, in two counters so each has one writer.
+/// What was lost: here, and by each sink (read live from their feeds).
 #[derive(Default)]
 struct Lost {
     /// Dropped because the queue was full.
     queue_full: AtomicU64,
-    /// Lost by the sinks, as of the publisher's last batch.
-    by_sinks: AtomicU64,
+    /// The sinks' feeds, each counting what its sink lost.
+    feeds: SinkFeeds,
 }
 
 impl Outbox {
@@ -102,28 +103,61 @@ impl LostCount {
 
 impl Lost {
     fn total(&self) -> u64 {
-        self.queue_full.load(Ordering::Relaxed) + self.by_sinks.load(Ordering::Relaxed)
+        self.queue_full.load(Ordering::Relaxed) + self.feeds.each().map(|(_, _, lost)| lost).sum::<u64>()
     }
 }
 
-/// The publisher thread; it returns the sinks when it is done.
-pub(super) type Publisher = std::thread::JoinHandle<Vec<Box<dyn Sink>>>;
-
-/// Starts the publisher thread for `sinks`. It runs until every [`Outbox`]
-/// clone is dropped, then publishes what is left and returns the sinks.
-/// The first transition gets sequence number `last_seq + 1`.
-pub(super) fn start(sinks: Vec<Box<dyn Sink>>, last_seq: u64) -> std::io::Result<(Outbox, Publisher)> {
-    let (queue, received) = sync_channel(QUEUE);
-    let lost = Arc::new(Lost::default());
-    let publisher_lost = Arc::clone(&lost);
-    let thread = std::thread::Builder::new()
-        .name("presence-publish".into())
-        .spawn(move || publish(received, sinks, &publisher_lost))?;
-    Ok((Outbox { queue, seq: Arc::new(std::sync::Mutex::new(last_seq)), lost }, thread))
+/// The publisher thread and the sinks' threads; joined, they give the sinks back.
+pub(super) struct Publisher {
+    /// The publisher.
+    publisher: std::thread::JoinHandle<()>,
+    /// One thread per sink, in the order the sinks were given.
+    sinks: Vec<std::thread::JoinHandle<Box<dyn Sink>>>,
 }
 
-/// The publisher: batches from the queue to every sink.
-fn publish(received: Receiver<Transition>, mut sinks: Vec<Box<dyn Sink>>, lost: &Lost) -> Vec<Box<dyn Sink>> {
+impl Publisher {
+    /// Waits until everything queued was handed to the sinks and they are
+    /// done with it; returns the sinks.
+    pub(super) fn join(self) -> std::thread::Result<Vec<Box<dyn Sink>>> {
+        self.publisher.join()?;
+        self.sinks.into_iter().map(std::thread::JoinHandle::join).collect()
+    }
+}
+
+/// Starts the publisher thread and one thread per sink, each sink with a
+/// buffer of `sink_buffer` transitions (see [`super::feed`]). It runs until
+/// every [`Outbox`] clone is dropped, then publishes what is left. The
+/// first transition gets sequence number `last_seq + 1`.
+pub(super) fn start(
+    sinks: Vec<Box<dyn Sink>>,
+    last_seq: u64,
+    sink_buffer: usize,
+) -> std::io::Result<(Outbox, Publisher, SinkFeeds)> {
+    let (queue, received) = sync_channel(QUEUE);
+    let mut feeds = Vec::with_capacity(sinks.len());
+    let mut threads = Vec::with_capacity(sinks.len());
+    for sink in sinks {
+        let feed = Arc::new(Feed::new(sink.name(), sink_buffer));
+        let driven = Arc::clone(&feed);
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("presence-{}", feed.name))
+                .spawn(move || driven.drive(sink))?,
+        );
+        feeds.push(feed);
+    }
+    let feeds = SinkFeeds(Arc::new(feeds));
+    let lost = Arc::new(Lost { queue_full: AtomicU64::new(0), feeds: feeds.clone() });
+    let published = feeds.clone();
+    let publisher = std::thread::Builder::new()
+        .name("presence-publish".into())
+        .spawn(move || publish(received, &published))?;
+    let outbox = Outbox { queue, seq: Arc::new(std::sync::Mutex::new(last_seq)), lost };
+    Ok((outbox, Publisher { publisher, sinks: threads }, feeds))
+}
+
+/// The publisher: batches from the queue into every sink's feed.
+fn publish(received: Receiver<Transition>, feeds: &SinkFeeds) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut summary = Summary::default();
     // Blocks for the first transition of a batch, then takes what else is queued.
@@ -135,14 +169,15 @@ fn publish(received: Receiver<Transition>, mut sinks: Vec<Box<dyn Sink>>, lost: 
                 Err(_) => break,
             }
         }
-        for sink in sinks.iter_mut() {
-            sink.publish(&batch);
+        for feed in feeds.0.iter() {
+            feed.push(&batch);
         }
-        lost.by_sinks.store(sinks.iter().map(|sink| sink.lost()).sum(), Ordering::Relaxed);
         summary.count(&batch);
         batch.clear();
     }
-    sinks
+    for feed in feeds.0.iter() {
+        feed.close();
+    }
 }
 
 /// The log's once-a-minute sum of transitions (they are not logged one by one).
@@ -190,6 +225,7 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
     use std::sync::mpsc::channel;
+    use std::time::Duration;
 
     fn transition(i: usize) -> Transition {
         Transition::for_test(&format!("d{i}"), EventKind::Online)
@@ -210,28 +246,50 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_stalled_sink_fills_the_queue_then_loses_and_counts_never_blocking_the_loop() {
-        let (release, held) = channel();
-        let got = Arc::new(AtomicU64::new(0));
-        let sink = Stalled { release: Mutex::new(Some(held)), got: Arc::clone(&got) };
-        let (outbox, publisher) = start(vec![Box::new(sink)], 0).unwrap();
-        // The publisher holds one batch (at most BATCH) while the queue fills.
-        let sent = QUEUE + BATCH + 1000;
-        for i in 0..sent {
-            outbox.send(transition(i)); // never blocks, however full
+    /// A sink that counts what it got.
+    struct Counting(Arc<AtomicU64>);
+
+    impl Sink for Counting {
+        fn publish(&mut self, batch: &[Transition]) {
+            self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
-        let dropped = outbox.lost();
-        assert!(dropped >= 1000, "{dropped} dropped of {sent}");
+    }
+
+    #[test]
+    fn a_stalled_sink_loses_its_oldest_and_holds_back_neither_the_loop_nor_other_sinks() {
+        let (release, held) = channel();
+        let (stalled_got, other_got) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stalled = Stalled { release: Mutex::new(Some(held)), got: Arc::clone(&stalled_got) };
+        let other = Counting(Arc::clone(&other_got));
+        let buffer = 8192;
+        let (outbox, publisher, feeds) = start(vec![Box::new(stalled), Box::new(other)], 0, buffer).unwrap();
+        // Rounds of 4000; the other sink gets each round while the first is stalled.
+        let (rounds, round) = (5, 4000);
+        let sent = rounds * round;
+        for r in 0..rounds {
+            for i in 0..round {
+                outbox.send(transition(r * round + i)); // never blocks
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while other_got.load(Ordering::Relaxed) < ((r + 1) * round) as u64 {
+                assert!(std::time::Instant::now() < deadline, "the other sink was held back");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        let stalled_feed = feeds.each().next().unwrap();
+        assert!(stalled_feed.1 <= buffer, "the stalled sink's buffer stays bounded");
         release.send(()).unwrap();
         let lost = outbox.close();
         publisher.join().unwrap();
-        assert_eq!(
-            got.load(Ordering::Relaxed) + lost.total(),
-            sent as u64,
-            "every transition published or counted"
-        );
+        let each: Vec<_> = feeds.each().collect();
+        assert_eq!(each[1].2, 0, "the other sink lost nothing");
+        assert!(each[0].2 >= (sent - buffer - TAKE_BOUND) as u64, "{each:?}");
+        assert_eq!(stalled_got.load(Ordering::Relaxed) + each[0].2, sent as u64, "delivered or counted");
+        assert_eq!(lost.total(), each[0].2);
     }
+
+    /// At most what a stalled sink holds in its hands besides its buffer.
+    const TAKE_BOUND: usize = 4096;
 }
 
 #[cfg(test)]
@@ -251,7 +309,7 @@ mod sequence_tests {
     #[test]
     fn transitions_are_numbered_one_by_one_in_queue_order_across_threads() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (outbox, publisher) = start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0).unwrap();
+        let (outbox, publisher, _) = start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0, QUEUE).unwrap();
         let senders: Vec<_> = (0..4)
             .map(|k| {
                 let outbox = outbox.clone();

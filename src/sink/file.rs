@@ -245,6 +245,10 @@ impl JsonLines {
 }
 
 impl Sink for JsonLines {
+    fn name(&self) -> &'static str {
+        "events_file"
+    }
+
     fn publish(&mut self, batch: &[Transition]) {
         for transition in batch {
             self.record(transition);

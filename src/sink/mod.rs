@@ -65,6 +65,11 @@ pub trait Sink: Send {
     fn lost(&self) -> u64 {
         0
     }
+
+    /// A short name for logs and metrics (`events_file`, `nats`, `mqtt`).
+    fn name(&self) -> &'static str {
+        "sink"
+    }
 }
 
 /// A sink that calls a function with every transition (the benchmark
@@ -72,6 +77,10 @@ pub trait Sink: Send {
 pub struct Observer(pub Box<dyn FnMut(&Transition) + Send>);
 
 impl Sink for Observer {
+    fn name(&self) -> &'static str {
+        "observer"
+    }
+
     fn publish(&mut self, batch: &[Transition]) {
         for transition in batch {
             (self.0)(transition);
