@@ -150,6 +150,9 @@ pub(crate) struct ServeArgs {
     /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id (--max-devices is split evenly).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
     pub(crate) threads: u16,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9787; port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", env = "PRESENCE_METRICS")]
+    pub(crate) metrics: Option<SocketAddr>,
     /// Transitions each destination (events file, brokers) may have waiting; a destination that is down or slow loses its oldest beyond this, and counts them.
     #[arg(long, value_name = "N", default_value_t = presence::server::SINK_BUFFER, env = "PRESENCE_SINK_BUFFER")]
     pub(crate) sink_buffer: usize,

@@ -148,12 +148,21 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
             let options = Options {
                 state: Some(StateOptions { path: path.clone(), every: args.state_every }),
                 event_seq: recovered.event_seq,
-                sink_buffer: 0,
+                ..Options::default()
             };
             (recovered.trackers, options)
         }
     };
-    let options = Options { sink_buffer: args.sink_buffer, ..options };
+    let metrics = match args.metrics {
+        None => None,
+        Some(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr} (--metrics)"))?;
+            tracing::info!(addr = %listener.local_addr()?, "serving metrics at /metrics");
+            Some(listener)
+        }
+    };
+    let options = Options { sink_buffer: args.sink_buffer, metrics, ..options };
     let sockets: Vec<_> = group.into_iter().map(|bound| bound.socket).collect();
     let finished =
         server::run_with(&sockets, trackers, clock, &stop, sinks, options).context("server loop failed")?;

@@ -32,6 +32,10 @@ mod bind;
 mod drops;
 mod feed;
 mod handover;
+#[cfg(feature = "metrics")]
+mod http;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod publish;
 mod run;
 mod shared;
@@ -118,7 +122,7 @@ pub struct Finished {
 }
 
 /// How [`run_with`] runs, beyond sockets, engines and sinks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// Keep the state in a file: periodic snapshots, and one at stop.
     pub state: Option<StateOptions>,
@@ -127,6 +131,9 @@ pub struct Options {
     pub event_seq: u64,
     /// Transitions each sink may have waiting (`--sink-buffer`); 0: the default.
     pub sink_buffer: usize,
+    /// Serve `/metrics` on this listener (`--metrics ADDR`).
+    #[cfg(feature = "metrics")]
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// A sink's buffer when none is given: about 10 MB of transitions.
@@ -173,7 +180,16 @@ pub fn run_with(
         return Err(ServerError::Engines { sockets: shards, engines: trackers.len() });
     }
     let sink_buffer = if options.sink_buffer == 0 { SINK_BUFFER } else { options.sink_buffer };
-    let (outbox, publisher, _feeds) = publish::start(sinks, options.event_seq, sink_buffer)?;
+    #[cfg(feature = "metrics")]
+    let published = metrics::TransitionMetrics::default();
+    #[cfg(feature = "metrics")]
+    let observe: Option<publish::Observe> = options.metrics.as_ref().map(|_| {
+        let published = published.clone();
+        Box::new(move |batch: &[crate::sink::Transition]| published.count(batch)) as publish::Observe
+    });
+    #[cfg(not(feature = "metrics"))]
+    let observe = None;
+    let (outbox, publisher, feeds) = publish::start(sinks, options.event_seq, sink_buffer, observe)?;
     let stats = Arc::new(state::SnapshotStats::default());
     // Each loop's share of the periodic snapshots, and the thread that writes them.
     let (mut turns, writer): (Vec<Option<state::Turn>>, _) = match &options.state {
@@ -187,6 +203,21 @@ pub fn run_with(
         None => ((0..shards).map(|_| None).collect(), None),
     };
     let shared = Shared::new(sockets.len(), outbox, stop, clock, Arc::clone(&stats))?;
+    #[cfg(feature = "metrics")]
+    let listener = match options.metrics {
+        Some(listener) => {
+            let metrics = metrics::Metrics::new(
+                Arc::clone(&shared.stats),
+                feeds.clone(),
+                Arc::clone(&stats),
+                published,
+            );
+            Some(http::start(listener, Arc::new(metrics))?)
+        }
+        None => None,
+    };
+    #[cfg(not(feature = "metrics"))]
+    drop(feeds);
     for (k, tracker) in trackers.iter().enumerate() {
         shared.stats[k].store(&tracker.totals());
     }
@@ -220,6 +251,10 @@ pub fn run_with(
     if let Some(writer) = writer {
         writer.join().map_err(|_| ServerError::Panicked("state"))?;
     }
+    #[cfg(feature = "metrics")]
+    if let Some(listener) = listener {
+        listener.stop();
+    }
     let handed_over = shared.handed_over.load(Ordering::Relaxed);
     let outbox = shared.into_outbox();
     let event_seq = outbox.last_seq();
@@ -245,7 +280,7 @@ fn save_at_stop(state: &StateOptions, trackers: &[Tracker], event_seq: u64, stat
     let started = std::time::Instant::now();
     match state::write_now(&state.path, trackers, event_seq) {
         Ok((bytes, records)) => {
-            stats.written.fetch_add(1, Ordering::Relaxed);
+            stats.written(started.elapsed());
             tracing::info!(
                 file = %state.path.display(),
                 devices = records,

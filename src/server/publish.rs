@@ -132,6 +132,7 @@ pub(super) fn start(
     sinks: Vec<Box<dyn Sink>>,
     last_seq: u64,
     sink_buffer: usize,
+    observe: Option<Observe>,
 ) -> std::io::Result<(Outbox, Publisher, SinkFeeds)> {
     let (queue, received) = sync_channel(QUEUE);
     let mut feeds = Vec::with_capacity(sinks.len());
@@ -151,13 +152,16 @@ pub(super) fn start(
     let published = feeds.clone();
     let publisher = std::thread::Builder::new()
         .name("presence-publish".into())
-        .spawn(move || publish(received, &published))?;
+        .spawn(move || publish(received, &published, observe))?;
     let outbox = Outbox { queue, seq: Arc::new(std::sync::Mutex::new(last_seq)), lost };
     Ok((outbox, Publisher { publisher, sinks: threads }, feeds))
 }
 
 /// The publisher: batches from the queue into every sink's feed.
-fn publish(received: Receiver<Transition>, feeds: &SinkFeeds) {
+/// Something that sees every batch the publisher hands on (the metrics).
+pub(super) type Observe = Box<dyn Fn(&[Transition]) + Send>;
+
+fn publish(received: Receiver<Transition>, feeds: &SinkFeeds, observe: Option<Observe>) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut summary = Summary::default();
     // Blocks for the first transition of a batch, then takes what else is queued.
@@ -173,6 +177,9 @@ fn publish(received: Receiver<Transition>, feeds: &SinkFeeds) {
             feed.push(&batch);
         }
         summary.count(&batch);
+        if let Some(observe) = &observe {
+            observe(&batch);
+        }
         batch.clear();
     }
     for feed in feeds.0.iter() {
@@ -262,7 +269,8 @@ mod tests {
         let stalled = Stalled { release: Mutex::new(Some(held)), got: Arc::clone(&stalled_got) };
         let other = Counting(Arc::clone(&other_got));
         let buffer = 8192;
-        let (outbox, publisher, feeds) = start(vec![Box::new(stalled), Box::new(other)], 0, buffer).unwrap();
+        let (outbox, publisher, feeds) =
+            start(vec![Box::new(stalled), Box::new(other)], 0, buffer, None).unwrap();
         // Rounds of 4000; the other sink gets each round while the first is stalled.
         let (rounds, round) = (5, 4000);
         let sent = rounds * round;
@@ -309,7 +317,7 @@ mod sequence_tests {
     #[test]
     fn transitions_are_numbered_one_by_one_in_queue_order_across_threads() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (outbox, publisher, _) = start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0, QUEUE).unwrap();
+        let (outbox, publisher, _) = start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0, QUEUE, None).unwrap();
         let senders: Vec<_> = (0..4)
             .map(|k| {
                 let outbox = outbox.clone();

@@ -72,9 +72,8 @@ fn serve(
         let now = shared.clock.now();
         tracker.handle_timeout(now);
         publish(tracker, shared);
-        if shards > 1 {
-            shared.stats[me].store(&tracker.totals());
-        }
+        // Once per turn, for summaries (other shards) and metrics.
+        shared.stats[me].store(&tracker.totals());
         let mut deadline = tracker.poll_timeout();
         if let Some(turn) = &snapshots {
             let due = turn.deadline(now);
@@ -144,6 +143,7 @@ fn serve(
             if batch.kernel_drops > kernel_drops {
                 kernel_drops = batch.kernel_drops;
                 tracker.note_kernel_drops(now, kernel_drops);
+                shared.stats[me].kernel_drops.store(kernel_drops, std::sync::atomic::Ordering::Relaxed);
             }
             if received < BATCH {
                 break;

@@ -16,7 +16,7 @@ pub(super) struct Shared<'a> {
     /// Datagrams handed to each shard by the others.
     pub(super) inboxes: Vec<Inbox>,
     /// Each shard's totals as of its last loop turn, for summaries.
-    pub(super) stats: Vec<ShardStats>,
+    pub(super) stats: Arc<[ShardStats]>,
     /// Where the loops hand their transitions to the publisher.
     pub(super) outbox: Outbox,
     /// The stop signal.
@@ -47,7 +47,7 @@ impl<'a> Shared<'a> {
         }
         Ok(Shared {
             inboxes,
-            stats: (0..shards).map(|_| ShardStats::default()).collect(),
+            stats: (0..shards).map(|_| ShardStats::default()).collect::<Vec<_>>().into(),
             outbox,
             stop,
             clock,
@@ -107,11 +107,14 @@ impl<'a> Shared<'a> {
 
 /// One shard's [`Totals`], published after every loop turn: one atomic
 /// per [`Count`], and the table's counts.
-pub(super) struct ShardStats {
+#[derive(Debug)]
+pub(crate) struct ShardStats {
     /// Devices online.
     online: AtomicU64,
     /// Devices held.
     known: AtomicU64,
+    /// The kernel's drop count for this loop's socket (SO_RXQ_OVFL).
+    pub(crate) kernel_drops: AtomicU64,
     /// Late, held and degraded (see [`Totals`]).
     late: AtomicU64,
     held: AtomicU64,
@@ -125,6 +128,7 @@ impl Default for ShardStats {
         ShardStats {
             online: AtomicU64::new(0),
             known: AtomicU64::new(0),
+            kernel_drops: AtomicU64::new(0),
             late: AtomicU64::new(0),
             held: AtomicU64::new(0),
             degraded: AtomicU64::new(0),
@@ -145,7 +149,7 @@ impl ShardStats {
         }
     }
 
-    pub(super) fn load(&self) -> Totals {
+    pub(crate) fn load(&self) -> Totals {
         let mut counters = Counters::default();
         for count in Count::all() {
             counters.set(count, self.counts[count.index()].load(Ordering::Relaxed));

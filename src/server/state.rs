@@ -64,6 +64,20 @@ pub struct SnapshotStats {
     pub written: AtomicU64,
     /// Snapshots that could not be written (disk full, directory gone...).
     pub failed: AtomicU64,
+    /// When the last one was written, Unix milliseconds (0: none yet).
+    pub last_unix_ms: AtomicU64,
+    /// How long the last one took, from its start to its rename, in microseconds.
+    pub last_took_us: AtomicU64,
+}
+
+impl SnapshotStats {
+    /// Records a snapshot written after `took`.
+    pub(super) fn written(&self, took: Duration) {
+        self.written.fetch_add(1, Ordering::Relaxed);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.last_unix_ms.store(u64::try_from(now.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.last_took_us.store(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
 }
 
 /// `path` with `suffix` appended to its file name.
@@ -359,7 +373,7 @@ fn write_periodic(
         let result = snapshot.pending.and_then(|pending| pending.commit(path, event_seq(), false));
         match result {
             Ok((bytes, records)) => {
-                stats.written.fetch_add(1, Ordering::Relaxed);
+                stats.written(snapshot.started.elapsed());
                 if warned {
                     tracing::info!(file = %path.display(), "state snapshots are written again");
                     warned = false;
