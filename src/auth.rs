@@ -50,6 +50,14 @@ pub fn operator_key(master: &Key) -> Key {
     blake3::derive_key(OPERATOR_KEY_CONTEXT, master)
 }
 
+/// The bearer token of the HTTP API (`Authorization: Bearer <hex>`), for
+/// clients that are not on loopback: derived from the operator key, so
+/// whoever may sign status queries may read the API, and the token alone
+/// signs nothing.
+pub fn http_token(operator: &Key) -> Key {
+    *blake3::keyed_hash(operator, b"presence http api bearer token v1").as_bytes()
+}
+
 /// The tag of `signed` (the frame bytes before the tag) under `key`.
 pub fn tag(key: &Key, signed: &[u8]) -> Tag {
     let hash = blake3::keyed_hash(key, signed);

@@ -210,3 +210,53 @@ fn a_real_prometheus_scrapes_the_server() {
     assert_eq!(prometheus.query("presence_heartbeats_total"), Some(2.0));
     assert_eq!(prometheus.query("up%7Bjob%3D%22presence%22%7D"), Some(1.0));
 }
+
+/// GETs `path` and returns the status code and the JSON body.
+fn api(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    let response = http(addr, format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    let code = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").unwrap().1;
+    (code, serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {response}")))
+}
+
+#[test]
+fn the_json_api_answers_as_status_does() {
+    let (server, metrics) = server(&[]);
+    let ids = ["api-1", "api-2", "api-3", "api-4", "odd id/with+signs"];
+    for id in ids {
+        beat(server.addr, id);
+    }
+    let summary = poll("five devices online", PROMPTLY, || {
+        let (code, summary) = api(metrics, "/api/v1/summary");
+        (code == 200 && summary["online"] == 5).then_some(summary)
+    });
+    assert_eq!((&summary["known"], &summary["degraded"]), (&5.into(), &0.into()));
+    // Paging with cursors: every device exactly once.
+    let mut seen = Vec::new();
+    let mut path = "/api/v1/devices?limit=2".to_string();
+    loop {
+        let (code, page) = api(metrics, &path);
+        assert_eq!(code, 200, "{page}");
+        for device in page["devices"].as_array().unwrap() {
+            seen.push(device["device"].as_str().unwrap().to_string());
+            assert_eq!(device["state"], "online");
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/v1/devices?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    seen.sort();
+    let mut expected: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    let (code, page) = api(metrics, "/api/v1/devices?prefix=api-&state=all");
+    assert_eq!((code, page["devices"].as_array().unwrap().len()), (200, 4));
+    let (code, device) = api(metrics, "/api/v1/devices/odd%20id%2Fwith%2Bsigns");
+    assert_eq!((code, &device["device"], &device["version"]), (200, &"odd id/with+signs".into(), &1.into()));
+    assert_eq!(api(metrics, "/api/v1/devices/nobody").0, 404);
+    assert_eq!(api(metrics, "/api/v1/devices?state=sideways").0, 400);
+    assert_eq!(api(metrics, "/api/v1/devices?limit=0").0, 400);
+    assert_eq!(api(metrics, "/api/v1/devices/%FF").0, 400);
+    assert_eq!(api(metrics, "/api/v1/nothing").0, 404);
+}

@@ -30,6 +30,8 @@ fn keygen_writes_a_private_key_once_and_derive_key_matches_the_library() {
     assert_eq!(parse_hex_key(stdout(&out).trim()).unwrap(), auth::device_key(&master, "boiler-7"));
     let out = cli(&["derive-key", "--key-file", &path, "--operator"]);
     assert_eq!(parse_hex_key(stdout(&out).trim()).unwrap(), auth::operator_key(&master));
+    let out = cli(&["derive-key", "--key-file", &path, "--http-token"]);
+    assert_eq!(parse_hex_key(stdout(&out).trim()).unwrap(), auth::http_token(&auth::operator_key(&master)));
 }
 
 #[test]

@@ -90,11 +90,14 @@ pub(crate) struct DeriveKeyArgs {
     #[arg(long, value_name = "PATH", env = "PRESENCE_KEY_FILE")]
     pub(crate) key_file: PathBuf,
     /// The device whose key to derive.
-    #[arg(long, value_name = "ID", required_unless_present = "operator", conflicts_with = "operator")]
+    #[arg(long, value_name = "ID", required_unless_present_any = ["operator", "http_token"], conflicts_with = "operator")]
     pub(crate) id: Option<String>,
     /// Derive the operator key (signs status queries) instead.
     #[arg(long)]
     pub(crate) operator: bool,
+    /// Print the HTTP API's bearer token (for clients of --metrics's /api that are not on loopback) instead.
+    #[arg(long, conflicts_with_all = ["id", "operator", "out"])]
+    pub(crate) http_token: bool,
     /// Write a key file (mode 0600) instead of printing the key in hex.
     #[arg(long, value_name = "PATH")]
     pub(crate) out: Option<PathBuf>,

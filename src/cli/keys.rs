@@ -24,6 +24,10 @@ pub(crate) fn derive_key(args: DeriveKeyArgs) -> Result<ExitCode> {
             bail!("{}: derive-key needs the master key, not {}", args.key_file.display(), other.kind_phrase())
         }
     };
+    if args.http_token {
+        say!("{}", to_hex(&auth::http_token(&auth::operator_key(&master))))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let file = match &args.id {
         Some(id) => {
             presence::wire::check_id(id).map_err(|e| anyhow::anyhow!("--id: {e}"))?;

@@ -212,7 +212,16 @@ pub fn run_with(
                 Arc::clone(&stats),
                 published,
             );
-            Some(http::start(listener, Arc::new(metrics))?)
+            // The API asks the server on its own socket, from this host.
+            let mut server = sockets[0].local_addr()?;
+            if server.ip().is_unspecified() {
+                server.set_ip(match server.ip() {
+                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let api = http::Api { server, operator: trackers.first().and_then(Tracker::operator_key) };
+            Some(http::start(listener, Arc::new(metrics), api)?)
         }
         None => None,
     };

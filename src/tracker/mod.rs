@@ -136,6 +136,12 @@ impl Tracker {
         Ok(shards)
     }
 
+    /// The operator key, if the server has a master secret (the HTTP API
+    /// signs its queries with it, and derives its bearer token from it).
+    pub fn operator_key(&self) -> Option<auth::Key> {
+        self.config.keys.as_ref().map(|keys| keys.operator)
+    }
+
     /// Which shard this engine is, of how many.
     pub fn shard(&self) -> ShardPosition {
         self.shard

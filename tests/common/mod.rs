@@ -121,13 +121,12 @@ impl Server {
         Server { child, addr, events, _dir: dir, log, listening, startup }
     }
 
-    /// The events written so far, parsed.
+    /// The events written so far, parsed: the lines that end in a newline,
+    /// as EVENTS.md tells readers (a line being written may be read half).
     pub fn events(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.events)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each events line is JSON"))
-            .collect()
+        let text = std::fs::read_to_string(&self.events).unwrap_or_default();
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        complete.lines().map(|l| serde_json::from_str(l).expect("each events line is JSON")).collect()
     }
 
     /// Polls the events file until one matches `device`, `event` (and `reason`).
