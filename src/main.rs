@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     };
     init_logging(cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => cli::serve::serve(args),
+        Command::Serve(args) => cli::serve::serve(*args),
         Command::Beat(args) => cli::beat::beat(args),
         Command::Status(args) => cli::status::status(args),
         Command::Keygen(args) => cli::keys::keygen(args),

@@ -56,7 +56,7 @@ pub(crate) enum Command {
     #[command(
         after_help = "Examples:\n  presence serve\n  presence keygen --out /etc/presence/master.key\n  presence serve --bind [::]:7787 --key-file /etc/presence/master.key --events /var/lib/presence/events.jsonl\n  presence serve --timeout 2m --misses 5 --threads 2"
     )]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Send heartbeats as a device would (Ctrl-C sends a Leave).
     #[command(
         after_help = "Examples:\n  presence beat --id boiler-7 --interval 5s --ack\n  presence beat --id boiler-7 --count 1 --payload \"fw=1.4.2\"\n  presence beat --id boiler-7 --key-file boiler-7.key --server tracker.example:7787"
@@ -153,6 +153,41 @@ pub(crate) struct ServeArgs {
     /// Threads, each with its own socket (SO_REUSEPORT) and a share of the devices by id (--max-devices is split evenly).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256), env = "PRESENCE_THREADS")]
     pub(crate) threads: u16,
+    /// Publish transitions to NATS JetStream at this URL (nats://host:4222, tls://...; comma-separated for a cluster): a stream and a KV bucket of each device's state.
+    #[arg(long, value_name = "URL", env = "PRESENCE_NATS")]
+    pub(crate) nats: Option<String>,
+    /// The JetStream stream's name.
+    #[arg(long, value_name = "NAME", default_value = "PRESENCE", env = "PRESENCE_NATS_STREAM")]
+    pub(crate) nats_stream: String,
+    /// The subject prefix: a device's transitions go to PREFIX.<id made safe>.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "presence.events",
+        env = "PRESENCE_NATS_SUBJECT_PREFIX"
+    )]
+    pub(crate) nats_subject_prefix: String,
+    /// The KV bucket of each device's latest transition.
+    #[arg(long, value_name = "NAME", default_value = "presence", env = "PRESENCE_NATS_BUCKET")]
+    pub(crate) nats_bucket: String,
+    /// NATS user (with --nats-password, or PRESENCE_NATS_PASSWORD).
+    #[arg(long, value_name = "USER", env = "PRESENCE_NATS_USER")]
+    pub(crate) nats_user: Option<String>,
+    /// NATS password; prefer the environment variable PRESENCE_NATS_PASSWORD.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "PRESENCE_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub(crate) nats_password: Option<String>,
+    /// NATS token; prefer the environment variable PRESENCE_NATS_TOKEN.
+    #[arg(long, value_name = "TOKEN", env = "PRESENCE_NATS_TOKEN", hide_env_values = true, conflicts_with_all = ["nats_user", "nats_creds"])]
+    pub(crate) nats_token: Option<String>,
+    /// NATS credentials file (JWT and NKey seed, from nsc).
+    #[arg(long, value_name = "PATH", env = "PRESENCE_NATS_CREDS", conflicts_with = "nats_user")]
+    pub(crate) nats_creds: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9787; port 0 picks a free one).
     #[arg(long, value_name = "ADDR", env = "PRESENCE_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,

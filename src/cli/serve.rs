@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
 use presence::server::{self, Options, StateOptions, Stop, state};
-use presence::sink::{JsonLines, Sink};
+use presence::sink::{JsonLines, NatsAuth, NatsOptions, NatsSink, Sink};
 use presence::time::Clock;
 use presence::tracker::{AuthMode, Config, ConfigError, FlapDamping, Keys, Preservation, Totals, Tracker};
 
@@ -85,6 +85,7 @@ impl TryFrom<&ServeArgs> for Config {
 
 pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
     let config = Config::try_from(&args)?;
+    let stop = Stop::new();
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     match args.events.as_deref() {
         None => {}
@@ -92,6 +93,26 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         Some(path) => sinks.push(Box::new(
             JsonLines::to_file(path).with_context(|| format!("cannot open events file '{path}'"))?,
         )),
+    }
+    if let Some(url) = &args.nats {
+        let auth = match (&args.nats_user, &args.nats_password, &args.nats_token, &args.nats_creds) {
+            (Some(user), password, _, _) => {
+                NatsAuth::UserPassword(user.clone(), password.clone().unwrap_or_default())
+            }
+            (None, _, Some(token), _) => NatsAuth::Token(token.clone()),
+            (None, _, None, Some(path)) => NatsAuth::CredentialsFile(path.clone()),
+            (None, _, None, None) => NatsAuth::None,
+        };
+        let options = NatsOptions {
+            url: url.clone(),
+            stream: args.nats_stream.clone(),
+            subject_prefix: args.nats_subject_prefix.clone(),
+            bucket: args.nats_bucket.clone(),
+            auth,
+        };
+        let sink =
+            NatsSink::connect(options, stop.clone()).context("cannot set up the NATS client (--nats)")?;
+        sinks.push(Box::new(sink));
     }
     let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
         .with_context(|| format!("cannot listen on {}", args.bind))?;
@@ -127,7 +148,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         flap_damping = config.flap_damping.is_some(),
         "listening"
     );
-    let stop = Stop::new();
     let signal_stop = stop.clone();
     on_signal(move || signal_stop.stop())?;
     // Engine time starts a year in: restored devices may have been seen

@@ -114,6 +114,52 @@ struct EventLine<'a> {
     released: Option<u64>,
 }
 
+impl EventLine<'_> {
+    /// The line of `transition`.
+    fn of(transition: &Transition) -> EventLine<'_> {
+        let (event, wall) = (&transition.event, transition.wall);
+        let reason = match event.kind {
+            EventKind::Online | EventKind::Back => None,
+            EventKind::Offline(reason) => Some(reason.name()),
+            EventKind::Suspect => Some("late"),
+            EventKind::Flapping => Some("state_changes"),
+            EventKind::Stable => Some("quiet"),
+            EventKind::Degraded | EventKind::Recovered => event.fleet.map(|fleet| fleet.cause.name()),
+        };
+        let device_level = !event.kind.is_server();
+        let fleet = event.fleet;
+        let deadline = event.deadline.map(|deadline| {
+            let passed = wall - event.at.saturating_duration_since(deadline);
+            humantime::format_rfc3339_millis(passed).to_string()
+        });
+        EventLine {
+            time: humantime::format_rfc3339_millis(wall).to_string(),
+            seq: transition.seq,
+            device: device_level.then_some(&*event.device),
+            event: event.kind.name(),
+            version: device_level.then_some(event.version),
+            reason,
+            from: (event.kind == EventKind::Back).then_some("suspect"),
+            state: event.online.map(|online| if online { "online" } else { "offline" }),
+            deadline,
+            held_ms: event.held_ms,
+            address: device_level.then(|| SocketAddr::from(wire::Addr::from(event.addr))),
+            boot: device_level.then_some(event.boot),
+            heartbeat_seq: device_level.then_some(event.heartbeat_seq),
+            online: fleet.map(|f| f.online),
+            late: fleet.map(|f| f.late),
+            held: fleet.map(|f| f.held),
+            released: fleet.filter(|_| event.kind == EventKind::Recovered).map(|f| f.released),
+        }
+    }
+}
+
+/// The JSON of one transition, as the events file writes it (without the
+/// newline): every sink writes the same object (EVENTS.md).
+pub fn event_json(transition: &Transition) -> Vec<u8> {
+    serde_json::to_vec(&EventLine::of(transition)).unwrap_or_default()
+}
+
 impl JsonLines {
     fn with(destination: Destination) -> Self {
         JsonLines {
@@ -141,40 +187,7 @@ impl JsonLines {
 
     /// Adds one transition to the batch.
     fn record(&mut self, transition: &Transition) {
-        let (event, wall) = (&transition.event, transition.wall);
-        let reason = match event.kind {
-            EventKind::Online | EventKind::Back => None,
-            EventKind::Offline(reason) => Some(reason.name()),
-            EventKind::Suspect => Some("late"),
-            EventKind::Flapping => Some("state_changes"),
-            EventKind::Stable => Some("quiet"),
-            EventKind::Degraded | EventKind::Recovered => event.fleet.map(|fleet| fleet.cause.name()),
-        };
-        let device_level = !event.kind.is_server();
-        let fleet = event.fleet;
-        let deadline = event.deadline.map(|deadline| {
-            let passed = wall - event.at.saturating_duration_since(deadline);
-            humantime::format_rfc3339_millis(passed).to_string()
-        });
-        let line = EventLine {
-            time: humantime::format_rfc3339_millis(wall).to_string(),
-            seq: transition.seq,
-            device: device_level.then_some(&*event.device),
-            event: event.kind.name(),
-            version: device_level.then_some(event.version),
-            reason,
-            from: (event.kind == EventKind::Back).then_some("suspect"),
-            state: event.online.map(|online| if online { "online" } else { "offline" }),
-            deadline,
-            held_ms: event.held_ms,
-            address: device_level.then(|| SocketAddr::from(wire::Addr::from(event.addr))),
-            boot: device_level.then_some(event.boot),
-            heartbeat_seq: device_level.then_some(event.heartbeat_seq),
-            online: fleet.map(|f| f.online),
-            late: fleet.map(|f| f.late),
-            held: fleet.map(|f| f.held),
-            released: fleet.filter(|_| event.kind == EventKind::Recovered).map(|f| f.released),
-        };
+        let line = EventLine::of(transition);
         // Serializing plain strings and numbers into a Vec cannot fail.
         if serde_json::to_writer(&mut self.pending, &line).is_ok() {
             self.pending.push(b'\n');

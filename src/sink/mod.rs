@@ -16,8 +16,13 @@ use std::time::SystemTime;
 use crate::tracker::Event;
 
 mod file;
+pub mod names;
+#[cfg(feature = "nats")]
+mod nats;
 
-pub use file::JsonLines;
+pub use file::{JsonLines, event_json};
+#[cfg(feature = "nats")]
+pub use nats::{NatsAuth, NatsOptions, NatsSink};
 
 /// One transition as it leaves the engine: the event, with the wall time at
 /// which it happened (the engine's monotonic time converted by the loop).

@@ -1,0 +1,258 @@
+//! `--nats URL`: every transition to a JetStream stream, and each device's
+//! latest transition to a KV bucket, with async-nats on a one-thread tokio
+//! runtime of this sink's own (its thread is the sink's, see
+//! `server::feed`).
+//!
+//! - Stream (default `PRESENCE`) on `<prefix>.>` (default prefix
+//!   `presence.events`): a device's transitions on `<prefix>.<name>`, fleet
+//!   events (`degraded`, `recovered`) on `<prefix>.=fleet`, each the same
+//!   JSON as a line of the events file. The message id is `<name>.<version>`
+//!   (fleet events: `=fleet.<seq>`), so a transition published again after
+//!   a reconnect is dropped by the server's duplicate window.
+//! - KV bucket (default `presence`): key `<name>`, value that device's
+//!   latest transition (same JSON); written on transitions only.
+//! - `<name>` is the device id made safe ([`super::names`]).
+//!
+//! The server may be down at start or go away: the tracker starts anyway,
+//! this sink retries with backoff while its feed buffers (losing the oldest
+//! if the outage outlasts `--sink-buffer`), and publishes in order once it
+//! is back. At stop it tries for a few seconds more, then counts what is
+//! left as lost.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv, stream};
+
+use super::names;
+use super::{Sink, Transition, event_json};
+use crate::server::Stop;
+
+/// How the server reaches NATS.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NatsOptions {
+    /// The server URL(s), comma-separated (`nats://host:4222`, `tls://...`).
+    pub url: String,
+    /// The stream's name.
+    pub stream: String,
+    /// The subject prefix.
+    pub subject_prefix: String,
+    /// The KV bucket's name.
+    pub bucket: String,
+    /// Credentials.
+    pub auth: NatsAuth,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "PRESENCE".into(),
+            subject_prefix: "presence.events".into(),
+            bucket: "presence".into(),
+            auth: NatsAuth::None,
+        }
+    }
+}
+
+/// NATS credentials, as the client supports them. Never printed.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum NatsAuth {
+    /// None.
+    #[default]
+    None,
+    /// A token.
+    Token(String),
+    /// A user and a password.
+    UserPassword(String, String),
+    /// A `.creds` file (JWT and NKey seed).
+    CredentialsFile(PathBuf),
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = match &self.auth {
+            NatsAuth::None => "none",
+            NatsAuth::Token(_) => "token",
+            NatsAuth::UserPassword(..) => "user and password",
+            NatsAuth::CredentialsFile(_) => "credentials file",
+        };
+        f.debug_struct("NatsOptions")
+            .field("url", &self.url)
+            .field("stream", &self.stream)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("bucket", &self.bucket)
+            .field("auth", &auth)
+            .finish()
+    }
+}
+
+/// How long the sink keeps trying at stop before it counts the rest as lost.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest wait between two tries.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The NATS sink.
+pub struct NatsSink {
+    options: NatsOptions,
+    runtime: tokio::runtime::Runtime,
+    jetstream: jetstream::Context,
+    /// The bucket, once it exists.
+    bucket: Option<kv::Store>,
+    /// Whether the stream exists.
+    stream_ready: bool,
+    /// The server's stop signal: at stop, give up after [`STOP_GRACE`].
+    stop: Stop,
+    /// Transitions given up on.
+    lost: u64,
+    /// Whether the current outage was logged.
+    warned: bool,
+}
+
+impl NatsSink {
+    /// A sink that connects in the background (a server that is down at
+    /// start is retried, and the tracker starts anyway). Fails only for a
+    /// bad URL or an unreadable credentials file.
+    pub fn connect(options: NatsOptions, stop: Stop) -> std::io::Result<Self> {
+        // One worker thread: the client's connection task (pings,
+        // reconnects) runs between batches too.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("presence-nats")
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let jetstream = runtime.block_on(async {
+            let mut connect = async_nats::ConnectOptions::new()
+                .name("presence")
+                .retry_on_initial_connect()
+                .connection_timeout(Duration::from_secs(5));
+            connect = match &options.auth {
+                NatsAuth::None => connect,
+                NatsAuth::Token(token) => connect.token(token.clone()),
+                NatsAuth::UserPassword(user, password) => {
+                    connect.user_and_password(user.clone(), password.clone())
+                }
+                NatsAuth::CredentialsFile(path) => connect.credentials_file(path).await?,
+            };
+            let client = connect.connect(options.url.as_str()).await.map_err(std::io::Error::other)?;
+            Ok::<_, std::io::Error>(jetstream::new(client))
+        })?;
+        Ok(NatsSink {
+            options,
+            runtime,
+            jetstream,
+            bucket: None,
+            stream_ready: false,
+            stop,
+            lost: 0,
+            warned: false,
+        })
+    }
+}
+
+impl Sink for NatsSink {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn lost(&self) -> u64 {
+        self.lost
+    }
+
+    fn publish(&mut self, batch: &[Transition]) {
+        let runtime = tokio::runtime::Handle::clone(self.runtime.handle());
+        runtime.block_on(async {
+            let mut backoff = Duration::from_millis(100);
+            let mut stopping_since: Option<Instant> = None;
+            let mut next = 0;
+            while next < batch.len() {
+                match self.send(&batch[next]).await {
+                    Ok(()) => {
+                        next += 1;
+                        backoff = Duration::from_millis(100);
+                        if self.warned {
+                            tracing::info!("NATS: publishing again");
+                            self.warned = false;
+                        }
+                    }
+                    Err(e) => {
+                        if !self.warned {
+                            // Never the options: they may hold credentials.
+                            tracing::warn!(error = %e, "NATS: cannot publish; the sink buffers and retries");
+                            self.warned = true;
+                        }
+                        if self.stop.is_requested() {
+                            let since = *stopping_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= STOP_GRACE {
+                                self.lost += (batch.len() - next) as u64;
+                                tracing::warn!(
+                                    lost = batch.len() - next,
+                                    "NATS: stopping with transitions not published"
+                                );
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl NatsSink {
+    /// Makes sure the stream and the bucket exist.
+    async fn ready(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if !self.stream_ready {
+            let config = stream::Config {
+                name: self.options.stream.clone(),
+                subjects: vec![format!("{}.>", self.options.subject_prefix)],
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            };
+            self.jetstream.get_or_create_stream(config).await?;
+            self.stream_ready = true;
+        }
+        if self.bucket.is_none() {
+            let bucket = match self.jetstream.get_key_value(self.options.bucket.as_str()).await {
+                Ok(bucket) => bucket,
+                Err(_) => {
+                    let config =
+                        kv::Config { bucket: self.options.bucket.clone(), history: 1, ..Default::default() };
+                    self.jetstream.create_key_value(config).await?
+                }
+            };
+            self.bucket = Some(bucket);
+        }
+        Ok(())
+    }
+
+    /// Publishes one transition and, for a device's, stores it as its state.
+    async fn send(
+        &mut self,
+        transition: &Transition,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        self.ready().await?;
+        let event = &transition.event;
+        let json = bytes::Bytes::from(event_json(transition));
+        let (subject, id, key) = if event.kind.is_server() {
+            (format!("{}.=fleet", self.options.subject_prefix), format!("=fleet.{}", transition.seq), None)
+        } else {
+            let name = names::encode(&event.device);
+            (
+                format!("{}.{name}", self.options.subject_prefix),
+                format!("{name}.{}", event.version),
+                Some(name),
+            )
+        };
+        let publish = jetstream::message::PublishMessage::build().payload(json.clone()).message_id(id);
+        self.jetstream.send_publish(subject, publish).await?.await?;
+        if let (Some(key), Some(bucket)) = (key, &self.bucket) {
+            bucket.put(key, json).await?;
+        }
+        Ok(())
+    }
+}

