@@ -846,17 +846,17 @@ fn live(plan: &Plan, rate: u64, state_every: Option<Duration>) -> std::io::Resul
     let probe = device_id(0);
     while started.elapsed() < Duration::from_millis(run_ms) {
         request += 1;
-        let kind = if request % 2 == 0 { QueryKind::Summary } else { QueryKind::Device(&probe) };
+        let kind = if request.is_multiple_of(2) { QueryKind::Summary } else { QueryKind::Device(&probe) };
         let len = encode_query(request, kind, None, &mut query).expect("valid query");
         let sent_at = Instant::now();
         client.send(&query[..len])?;
         // Wait for the reply to this request (older ones may still be in flight).
         while let Ok(n) = client.recv(&mut answer) {
-            if let Ok(Message::Status(status)) = wire::decode(&answer[..n]) {
-                if status.request == request {
-                    rtts.push(sent_at.elapsed());
-                    break;
-                }
+            if let Ok(Message::Status(status)) = wire::decode(&answer[..n])
+                && status.request == request
+            {
+                rtts.push(sent_at.elapsed());
+                break;
             }
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -80,10 +80,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let acks = std::thread::spawn(move || {
         let mut buf = [0u8; wire::MAX_DATAGRAM];
         while !ack_done.load(Ordering::Relaxed) {
-            if let Ok(n) = ack_socket.recv(&mut buf) {
-                if let Ok(Message::Ack(_)) = wire::decode(&buf[..n]) {
-                    ack_progress.acks.fetch_add(1, Ordering::Relaxed);
-                }
+            if let Ok(n) = ack_socket.recv(&mut buf)
+                && let Ok(Message::Ack(_)) = wire::decode(&buf[..n])
+            {
+                ack_progress.acks.fetch_add(1, Ordering::Relaxed);
             }
         }
     });
@@ -105,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
             while sent < due {
                 let i = (sent % n) as usize;
-                let ack = ack_every > 0 && sent % ack_every == 0;
+                let ack = ack_every > 0 && sent.is_multiple_of(ack_every);
                 let hb = Message::Heartbeat(Heartbeat {
                     device: &ids[i],
                     boot,

@@ -37,7 +37,7 @@ impl std::error::Error for HexError {}
 /// hex: nothing is skipped.
 pub fn decode(text: &str) -> Result<Vec<u8>, HexError> {
     let text = text.as_bytes();
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return Err(HexError::OddLength);
     }
     let digit = |at: usize| -> Result<u8, HexError> {

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
         Command::Status(args) => cli::status::status(args),
         Command::Keygen(args) => cli::keys::keygen(args),
         Command::DeriveKey(args) => cli::keys::derive_key(args),
+        Command::Watch(args) => cli::watch::watch(args),
     };
     match result {
         Ok(code) => code,

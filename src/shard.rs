@@ -159,10 +159,10 @@ pub fn route(datagram: &[u8], shards: usize) -> Route {
     // Version, kind 0 (heartbeat) or 1 (leave), then the id with a one-byte length.
     if let [wire::VERSION, 0 | 1, len, rest @ ..] = datagram {
         let len = usize::from(*len);
-        if len < 0x80 {
-            if let Some(id) = rest.get(..len) {
-                return Route::Shard(owner(id, shards));
-            }
+        if len < 0x80
+            && let Some(id) = rest.get(..len)
+        {
+            return Route::Shard(owner(id, shards));
         }
     }
     match wire::decode(datagram) {

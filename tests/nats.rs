@@ -206,3 +206,44 @@ fn nats_secrets_stay_out_of_help() {
     assert!(help.contains("--nats-password"), "{help}");
     assert!(!help.contains("hunter2-secret") && !help.contains("token-secret"), "{help}");
 }
+
+#[test]
+fn watch_shows_a_device_going_online_and_offline() {
+    let nats = Nats::start();
+    let server = Server::start(&["--nats", &nats.url()]);
+    beat(server.addr, "watched-0", 1);
+    poll("the stream to exist", PROMPTLY, || read(&nats.url()).filter(|(m, _)| m.len() == 1));
+    let mut watch = Command::new(common::BIN)
+        .args(["watch", "--nats", &nats.url(), "watched-1", "--since", "1m"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = watch.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    beat(server.addr, "watched-1", 1);
+    leave(server.addr, "watched-1", 2);
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + PROMPTLY;
+    while lines.len() < 2 {
+        let wait = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("watch printed only {lines:?}"),
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(lines[0].contains("watched-1  online  v1"), "{lines:?}");
+    assert!(lines[1].contains("watched-1  offline reason=left  v2"), "{lines:?}");
+    assert!(lines.iter().all(|l| !l.contains("watched-0")), "only the device asked for");
+}

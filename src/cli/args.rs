@@ -75,6 +75,11 @@ pub(crate) enum Command {
         after_help = "Examples:\n  presence derive-key --key-file /etc/presence/master.key --id boiler-7\n  presence derive-key --key-file /etc/presence/master.key --id boiler-7 --out boiler-7.key\n  presence derive-key --key-file /etc/presence/master.key --operator --out operator.key"
     )]
     DeriveKey(DeriveKeyArgs),
+    /// Follow transitions live from NATS JetStream (a tracker run with --nats publishes them).
+    #[command(
+        after_help = "Examples:\n  presence watch --nats nats://127.0.0.1:4222\n  presence watch --nats nats://127.0.0.1:4222 boiler-7 --since 1h\n  presence watch --nats nats://127.0.0.1:4222 --json | jq ."
+    )]
+    Watch(WatchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,6 +106,73 @@ pub(crate) struct DeriveKeyArgs {
     /// Write a key file (mode 0600) instead of printing the key in hex.
     #[arg(long, value_name = "PATH")]
     pub(crate) out: Option<PathBuf>,
+}
+
+/// NATS credentials, for `serve` and `watch`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct NatsAuthArgs {
+    /// NATS user (with --nats-password, or PRESENCE_NATS_PASSWORD).
+    #[arg(long, value_name = "USER", env = "PRESENCE_NATS_USER")]
+    pub(crate) nats_user: Option<String>,
+    /// NATS password; prefer the environment variable PRESENCE_NATS_PASSWORD.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "PRESENCE_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub(crate) nats_password: Option<String>,
+    /// NATS token; prefer the environment variable PRESENCE_NATS_TOKEN.
+    #[arg(long, value_name = "TOKEN", env = "PRESENCE_NATS_TOKEN", hide_env_values = true, conflicts_with_all = ["nats_user", "nats_creds"])]
+    pub(crate) nats_token: Option<String>,
+    /// NATS credentials file (JWT and NKey seed, from nsc).
+    #[arg(long, value_name = "PATH", env = "PRESENCE_NATS_CREDS", conflicts_with = "nats_user")]
+    pub(crate) nats_creds: Option<PathBuf>,
+}
+
+impl NatsAuthArgs {
+    /// The credentials the flags give.
+    pub(crate) fn auth(&self) -> presence::sink::NatsAuth {
+        use presence::sink::NatsAuth;
+        match (&self.nats_user, &self.nats_password, &self.nats_token, &self.nats_creds) {
+            (Some(user), password, _, _) => {
+                NatsAuth::UserPassword(user.clone(), password.clone().unwrap_or_default())
+            }
+            (None, _, Some(token), _) => NatsAuth::Token(token.clone()),
+            (None, _, None, Some(path)) => NatsAuth::CredentialsFile(path.clone()),
+            (None, _, None, None) => NatsAuth::None,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct WatchArgs {
+    /// The NATS server the tracker publishes to (its --nats).
+    #[arg(long, value_name = "URL", env = "PRESENCE_NATS")]
+    pub(crate) nats: String,
+    /// Only these devices (default: all).
+    #[arg(value_name = "DEVICE")]
+    pub(crate) devices: Vec<String>,
+    /// Replay the transitions of this last stretch first (e.g. 10m), then follow.
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub(crate) since: Option<Duration>,
+    /// One JSON object per line (the events file's lines) instead of text.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// The tracker's --nats-stream.
+    #[arg(long, value_name = "NAME", default_value = "PRESENCE", env = "PRESENCE_NATS_STREAM")]
+    pub(crate) nats_stream: String,
+    /// The tracker's --nats-subject-prefix.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "presence.events",
+        env = "PRESENCE_NATS_SUBJECT_PREFIX"
+    )]
+    pub(crate) nats_subject_prefix: String,
+    #[command(flatten)]
+    pub(crate) nats_auth: NatsAuthArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -170,24 +242,8 @@ pub(crate) struct ServeArgs {
     /// The KV bucket of each device's latest transition.
     #[arg(long, value_name = "NAME", default_value = "presence", env = "PRESENCE_NATS_BUCKET")]
     pub(crate) nats_bucket: String,
-    /// NATS user (with --nats-password, or PRESENCE_NATS_PASSWORD).
-    #[arg(long, value_name = "USER", env = "PRESENCE_NATS_USER")]
-    pub(crate) nats_user: Option<String>,
-    /// NATS password; prefer the environment variable PRESENCE_NATS_PASSWORD.
-    #[arg(
-        long,
-        value_name = "PASSWORD",
-        env = "PRESENCE_NATS_PASSWORD",
-        hide_env_values = true,
-        requires = "nats_user"
-    )]
-    pub(crate) nats_password: Option<String>,
-    /// NATS token; prefer the environment variable PRESENCE_NATS_TOKEN.
-    #[arg(long, value_name = "TOKEN", env = "PRESENCE_NATS_TOKEN", hide_env_values = true, conflicts_with_all = ["nats_user", "nats_creds"])]
-    pub(crate) nats_token: Option<String>,
-    /// NATS credentials file (JWT and NKey seed, from nsc).
-    #[arg(long, value_name = "PATH", env = "PRESENCE_NATS_CREDS", conflicts_with = "nats_user")]
-    pub(crate) nats_creds: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) nats_auth: NatsAuthArgs,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9787; port 0 picks a free one).
     #[arg(long, value_name = "ADDR", env = "PRESENCE_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,

@@ -7,3 +7,4 @@ pub(crate) mod keys;
 pub(crate) mod render;
 pub(crate) mod serve;
 pub(crate) mod status;
+pub(crate) mod watch;

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
 use presence::server::{self, Options, StateOptions, Stop, state};
-use presence::sink::{JsonLines, NatsAuth, NatsOptions, NatsSink, Sink};
+use presence::sink::{JsonLines, NatsOptions, NatsSink, Sink};
 use presence::time::Clock;
 use presence::tracker::{AuthMode, Config, ConfigError, FlapDamping, Keys, Preservation, Totals, Tracker};
 
@@ -95,14 +95,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         )),
     }
     if let Some(url) = &args.nats {
-        let auth = match (&args.nats_user, &args.nats_password, &args.nats_token, &args.nats_creds) {
-            (Some(user), password, _, _) => {
-                NatsAuth::UserPassword(user.clone(), password.clone().unwrap_or_default())
-            }
-            (None, _, Some(token), _) => NatsAuth::Token(token.clone()),
-            (None, _, None, Some(path)) => NatsAuth::CredentialsFile(path.clone()),
-            (None, _, None, None) => NatsAuth::None,
-        };
+        let auth = args.nats_auth.auth();
         let options = NatsOptions {
             url: url.clone(),
             stream: args.nats_stream.clone(),

@@ -96,10 +96,10 @@ impl TransitionMetrics {
                 other => other.name(),
             };
             self.transitions.get_or_create(&vec![("event", kind)]).inc();
-            if let (EventKind::Offline(_), Some(deadline)) = (event.kind, event.deadline) {
-                if event.held_ms.is_none() {
-                    self.lateness.observe(event.at.saturating_duration_since(deadline).as_secs_f64());
-                }
+            if let (EventKind::Offline(_), Some(deadline)) = (event.kind, event.deadline)
+                && event.held_ms.is_none()
+            {
+                self.lateness.observe(event.at.saturating_duration_since(deadline).as_secs_f64());
             }
         }
     }

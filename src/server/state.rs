@@ -355,10 +355,10 @@ fn write_periodic(
             });
         }
         let Some(snapshot) = current.as_mut() else { continue };
-        if let Ok(pending) = &mut snapshot.pending {
-            if let Err(e) = pending.append(&part.chunk) {
-                snapshot.pending = Err(e);
-            }
+        if let Ok(pending) = &mut snapshot.pending
+            && let Err(e) = pending.append(&part.chunk)
+        {
+            snapshot.pending = Err(e);
         }
         if let Some(done) = snapshot.done.get_mut(part.shard) {
             *done |= part.last;
@@ -460,10 +460,10 @@ impl Turn {
     /// are published. Never blocks: a full queue keeps the piece for the
     /// next turn, and no new piece is made until it is sent.
     pub(super) fn step(&mut self, tracker: &Tracker, now: Instant) {
-        if let Some(part) = self.unsent.take() {
-            if !self.send(part) {
-                return;
-            }
+        if let Some(part) = self.unsent.take()
+            && !self.send(part)
+        {
+            return;
         }
         if self.cursor.is_none() {
             let due = self.due_generation(now);

@@ -22,7 +22,7 @@ mod nats;
 
 pub use file::{JsonLines, event_json};
 #[cfg(feature = "nats")]
-pub use nats::{NatsAuth, NatsOptions, NatsSink};
+pub use nats::{NatsAuth, NatsOptions, NatsSink, connect_options};
 
 /// One transition as it leaves the engine: the event, with the wall time at
 /// which it happened (the engine's monotonic time converted by the loop).

@@ -110,6 +110,17 @@ pub struct NatsSink {
     warned: bool,
 }
 
+/// Connect options with `auth` (a credentials file is read now).
+pub async fn connect_options(name: &str, auth: &NatsAuth) -> std::io::Result<async_nats::ConnectOptions> {
+    let connect = async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(5));
+    Ok(match auth {
+        NatsAuth::None => connect,
+        NatsAuth::Token(token) => connect.token(token.clone()),
+        NatsAuth::UserPassword(user, password) => connect.user_and_password(user.clone(), password.clone()),
+        NatsAuth::CredentialsFile(path) => connect.credentials_file(path).await?,
+    })
+}
+
 impl NatsSink {
     /// A sink that connects in the background (a server that is down at
     /// start is retried, and the tracker starts anyway). Fails only for a
@@ -124,18 +135,7 @@ impl NatsSink {
             .enable_time()
             .build()?;
         let jetstream = runtime.block_on(async {
-            let mut connect = async_nats::ConnectOptions::new()
-                .name("presence")
-                .retry_on_initial_connect()
-                .connection_timeout(Duration::from_secs(5));
-            connect = match &options.auth {
-                NatsAuth::None => connect,
-                NatsAuth::Token(token) => connect.token(token.clone()),
-                NatsAuth::UserPassword(user, password) => {
-                    connect.user_and_password(user.clone(), password.clone())
-                }
-                NatsAuth::CredentialsFile(path) => connect.credentials_file(path).await?,
-            };
+            let connect = connect_options("presence", &options.auth).await?.retry_on_initial_connect();
             let client = connect.connect(options.url.as_str()).await.map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>(jetstream::new(client))
         })?;

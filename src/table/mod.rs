@@ -241,10 +241,10 @@ impl PresenceTable {
     /// When the sweep must next look at an online device that is not held:
     /// when it becomes late, or its deadline.
     fn next_due(&self, slot: &Slot) -> u64 {
-        if slot.flags & SUSPECT == 0 {
-            if let Some(at) = self.suspect_at(slot) {
-                return at;
-            }
+        if slot.flags & SUSPECT == 0
+            && let Some(at) = self.suspect_at(slot)
+        {
+            return at;
         }
         slot.deadline()
     }

@@ -131,10 +131,10 @@ impl Flaps {
                 self.due.push(Reverse((quiet_until, device)));
                 continue;
             }
-            if let Some(history) = self.recent.remove(&device) {
-                if history.flapping {
-                    stable(&device);
-                }
+            if let Some(history) = self.recent.remove(&device)
+                && history.flapping
+            {
+                stable(&device);
             }
         }
     }
