@@ -160,10 +160,19 @@ pub(crate) struct WatchArgs {
     /// One JSON object per line (the events file's lines) instead of text.
     #[arg(long)]
     pub(crate) json: bool,
-    /// The tracker's --nats-stream.
+    #[command(flatten)]
+    pub(crate) nats_names: NatsNamesArgs,
+    #[command(flatten)]
+    pub(crate) nats_auth: NatsAuthArgs,
+}
+
+/// Where the tracker's transitions are in NATS, for `serve` and `watch`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct NatsNamesArgs {
+    /// The JetStream stream's name.
     #[arg(long, value_name = "NAME", default_value = "PRESENCE", env = "PRESENCE_NATS_STREAM")]
     pub(crate) nats_stream: String,
-    /// The tracker's --nats-subject-prefix.
+    /// The subject prefix: a device's transitions go to PREFIX.<id made safe>.
     #[arg(
         long,
         value_name = "PREFIX",
@@ -171,8 +180,6 @@ pub(crate) struct WatchArgs {
         env = "PRESENCE_NATS_SUBJECT_PREFIX"
     )]
     pub(crate) nats_subject_prefix: String,
-    #[command(flatten)]
-    pub(crate) nats_auth: NatsAuthArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -228,17 +235,8 @@ pub(crate) struct ServeArgs {
     /// Publish transitions to NATS JetStream at this URL (nats://host:4222, tls://...; comma-separated for a cluster): a stream and a KV bucket of each device's state.
     #[arg(long, value_name = "URL", env = "PRESENCE_NATS")]
     pub(crate) nats: Option<String>,
-    /// The JetStream stream's name.
-    #[arg(long, value_name = "NAME", default_value = "PRESENCE", env = "PRESENCE_NATS_STREAM")]
-    pub(crate) nats_stream: String,
-    /// The subject prefix: a device's transitions go to PREFIX.<id made safe>.
-    #[arg(
-        long,
-        value_name = "PREFIX",
-        default_value = "presence.events",
-        env = "PRESENCE_NATS_SUBJECT_PREFIX"
-    )]
-    pub(crate) nats_subject_prefix: String,
+    #[command(flatten)]
+    pub(crate) nats_names: NatsNamesArgs,
     /// The KV bucket of each device's latest transition.
     #[arg(long, value_name = "NAME", default_value = "presence", env = "PRESENCE_NATS_BUCKET")]
     pub(crate) nats_bucket: String,

@@ -98,8 +98,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         let auth = args.nats_auth.auth();
         let options = NatsOptions {
             url: url.clone(),
-            stream: args.nats_stream.clone(),
-            subject_prefix: args.nats_subject_prefix.clone(),
+            stream: args.nats_names.nats_stream.clone(),
+            subject_prefix: args.nats_names.nats_subject_prefix.clone(),
             bucket: args.nats_bucket.clone(),
             auth,
         };

@@ -25,10 +25,13 @@ async fn follow(args: WatchArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot connect to NATS at {}", args.nats))?;
     let jetstream = jetstream::new(client);
-    let stream = jetstream.get_stream(&args.nats_stream).await.with_context(|| {
-        format!("no stream '{}' on {}: is a tracker running with --nats there?", args.nats_stream, args.nats)
+    let stream = jetstream.get_stream(&args.nats_names.nats_stream).await.with_context(|| {
+        format!(
+            "no stream '{}' on {}: is a tracker running with --nats there?",
+            args.nats_names.nats_stream, args.nats
+        )
     })?;
-    let prefix = &args.nats_subject_prefix;
+    let prefix = &args.nats_names.nats_subject_prefix;
     let filter_subjects: Vec<String> = if args.devices.is_empty() {
         vec![format!("{prefix}.>")]
     } else {
