@@ -242,6 +242,27 @@ pub(crate) struct ServeArgs {
     pub(crate) nats_bucket: String,
     #[command(flatten)]
     pub(crate) nats_auth: NatsAuthArgs,
+    /// Publish each device's state to this MQTT broker (mqtt://host:1883): retained topics ROOT/<id>/state and ROOT/<id>/event, and the tracker's own ROOT/status (its Last Will says offline).
+    #[arg(long, value_name = "URL", env = "PRESENCE_MQTT")]
+    pub(crate) mqtt: Option<String>,
+    /// The MQTT topic root.
+    #[arg(long, value_name = "ROOT", default_value = "presence", env = "PRESENCE_MQTT_ROOT")]
+    pub(crate) mqtt_root: String,
+    /// Also publish Home Assistant discovery configs under this prefix (e.g. homeassistant): each device a connectivity binary_sensor.
+    #[arg(long, value_name = "PREFIX", env = "PRESENCE_MQTT_DISCOVERY")]
+    pub(crate) mqtt_discovery: Option<String>,
+    /// MQTT user (with PRESENCE_MQTT_PASSWORD).
+    #[arg(long, value_name = "USER", env = "PRESENCE_MQTT_USER")]
+    pub(crate) mqtt_user: Option<String>,
+    /// MQTT password; prefer the environment variable PRESENCE_MQTT_PASSWORD.
+    #[arg(
+        long,
+        value_name = "PASSWORD",
+        env = "PRESENCE_MQTT_PASSWORD",
+        hide_env_values = true,
+        requires = "mqtt_user"
+    )]
+    pub(crate) mqtt_password: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9787; port 0 picks a free one).
     #[arg(long, value_name = "ADDR", env = "PRESENCE_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,

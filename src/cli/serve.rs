@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
 use presence::server::{self, Options, StateOptions, Stop, state};
-use presence::sink::{JsonLines, NatsOptions, NatsSink, Sink};
+use presence::sink::{JsonLines, MqttSettings, MqttSink, NatsOptions, NatsSink, Sink};
 use presence::time::Clock;
 use presence::tracker::{AuthMode, Config, ConfigError, FlapDamping, Keys, Preservation, Totals, Tracker};
 
@@ -106,6 +106,18 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         let sink =
             NatsSink::connect(options, stop.clone()).context("cannot set up the NATS client (--nats)")?;
         sinks.push(Box::new(sink));
+    }
+    if let Some(url) = &args.mqtt {
+        let settings = MqttSettings {
+            url: url.clone(),
+            root: args.mqtt_root.clone(),
+            discovery: args.mqtt_discovery.clone(),
+            credentials: args
+                .mqtt_user
+                .clone()
+                .map(|user| (user, args.mqtt_password.clone().unwrap_or_default())),
+        };
+        sinks.push(Box::new(MqttSink::connect(settings).context("cannot set up the MQTT client (--mqtt)")?));
     }
     let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
         .with_context(|| format!("cannot listen on {}", args.bind))?;

@@ -16,11 +16,15 @@ use std::time::SystemTime;
 use crate::tracker::Event;
 
 mod file;
+#[cfg(feature = "mqtt")]
+mod mqtt;
 pub mod names;
 #[cfg(feature = "nats")]
 mod nats;
 
 pub use file::{JsonLines, event_json};
+#[cfg(feature = "mqtt")]
+pub use mqtt::{MqttSettings, MqttSink, discovery_config, object_id};
 #[cfg(feature = "nats")]
 pub use nats::{NatsAuth, NatsOptions, NatsSink, connect_options};
 

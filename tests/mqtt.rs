@@ -1,0 +1,164 @@
+//! End to end: `--mqtt` against a real Mosquitto (Debian's `mosquitto`,
+//! which `tests/run` installs), started per test on a free loopback port
+//! and stopped by PID: retained states, Home Assistant discovery configs,
+//! the tracker's Last Will, and a broker restart.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{PROMPTLY, Server, poll};
+use presence::sink::{names, object_id};
+use presence::wire::{Heartbeat, Leave, Message};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+/// A Mosquitto broker, killed on drop.
+struct Mosquitto {
+    child: Child,
+    port: u16,
+}
+
+impl Mosquitto {
+    fn start_on(port: u16) -> Mosquitto {
+        let found = Command::new("sh")
+            .args(["-c", "command -v mosquitto || ls /usr/sbin/mosquitto"])
+            .output()
+            .unwrap();
+        assert!(
+            found.status.success(),
+            "mosquitto is not installed: run the tests with tests/run, which installs it"
+        );
+        let binary = String::from_utf8(found.stdout).unwrap().lines().next().unwrap().trim().to_string();
+        let child = Command::new(binary)
+            .args(["-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        poll("mosquitto to listen", PROMPTLY, || TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ()));
+        Mosquitto { child, port }
+    }
+
+    fn start() -> Mosquitto {
+        Mosquitto::start_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The retained messages on the broker now: subscribes to everything
+    /// and takes what arrives until the broker has been quiet a moment.
+    fn retained(&self) -> BTreeMap<String, String> {
+        let mut options = MqttOptions::new(format!("reader-{}", std::process::id()), "127.0.0.1", self.port);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut connection) = Client::new(options, 100);
+        client.subscribe("#", QoS::AtLeastOnce).unwrap();
+        let mut retained = BTreeMap::new();
+        let mut subscribed = false;
+        loop {
+            let wait = if subscribed { Duration::from_millis(300) } else { Duration::from_secs(5) };
+            match connection.recv_timeout(wait) {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.retain => {
+                    retained.insert(p.topic.clone(), String::from_utf8_lossy(&p.payload).into_owned());
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        let _ = client.disconnect();
+        retained
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn send(to: SocketAddr, message: &Message<'_>) {
+    UdpSocket::bind("127.0.0.1:0").unwrap().send_to(&common::frame(message), to).unwrap();
+}
+
+fn state(id: &str) -> String {
+    format!("presence/{}/state", names::encode(id))
+}
+
+#[test]
+fn retained_states_and_discovery_configs_match_the_tracker() {
+    let broker = Mosquitto::start();
+    let server = Server::start(&["--mqtt", &broker.url(), "--mqtt-discovery", "homeassistant"]);
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("room/1", 1, 1, 60_000)));
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("room-2", 1, 1, 60_000)));
+    send(server.addr, &Message::Leave(Leave { device: "room-2", boot: 1, seq: 2, tag: None }));
+    let config_topic = format!("homeassistant/binary_sensor/{}/config", object_id("room/1"));
+    let retained = poll("the states and configs on the broker", PROMPTLY, || {
+        let retained = broker.retained();
+        (retained.get(&state("room/1")).map(String::as_str) == Some("online")
+            && retained.get(&state("room-2")).map(String::as_str) == Some("offline")
+            && retained.contains_key(&config_topic))
+        .then_some(retained)
+    });
+    assert_eq!(state("room/1"), "presence/room=2F1/state", "topic-unsafe characters are escaped");
+    assert_eq!(retained["presence/status"], "online");
+    let event: serde_json::Value = serde_json::from_str(&retained["presence/room-2/event"]).unwrap();
+    assert_eq!((&event["event"], &event["version"]), (&"offline".into(), &2.into()));
+    let config: serde_json::Value = serde_json::from_str(&retained[&config_topic]).unwrap();
+    assert_eq!(config["device_class"], "connectivity");
+    assert_eq!(config["payload_on"], "online");
+    assert_eq!(config["payload_off"], "offline");
+    assert_eq!(config["state_topic"], state("room/1"));
+    assert_eq!(config["availability_topic"], "presence/status");
+    assert_eq!(config["unique_id"], object_id("room/1"));
+    assert_eq!(config["device"]["name"], "room/1");
+    let object = config["object_id"].as_str().unwrap();
+    assert!(object.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'), "{object}");
+}
+
+#[test]
+fn the_broker_says_offline_for_a_killed_tracker() {
+    let broker = Mosquitto::start();
+    let mut server = Server::start(&["--mqtt", &broker.url()]);
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("w-1", 1, 1, 60_000)));
+    poll("the tracker online", PROMPTLY, || {
+        let retained = broker.retained();
+        (retained.get("presence/status").map(String::as_str) == Some("online")
+            && retained.contains_key(&state("w-1")))
+        .then_some(())
+    });
+    server.crash();
+    // The broker notices the dead connection within 1.5 keep-alives (10 s).
+    poll("the will", Duration::from_secs(30), || {
+        (broker.retained().get("presence/status").map(String::as_str) == Some("offline")).then_some(())
+    });
+}
+
+#[test]
+fn after_a_broker_restart_the_tracker_publishes_again() {
+    let mut broker = Mosquitto::start();
+    let server = Server::start(&["--mqtt", &broker.url()]);
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("r-1", 1, 1, 60_000)));
+    poll("the state on the broker", PROMPTLY, || broker.retained().contains_key(&state("r-1")).then_some(()));
+    // The broker restarts with nothing retained (no persistence).
+    let port = broker.port;
+    broker.kill();
+    let broker = Mosquitto::start_on(port);
+    let retained = poll("the states again", Duration::from_secs(30), || {
+        let retained = broker.retained();
+        retained.contains_key(&state("r-1")).then_some(retained)
+    });
+    assert_eq!(retained[&state("r-1")], "online");
+    assert_eq!(retained["presence/status"], "online");
+    drop(server);
+}
