@@ -195,16 +195,20 @@ fn an_outage_loses_nothing_within_the_buffer_and_the_bucket_converges() {
 }
 
 #[test]
-fn nats_secrets_stay_out_of_help() {
+fn broker_secrets_stay_out_of_help() {
     let out = Command::new(common::BIN)
         .args(["serve", "--help"])
         .env("PRESENCE_NATS_PASSWORD", "hunter2-secret")
         .env("PRESENCE_NATS_TOKEN", "token-secret")
+        .env("PRESENCE_MQTT_PASSWORD", "mqtt-secret")
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("--nats-password"), "{help}");
-    assert!(!help.contains("hunter2-secret") && !help.contains("token-secret"), "{help}");
+    assert!(help.contains("--mqtt-password"), "{help}");
+    for secret in ["hunter2-secret", "token-secret", "mqtt-secret"] {
+        assert!(!help.contains(secret), "{help}");
+    }
 }
 
 #[test]
