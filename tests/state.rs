@@ -143,8 +143,15 @@ fn a_clean_restart_with_other_threads_loses_nothing_and_emits_nothing() {
         (fleet.sent_by_first.lock().unwrap().len() >= 3).then_some(())
     });
 
-    assert!(server.terminate().success());
+    // The frames to replay later: those the server has seen (a frame still
+    // in the socket's queue at the stop was never seen, so it would be new).
     let captured = fleet.sent_by_first.lock().unwrap().clone();
+    poll("device 0's captured frames all seen", PROMPTLY, || {
+        let mut client = Client::new(addr, Duration::from_secs(5)).unwrap();
+        let seen = client.device("fleet-0000").ok()??.numbers.seq;
+        (seen as usize >= captured.len()).then_some(())
+    });
+    assert!(server.terminate().success());
     // Back with two threads: each device goes to the shard its id belongs to now.
     let server = Server::start_at(&addr.to_string(), &events, &[&flags[..], &["--threads", "2"]].concat());
     let restored = server.wait_log("state restored", PROMPTLY);
