@@ -202,29 +202,6 @@ fn authorized(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn loopback_may_others_need_the_token() {
-        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
-        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
-        let token = crate::hex::encode(&crate::auth::http_token(&[7; 32]));
-        assert!(authorized(local, None, None).is_ok());
-        assert!(authorized(mapped, None, Some(&token)).is_ok());
-        assert_eq!(authorized(remote, None, None).unwrap_err().0, StatusCode::FORBIDDEN);
-        assert_eq!(authorized(remote, None, Some(&token)).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        assert_eq!(
-            authorized(remote, Some("Bearer nope"), Some(&token)).unwrap_err().0,
-            StatusCode::UNAUTHORIZED
-        );
-        assert_eq!(authorized(remote, Some(&token), Some(&token)).unwrap_err().0, StatusCode::UNAUTHORIZED);
-        assert!(authorized(remote, Some(&format!("Bearer {token}")), Some(&token)).is_ok());
-    }
-}
-
 /// Answers an API path by asking the server (blocking: a UDP round trip).
 fn ask(
     api: &Api,
@@ -238,11 +215,10 @@ fn ask(
         client = client.with_operator_key(key);
     }
     let param = |name: &str| query.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
-    let as_json = |value: &dyn erased::Json| value.json();
     match path.trim_end_matches('/') {
         "/api/v1/summary" => {
             let summary = client.summary().map_err(unavailable)?;
-            Ok((StatusCode::OK, as_json(&summary)))
+            Ok((StatusCode::OK, to_json(&summary)))
         }
         "/api/v1/devices" => {
             let state = match param("state").unwrap_or("online") {
@@ -267,7 +243,7 @@ fn ask(
                 crate::client::ClientError::Wire(_) => (StatusCode::BAD_REQUEST, e.to_string()),
                 other => unavailable(other),
             })?;
-            let devices: Vec<serde_json::Value> = page.devices.iter().map(|d| as_json(d)).collect();
+            let devices: Vec<serde_json::Value> = page.devices.iter().map(to_json).collect();
             Ok((
                 StatusCode::OK,
                 serde_json::json!({ "devices": devices, "matched": page.matched, "next": page.next_cursor }),
@@ -287,7 +263,7 @@ fn ask(
                 return Err((StatusCode::BAD_REQUEST, "not a valid device id".into()));
             }
             match client.device(&id).map_err(unavailable)? {
-                Some(device) => Ok((StatusCode::OK, as_json(&device))),
+                Some(device) => Ok((StatusCode::OK, to_json(&device))),
                 None => Err((StatusCode::NOT_FOUND, "the server has not heard from this device".into())),
             }
         }
@@ -297,15 +273,30 @@ fn ask(
 /// How long the API waits for the server's answer.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Serializes the client's reports to JSON values.
-mod erased {
-    pub(super) trait Json {
-        fn json(&self) -> serde_json::Value;
-    }
+/// A report (they all serialize) as a JSON value.
+fn to_json(value: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::to_value(value).unwrap_or_default()
+}
 
-    impl<T: serde::Serialize> Json for T {
-        fn json(&self) -> serde_json::Value {
-            serde_json::to_value(self).unwrap_or_default()
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_may_others_need_the_token() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let token = crate::hex::encode(&crate::auth::http_token(&[7; 32]));
+        assert!(authorized(local, None, None).is_ok());
+        assert!(authorized(mapped, None, Some(&token)).is_ok());
+        assert_eq!(authorized(remote, None, None).unwrap_err().0, StatusCode::FORBIDDEN);
+        assert_eq!(authorized(remote, None, Some(&token)).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            authorized(remote, Some("Bearer nope"), Some(&token)).unwrap_err().0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(authorized(remote, Some(&token), Some(&token)).unwrap_err().0, StatusCode::UNAUTHORIZED);
+        assert!(authorized(remote, Some(&format!("Bearer {token}")), Some(&token)).is_ok());
     }
 }
