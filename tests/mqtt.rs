@@ -162,3 +162,36 @@ fn after_a_broker_restart_the_tracker_publishes_again() {
     assert_eq!(retained["presence/status"], "online");
     drop(server);
 }
+
+#[test]
+fn a_forgotten_device_is_removed_from_the_broker_and_home_assistant() {
+    let broker = Mosquitto::start();
+    let server = Server::start(&[
+        "--mqtt",
+        &broker.url(),
+        "--mqtt-discovery",
+        "homeassistant",
+        "--forget-after",
+        "2s",
+    ]);
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("f-1", 1, 1, 60_000)));
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("f-2", 1, 1, 60_000)));
+    let config_topic = format!("homeassistant/binary_sensor/{}/config", object_id("f-1"));
+    let event_topic = "presence/f-1/event".to_string();
+    poll("f-1 on the broker", PROMPTLY, || {
+        let retained = broker.retained();
+        [&state("f-1"), &event_topic, &config_topic].iter().all(|t| retained.contains_key(*t)).then_some(())
+    });
+    send(server.addr, &Message::Leave(Leave { device: "f-1", boot: 1, seq: 2, tag: None }));
+    // Forgotten 2 s after it left: every retained topic of it cleared
+    // (an empty retained message deletes one), the other device untouched.
+    let retained = poll("f-1 gone from the broker", PROMPTLY, || {
+        let retained = broker.retained();
+        (!retained.keys().any(|t| t.contains("f-1") || *t == config_topic)).then_some(retained)
+    });
+    assert_eq!(retained[&state("f-2")], "online");
+    let forgotten = poll("the forgotten line", PROMPTLY, || {
+        server.events().into_iter().find(|e| e["event"] == "forgotten")
+    });
+    assert_eq!((&forgotten["device"], &forgotten["reason"]), (&"f-1".into(), &"silent".into()));
+}

@@ -251,3 +251,33 @@ fn watch_shows_a_device_going_online_and_offline() {
     assert!(lines[1].contains("watched-1  offline reason=left  v2"), "{lines:?}");
     assert!(lines.iter().all(|l| !l.contains("watched-0")), "only the device asked for");
 }
+
+#[test]
+fn a_forgotten_device_leaves_the_bucket_and_comes_back_new() {
+    let nats = Nats::start();
+    let server = Server::start(&["--nats", &nats.url(), "--forget-after", "1s"]);
+    beat(server.addr, "gone-1", 1);
+    beat(server.addr, "stays-1", 1);
+    leave(server.addr, "gone-1", 2);
+    let (messages, entries) = poll("online, offline, forgotten", PROMPTLY, || {
+        read(&nats.url()).filter(|(messages, _)| messages.len() == 4)
+    });
+    let events: Vec<(String, u64)> = parsed(&messages)
+        .iter()
+        .filter(|e| e["device"] == "gone-1")
+        .map(|e| (e["event"].as_str().unwrap().to_string(), e["version"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(events, [("online".into(), 1), ("offline".into(), 2), ("forgotten".into(), 3)]);
+    assert_eq!(entries.keys().collect::<Vec<_>>(), ["stays-1"], "the forgotten device's key is deleted");
+    // Back within the stream's duplicate window: version 1 again, and not
+    // taken for the first online (the message id holds the event seq).
+    beat(server.addr, "gone-1", 3);
+    let (messages, entries) =
+        poll("online again", PROMPTLY, || read(&nats.url()).filter(|(messages, _)| messages.len() == 5));
+    let last: serde_json::Value = serde_json::from_str(&messages[4]).unwrap();
+    assert_eq!(
+        (&last["device"], &last["event"], &last["version"]),
+        (&"gone-1".into(), &"online".into(), &1.into())
+    );
+    assert!(entries.contains_key("gone-1"));
+}

@@ -296,6 +296,9 @@ pub(crate) struct ServeArgs {
     /// The flap window; a flapping device is stable again after this long without a change.
     #[arg(long, value_name = "DUR", default_value = "10m", value_parser = parse_duration, env = "PRESENCE_FLAP_WINDOW")]
     pub(crate) flap_window: Duration,
+    /// Forget offline devices silent this long (e.g. 7d): they are reported as `forgotten`, removed from NATS KV and Home Assistant, and unknown to status. Without it they are kept until --max-devices needs their room.
+    #[arg(long, value_name = "DUR", value_parser = parse_forget_after, env = "PRESENCE_FORGET_AFTER")]
+    pub(crate) forget_after: Option<Duration>,
     /// Time between state snapshots (with --state); a crash loses at most this much history.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_state_every, requires = "state", env = "PRESENCE_STATE_EVERY")]
     pub(crate) state_every: Duration,
@@ -323,6 +326,14 @@ fn parse_state_every(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is too short: snapshots at most every 100ms"));
     }
     Ok(every)
+}
+
+fn parse_forget_after(s: &str) -> Result<Duration, String> {
+    let after = parse_duration(s)?;
+    if after.is_zero() {
+        return Err(format!("'{s}' is zero: leave --forget-after out to keep offline devices"));
+    }
+    Ok(after)
 }
 
 pub(crate) fn parse_net(s: &str) -> Result<Option<IpNet>, String> {

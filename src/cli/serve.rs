@@ -65,6 +65,7 @@ impl TryFrom<&ServeArgs> for Config {
             }),
             flap_damping: (args.flap_changes > 0)
                 .then_some(FlapDamping { changes: args.flap_changes, window: args.flap_window }),
+            forget_after: args.forget_after,
             ..Config::default()
         };
         match config.validate() {
@@ -234,5 +235,11 @@ fn log_recovered(recovered: &state::Recovered) {
     );
     if r.refused > 0 {
         tracing::warn!(refused = r.refused, "devices of the state file did not fit in --max-devices");
+    }
+    if r.forgotten > 0 {
+        tracing::warn!(
+            forgotten = r.forgotten,
+            "offline devices of the state file were forgotten to fit --max-devices"
+        );
     }
 }

@@ -124,6 +124,7 @@ impl EventLine<'_> {
             EventKind::Suspect => Some("late"),
             EventKind::Flapping => Some("state_changes"),
             EventKind::Stable => Some("quiet"),
+            EventKind::Forgotten(reason) => Some(reason.name()),
             EventKind::Degraded | EventKind::Recovered => event.fleet.map(|fleet| fleet.cause.name()),
         };
         let device_level = !event.kind.is_server();

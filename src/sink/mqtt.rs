@@ -233,6 +233,12 @@ impl Sink for MqttSink {
             if event.kind.is_server() {
                 continue;
             }
+            if let EventKind::Forgotten(_) = event.kind {
+                if self.forget(&event.device).is_err() {
+                    self.lost += 1;
+                }
+                continue;
+            }
             let online = match event.kind {
                 EventKind::Offline(_) => false,
                 EventKind::Flapping | EventKind::Stable => event.online.unwrap_or(true),
@@ -265,6 +271,24 @@ impl Sink for MqttSink {
                 self.lost += 1;
             }
         }
+    }
+}
+
+impl MqttSink {
+    /// Clears a forgotten device's retained topics (an empty retained
+    /// message deletes one), and its discovery config, which removes the
+    /// entity from Home Assistant.
+    fn forget(&mut self, device: &str) -> Result<(), rumqttc::ClientError> {
+        self.known.lock().unwrap_or_else(PoisonError::into_inner).states.remove(device);
+        let root = &self.options.root;
+        let mut topics = vec![event_topic(root, device), state_topic(root, device)];
+        if let Some(prefix) = &self.options.discovery {
+            topics.push(config_topic(prefix, device));
+        }
+        for topic in topics {
+            self.client.publish(topic, QoS::AtLeastOnce, true, Vec::new())?;
+        }
+        Ok(())
     }
 }
 

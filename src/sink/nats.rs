@@ -6,11 +6,14 @@
 //! - Stream (default `PRESENCE`) on `<prefix>.>` (default prefix
 //!   `presence.events`): a device's transitions on `<prefix>.<name>`, fleet
 //!   events (`degraded`, `recovered`) on `<prefix>.=fleet`, each the same
-//!   JSON as a line of the events file. The message id is `<name>.<version>`
-//!   (fleet events: `=fleet.<seq>`), so a transition published again after
-//!   a reconnect is dropped by the server's duplicate window.
+//!   JSON as a line of the events file. The message id is
+//!   `<name>.<version>.<seq>` (fleet events: `=fleet.<seq>`), so a
+//!   transition published again after a reconnect is dropped by the
+//!   server's duplicate window, while a device that was forgotten and comes
+//!   back (its versions start again at 1) is not taken for a duplicate.
 //! - KV bucket (default `presence`): key `<name>`, value that device's
-//!   latest transition (same JSON); written on transitions only.
+//!   latest transition (same JSON); written on transitions only. A
+//!   `forgotten` device's key is deleted.
 //! - `<name>` is the device id made safe ([`super::names`]).
 //!
 //! The server may be down at start or go away: the tracker starts anyway,
@@ -27,6 +30,7 @@ use async_nats::jetstream::{self, kv, stream};
 use super::names;
 use super::{Sink, Transition, event_json};
 use crate::server::Stop;
+use crate::tracker::EventKind;
 
 /// How the server reaches NATS.
 #[derive(Clone, PartialEq, Eq)]
@@ -244,14 +248,20 @@ impl NatsSink {
             let name = names::encode(&event.device);
             (
                 format!("{}.{name}", self.options.subject_prefix),
-                format!("{name}.{}", event.version),
+                format!("{name}.{}.{}", event.version, transition.seq),
                 Some(name),
             )
         };
         let publish = jetstream::message::PublishMessage::build().payload(json.clone()).message_id(id);
         self.jetstream.send_publish(subject, publish).await?.await?;
-        if let (Some(key), Some(bucket)) = (key, &self.bucket) {
-            bucket.put(key, json).await?;
+        match (key, &self.bucket) {
+            (Some(key), Some(bucket)) if matches!(event.kind, EventKind::Forgotten(_)) => {
+                bucket.delete(key).await?;
+            }
+            (Some(key), Some(bucket)) => {
+                bucket.put(key, json).await?;
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -70,6 +70,46 @@ impl OfflineReason {
     }
 }
 
+/// Why the table forgot a device (it no longer holds it: `status` says
+/// unknown, and its next heartbeat makes it new).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForgetReason {
+    /// It was offline for longer than the caller's limit (`--forget-after`).
+    Silent,
+    /// The table was full, and a new device took the slot of the device
+    /// silent the longest.
+    Room,
+}
+
+impl ForgetReason {
+    /// A stable lowercase name for logs and the events file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForgetReason::Silent => "silent",
+            ForgetReason::Room => "room",
+        }
+    }
+}
+
+/// A device the table forgot, as it was just before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Its id.
+    pub id: Box<str>,
+    /// Why.
+    pub reason: ForgetReason,
+    /// Its version (transitions reported so far).
+    pub version: u32,
+    /// The address of its last datagram.
+    pub addr: SocketAddr,
+    /// The newest (boot, seq) it sent.
+    pub boot: u32,
+    /// See `boot`.
+    pub seq: u32,
+    /// When it was last heard from.
+    pub last_seen: Instant,
+}
+
 /// Why the table refused a heartbeat or leave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Refusal {
@@ -187,6 +227,8 @@ pub struct PresenceTable {
     known: usize,
     /// The most devices held at once.
     max_devices: usize,
+    /// Devices forgotten to make room, not yet taken by [`PresenceTable::take_forgotten`].
+    forgotten: Vec<Forgotten>,
 }
 
 impl PresenceTable {
@@ -217,6 +259,7 @@ impl PresenceTable {
             suspect_after: 0,
             known: 0,
             max_devices: max_devices.clamp(1, u32::MAX as usize),
+            forgotten: Vec::new(),
         }
     }
 
@@ -554,10 +597,61 @@ impl PresenceTable {
         self.insert(held.id, slot, held.payload).map(|_| true)
     }
 
-    /// Removes the offline device silent the longest, if there is one.
+    /// Removes the offline device silent the longest, if there is one, and
+    /// keeps it for [`PresenceTable::take_forgotten`].
     fn forget_oldest_offline(&mut self) -> Option<()> {
-        let (_, i) = self.offline.pop_first()?;
-        let i = i as usize;
+        let &(_, i) = self.offline.first()?;
+        let forgotten = self.forget(i as usize, ForgetReason::Room);
+        self.forgotten.push(forgotten);
+        Some(())
+    }
+
+    /// Forgets every offline device silent for at least `after` at `now`,
+    /// longest silent first, reporting each. Costs O(log n) per device
+    /// forgotten and O(1) otherwise: offline devices are kept in the order
+    /// they were last seen.
+    pub fn forget_silent(&mut self, now: Instant, after: Duration, mut forgotten: impl FnMut(Forgotten)) {
+        let after = u64::try_from(after.as_micros()).unwrap_or(u64::MAX);
+        let Some(cutoff) = self.micros(now).checked_sub(after) else { return };
+        while let Some(&(last_seen, i)) = self.offline.first() {
+            if last_seen > cutoff {
+                break;
+            }
+            forgotten(self.forget(i as usize, ForgetReason::Silent));
+        }
+    }
+
+    /// When the offline device silent the longest was last seen (the next
+    /// device [`PresenceTable::forget_silent`] forgets).
+    pub fn oldest_offline_seen(&self) -> Option<Instant> {
+        self.offline.first().map(|&(last_seen, _)| self.instant(last_seen))
+    }
+
+    /// The devices forgotten to make room for new ones since the last call,
+    /// oldest first.
+    pub fn take_forgotten(&mut self) -> std::vec::Drain<'_, Forgotten> {
+        self.forgotten.drain(..)
+    }
+
+    /// Whether devices were forgotten to make room since the last
+    /// [`PresenceTable::take_forgotten`].
+    pub fn has_forgotten(&self) -> bool {
+        !self.forgotten.is_empty()
+    }
+
+    /// Removes the offline device in slot `i`.
+    fn forget(&mut self, i: usize, reason: ForgetReason) -> Forgotten {
+        let entry = self.entry(i);
+        let forgotten = Forgotten {
+            id: Self::id_of(entry.slot, &self.long_ids).into(),
+            reason,
+            version: entry.version(),
+            addr: entry.addr(),
+            boot: entry.window().boot(),
+            seq: entry.window().top(),
+            last_seen: entry.last_seen(),
+        };
+        self.offline.remove(&(self.slots[i].last_seen, i as u32));
         let hash = self.hasher.hash_one(Self::id_bytes(&self.slots[i], &self.long_ids));
         self.index.remove(hash, i as u32);
         self.offline_slots.remove(i);
@@ -574,7 +668,7 @@ impl PresenceTable {
         self.release_payload(payload);
         self.free_slots.push(i as u32);
         self.known -= 1;
-        Some(())
+        forgotten
     }
 
     /// Takes `device` offline because it left, if (boot, seq) is new (and

@@ -104,6 +104,10 @@ pub struct Config {
     pub preservation: Option<Preservation>,
     /// Flap damping. `None`: off.
     pub flap_damping: Option<FlapDamping>,
+    /// Offline devices are forgotten (reported as `forgotten`; `status`
+    /// then says unknown) once silent this long. `None`: only to make room
+    /// for new devices when the table is full.
+    pub forget_after: Option<Duration>,
 }
 
 /// When the server suspects its own network rather than its devices.
@@ -163,6 +167,7 @@ impl Default for Config {
             suspect_events: false,
             preservation: Some(Preservation::default()),
             flap_damping: Some(FlapDamping::default()),
+            forget_after: None,
         }
     }
 }

@@ -54,6 +54,10 @@ impl Tracker {
             Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload, signed };
         let arrival = self.table.arrive(now, hb.device, beat).map_err(refusal)?;
         self.counters.bump(Count::Heartbeats);
+        if self.table.has_forgotten() {
+            // Rare: the table was full and made room.
+            self.report_forgotten(now);
+        }
         let kind = match arrival {
             Arrival::Continued => None,
             Arrival::Online => Some(EventKind::Online),

@@ -81,6 +81,11 @@ impl Flaps {
         Change::Report
     }
 
+    /// Drops `device`'s history (the server forgot it).
+    pub(super) fn forget(&mut self, device: &str) {
+        self.recent.remove(device);
+    }
+
     /// Whether `device` is flapping.
     pub(super) fn is_flapping(&self, device: &str) -> bool {
         self.recent.get(device).is_some_and(|h| h.flapping)

@@ -25,7 +25,7 @@ use crate::time::Instant;
 
 use crate::auth;
 use crate::limit::QueryGate;
-use crate::table::{Entry, Lateness, OfflineReason, PresenceTable, Verdict};
+use crate::table::{Entry, Forgotten, Lateness, OfflineReason, PresenceTable, Verdict};
 use crate::wire::{self, DropReason, ErrorCode, ErrorReply, Message};
 
 mod access;
@@ -196,10 +196,13 @@ impl Tracker {
 
     /// When [`Tracker::handle_timeout`] must next be called: the earliest
     /// device deadline (or time a device turns late), the next look at the
-    /// rates while degraded, or a flapping device's window; `None` if
-    /// nothing is pending.
+    /// rates while degraded, a flapping device's window, or when the
+    /// longest-silent offline device is to be forgotten; `None` if nothing
+    /// is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.table.next_deadline(), self.preserver.next_tick(), self.flaps.next_due()]
+        let forget =
+            self.config.forget_after.and_then(|after| Some(self.table.oldest_offline_seen()? + after));
+        [self.table.next_deadline(), self.preserver.next_tick(), self.flaps.next_due(), forget]
             .into_iter()
             .flatten()
             .min()
@@ -257,6 +260,25 @@ impl Tracker {
             self.events.push_back(Event::fleet(EventKind::Degraded, now, self.fleet(cause, 0)));
         }
         self.settle_flaps(now);
+        if let Some(after) = self.config.forget_after {
+            let mut forgotten = std::mem::take(&mut self.swept);
+            self.table.forget_silent(now, after, |device| forgotten.push(forgotten_event(device, now)));
+            for event in forgotten.drain(..) {
+                self.flaps.forget(&event.device);
+                self.events.push_back(event);
+            }
+            self.swept = forgotten;
+        }
+    }
+
+    /// Reports the devices the table forgot to make room for new ones.
+    fn report_forgotten(&mut self, now: Instant) {
+        let forgotten: Vec<Event> =
+            self.table.take_forgotten().map(|device| forgotten_event(device, now)).collect();
+        for event in forgotten {
+            self.flaps.forget(&event.device);
+            self.events.push_back(event);
+        }
     }
 
     /// The kernel has dropped `total` datagrams on this engine's socket so
@@ -467,6 +489,23 @@ fn device_event(
         held_ms: None,
         online: None,
         fleet: None,
+    }
+}
+
+/// A `forgotten` event: the next version, as the device was last seen.
+fn forgotten_event(device: Forgotten, at: Instant) -> Event {
+    Event {
+        kind: EventKind::Forgotten(device.reason),
+        at,
+        deadline: None,
+        addr: device.addr,
+        version: device.version.saturating_add(1),
+        boot: device.boot,
+        heartbeat_seq: device.seq,
+        held_ms: None,
+        online: None,
+        fleet: None,
+        device: device.id.into(),
     }
 }
 

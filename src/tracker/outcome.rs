@@ -4,7 +4,7 @@
 use crate::time::Instant;
 use std::net::SocketAddr;
 
-use crate::table::{DeviceId, OfflineReason};
+use crate::table::{DeviceId, ForgetReason, OfflineReason};
 use crate::wire::DropReason;
 
 /// What happened to a device, or to the server's view of the fleet.
@@ -25,6 +25,10 @@ pub enum EventKind {
     Flapping,
     /// A flapping device has not changed state for the flap window.
     Stable,
+    /// The server no longer holds the device: offline and silent for
+    /// `forget_after`, or its slot was needed for a new device. Its next
+    /// heartbeat makes it new (versions start again at 1).
+    Forgotten(ForgetReason),
     /// The server suspects its own network and holds devices instead of
     /// taking them offline. Not about one device.
     Degraded,
@@ -41,6 +45,7 @@ impl EventKind {
             EventKind::Suspect => "suspect",
             EventKind::Flapping => "flapping",
             EventKind::Stable => "stable",
+            EventKind::Forgotten(_) => "forgotten",
             EventKind::Degraded => "degraded",
             EventKind::Recovered => "recovered",
         }

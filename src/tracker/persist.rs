@@ -33,6 +33,9 @@ pub struct Restored {
     /// Devices refused because the engine was full of online devices
     /// (`--max-devices` is lower than when the snapshot was taken).
     pub refused: u64,
+    /// Offline devices forgotten to make room for later records (the
+    /// table is smaller than when the snapshot was taken).
+    pub forgotten: u64,
 }
 
 impl Tracker {
@@ -125,6 +128,9 @@ impl Tracker {
                 Ok(false) => report.duplicates += 1,
                 Err(_) => report.refused += 1,
             }
+        }
+        for engine in &mut shards {
+            report.forgotten += engine.table.take_forgotten().count() as u64;
         }
         Ok((shards, report))
     }

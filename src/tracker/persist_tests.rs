@@ -29,6 +29,7 @@ fn config() -> Config {
         auth: AuthMode::Optional,
         keys: Some(Keys::from_master(&MASTER)),
         suspect_events: true,
+        forget_after: Some(Duration::from_secs(30)),
         ..Config::default()
     }
 }

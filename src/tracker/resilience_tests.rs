@@ -241,6 +241,70 @@ fn a_flapping_device_is_damped_until_it_is_stable() {
     assert_eq!(run.info("d").2, 0);
 }
 
+#[test]
+fn a_silent_offline_device_is_forgotten_at_its_time_and_comes_back_new() {
+    let config = Config { forget_after: Some(Duration::from_secs(10)), ..Config::default() };
+    let mut run = Run::new(config);
+    run.beat("d");
+    run.until(3000);
+    assert_eq!(run.names(0), [("d".into(), "online", 1), ("d".into(), "offline", 2)]);
+    // The engine sleeps exactly until the device is silent for 10 s.
+    assert_eq!(run.tracker.poll_timeout(), Some(run.t0 + Duration::from_secs(10)));
+    run.tracker.handle_timeout(run.t0 + Duration::from_millis(9999));
+    run.collect();
+    assert_eq!(run.events.len(), 2, "not a moment early");
+    run.until(10_000);
+    assert_eq!(run.names(2), [("d".into(), "forgotten", 3)]);
+    let forgotten = &run.events[2];
+    assert_eq!(forgotten.kind, EventKind::Forgotten(crate::table::ForgetReason::Silent));
+    assert_eq!((forgotten.heartbeat_seq, forgotten.addr), (1, FROM));
+    assert!(run.tracker.table().get("d").is_none(), "status says unknown");
+    assert_eq!(run.tracker.table().known_count(), 0);
+    // Only the flap window of its last change is left to wait for.
+    assert!(run.tracker.poll_timeout().is_none_or(|due| due >= run.now + Duration::from_secs(500)));
+    run.tracker.table().assert_invariants();
+    // Back: a new device, versions from 1.
+    run.beat("d");
+    assert_eq!(run.names(3), [("d".into(), "online", 1)]);
+}
+
+#[test]
+fn a_full_table_forgets_the_longest_silent_device_and_says_so() {
+    let mut run = Run::new(Config { max_devices: 2, ..Config::default() });
+    run.beat("a");
+    run.until(1000);
+    run.beat("b");
+    run.until(5000);
+    let from = run.events.len();
+    run.beat("c");
+    assert_eq!(run.names(from), [("a".into(), "forgotten", 3), ("c".into(), "online", 1)]);
+    assert_eq!(run.events[from].kind, EventKind::Forgotten(crate::table::ForgetReason::Room));
+    assert!(run.tracker.table().get("a").is_none());
+    assert!(run.tracker.table().get("b").is_some(), "b was silent for less long");
+}
+
+#[test]
+fn a_forgotten_flapping_device_starts_with_a_clean_history() {
+    let damping = FlapDamping { changes: 2, window: Duration::from_secs(600) };
+    let config = Config {
+        flap_damping: Some(damping),
+        forget_after: Some(Duration::from_secs(5)),
+        ..Config::default()
+    };
+    let mut run = Run::new(config);
+    for round in 0..3u64 {
+        run.beat("d");
+        run.until(round * 4000 + 3500);
+    }
+    assert!(run.tracker.flaps.is_flapping("d"));
+    run.until(20_000);
+    assert_eq!(run.events.last().map(|e| e.kind.name()), Some("forgotten"));
+    assert!(!run.tracker.flaps.is_flapping("d"));
+    let from = run.events.len();
+    run.beat("d");
+    assert_eq!(run.names(from), [("d".into(), "online", 1)]);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -250,6 +314,8 @@ proptest! {
     fn versions_go_up_by_exactly_one_per_emitted_event(
         ops in proptest::collection::vec((0..60usize, 0..4u8, 0..1500u64), 1..400),
         suspect_events in any::<bool>(),
+        forget_after in proptest::option::of(1000..8000u64),
+        max_devices in 20..80usize,
     ) {
         let damping = FlapDamping { changes: 3, window: Duration::from_secs(5) };
         let preservation = Preservation { min_online: 10, max_hold: Duration::from_secs(20), ..Preservation::default() };
@@ -257,6 +323,8 @@ proptest! {
             suspect_events,
             flap_damping: Some(damping),
             preservation: Some(preservation),
+            forget_after: forget_after.map(Duration::from_millis),
+            max_devices,
             ..Config::default()
         };
         let mut run = Run::new(config);
@@ -276,9 +344,14 @@ proptest! {
         for event in run.events.iter().filter(|e| !e.kind.is_server()) {
             let previous = last.insert(event.device.to_string(), event.version).unwrap_or(0);
             prop_assert_eq!(event.version, previous + 1, "{:?}", event);
+            if matches!(event.kind, EventKind::Forgotten(_)) {
+                // Forgotten: it starts again at 1 if it comes back.
+                last.insert(event.device.to_string(), 0);
+            }
         }
         for (device, version) in &last {
-            prop_assert_eq!(run.tracker.table().get(device).map(|e| e.version()), Some(*version));
+            let held = run.tracker.table().get(device).map(|e| e.version());
+            prop_assert_eq!(held, (*version > 0).then_some(*version), "{}", device);
         }
     }
 }
