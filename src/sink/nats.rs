@@ -94,6 +94,16 @@ impl std::fmt::Debug for NatsOptions {
 /// How long the sink keeps trying at stop before it counts the rest as lost.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
+/// Transitions sent before their acks are awaited (a round trip per
+/// window, not per message).
+const WINDOW: usize = 256;
+
+/// The KV header that marks a delete (the KV protocol, NATS ADR-8).
+const KV_OPERATION: &str = "KV-Operation";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type PublishAck = async_nats::jetstream::context::PublishAckFuture;
+
 /// The longest wait between two tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -172,9 +182,11 @@ impl Sink for NatsSink {
             let mut stopping_since: Option<Instant> = None;
             let mut next = 0;
             while next < batch.len() {
-                match self.send(&batch[next]).await {
+                let end = (next + WINDOW).min(batch.len());
+                let (done, result) = self.send_window(&batch[next..end]).await;
+                next += done;
+                match result {
                     Ok(()) => {
-                        next += 1;
                         backoff = Duration::from_millis(100);
                         if self.warned {
                             tracing::info!("NATS: publishing again");
@@ -209,7 +221,7 @@ impl Sink for NatsSink {
 
 impl NatsSink {
     /// Makes sure the stream and the bucket exist.
-    async fn ready(&mut self) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn ready(&mut self) -> Result<(), BoxError> {
         if !self.stream_ready {
             let config = stream::Config {
                 name: self.options.stream.clone(),
@@ -234,12 +246,49 @@ impl NatsSink {
         Ok(())
     }
 
-    /// Publishes one transition and, for a device's, stores it as its state.
-    async fn send(
-        &mut self,
-        transition: &Transition,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        self.ready().await?;
+    /// Publishes `window` in order without waiting between messages: each
+    /// transition to the stream and, for a device's, its state to the KV
+    /// bucket (a publish to the bucket's subject, as a KV put or delete is);
+    /// then waits for the acks, in order. Returns how many transitions were
+    /// acknowledged in full before the first failure. JetStream stores one
+    /// connection's publishes in the order sent, so a retry from the first
+    /// unacknowledged transition keeps every key's order: a message that
+    /// was stored though its ack was lost is stored again harmlessly (the
+    /// stream drops it by its id; the bucket gets the same value, and the
+    /// later ones after it, again).
+    async fn send_window(&mut self, window: &[Transition]) -> (usize, Result<(), BoxError>) {
+        if let Err(e) = self.ready().await {
+            return (0, Err(e));
+        }
+        let mut pending = Vec::with_capacity(window.len());
+        let mut failed = None;
+        for transition in window {
+            match self.send(transition).await {
+                Ok(acks) => pending.push(acks),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut done = 0;
+        for (stream_ack, kv_ack) in pending {
+            if let Err(e) = stream_ack.await {
+                return (done, Err(e.into()));
+            }
+            if let Some(kv_ack) = kv_ack
+                && let Err(e) = kv_ack.await
+            {
+                return (done, Err(e.into()));
+            }
+            done += 1;
+        }
+        (done, failed.map_or(Ok(()), Err))
+    }
+
+    /// Sends one transition to the stream and, for a device's, its state
+    /// to the bucket; the acks are still to come.
+    async fn send(&mut self, transition: &Transition) -> Result<(PublishAck, Option<PublishAck>), BoxError> {
         let event = &transition.event;
         let json = bytes::Bytes::from(event_json(transition));
         let (subject, id, key) = if event.kind.is_server() {
@@ -253,16 +302,18 @@ impl NatsSink {
             )
         };
         let publish = jetstream::message::PublishMessage::build().payload(json.clone()).message_id(id);
-        self.jetstream.send_publish(subject, publish).await?.await?;
-        match (key, &self.bucket) {
-            (Some(key), Some(bucket)) if matches!(event.kind, EventKind::Forgotten(_)) => {
-                bucket.delete(key).await?;
-            }
-            (Some(key), Some(bucket)) => {
-                bucket.put(key, json).await?;
-            }
-            _ => {}
-        }
-        Ok(())
+        let stream_ack = self.jetstream.send_publish(subject, publish).await?;
+        let (Some(key), Some(bucket)) = (key, &self.bucket) else { return Ok((stream_ack, None)) };
+        let subject = format!("{}{key}", bucket.put_prefix.as_ref().unwrap_or(&bucket.prefix));
+        let put = if matches!(event.kind, EventKind::Forgotten(_)) {
+            // A KV delete: an empty message marked as one.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(KV_OPERATION, "DEL");
+            jetstream::message::PublishMessage::build().headers(headers)
+        } else {
+            jetstream::message::PublishMessage::build().payload(json)
+        };
+        let kv_ack = self.jetstream.send_publish(subject, put).await?;
+        Ok((stream_ack, Some(kv_ack)))
     }
 }
