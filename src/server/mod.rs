@@ -44,6 +44,20 @@ mod stop;
 mod wait;
 
 pub use bind::{Bound, bind, bind_group, steer_by_id};
+
+/// The nice value of the threads that work for the loops but must never
+/// slow them: the state writer and the sinks.
+const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's priority to [`BACKGROUND_NICE`], so that on
+/// a busy machine the file or the broker waits, not the heartbeats. (On
+/// Linux the priority of a thread id is that thread's alone.) `what` names
+/// the thread in the debug line if that is not allowed.
+pub(crate) fn run_in_background(what: &str) {
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BACKGROUND_NICE) {
+        tracing::debug!(error = %e, "cannot lower the priority of {what}");
+    }
+}
 pub use feed::SinkFeeds;
 pub use publish::QUEUE as EVENTS_QUEUE;
 pub use state::StateOptions;

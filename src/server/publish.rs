@@ -143,7 +143,12 @@ pub(super) fn start(
         threads.push(
             std::thread::Builder::new()
                 .name(format!("presence-{}", feed.name))
-                .spawn(move || driven.drive(sink))?,
+                .spawn(move || {
+                    // Below the loops and the publisher: a busy sink waits
+                    // for CPU, and its buffer absorbs the wait.
+                    super::run_in_background("a sink");
+                    driven.drive(sink)
+                })?,
         );
         feeds.push(feed);
     }

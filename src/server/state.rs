@@ -51,9 +51,6 @@ pub const CHUNK: usize = 256;
 /// consumers a gap, as a loss would.
 pub const CRASH_SEQ_GAP: u64 = 1 << 32;
 
-/// The writer thread's nice value: it yields the CPU to the loops.
-const WRITER_NICE: i32 = 10;
-
 /// Pieces of a periodic snapshot waiting for the writer thread, at most.
 const PARTS_QUEUE: usize = 64;
 
@@ -309,9 +306,7 @@ pub(super) fn start_writer(
     let thread = std::thread::Builder::new().name("presence-state".into()).spawn(move || {
         // Below the loops: on a busy machine the file waits, not the heartbeats.
         // (On Linux the priority of a thread id is that thread's alone.)
-        if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), WRITER_NICE) {
-            tracing::debug!(error = %e, "cannot lower the state writer's priority");
-        }
+        super::run_in_background("the state writer");
         write_periodic(&path, shards, received, &event_seq, &stats)
     })?;
     Ok((parts, thread))

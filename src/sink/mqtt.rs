@@ -117,6 +117,7 @@ impl MqttSink {
         let closing = Arc::new(AtomicBool::new(false));
         let thread_closing = Arc::clone(&closing);
         let connection = std::thread::Builder::new().name("presence-mqtt".into()).spawn(move || {
+            crate::server::run_in_background("the MQTT client");
             let mut warned = false;
             for event in connection.iter() {
                 match event {

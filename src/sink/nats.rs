@@ -145,6 +145,7 @@ impl NatsSink {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("presence-nats")
+            .on_thread_start(|| crate::server::run_in_background("the NATS client"))
             .enable_io()
             .enable_time()
             .build()?;
