@@ -55,7 +55,8 @@ struct Plan {
 
 fn main() -> std::io::Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    let arg = |name: &str| std::env::args().skip_while(|a| a != name).nth(1).and_then(|v| v.parse::<u64>().ok());
+    let arg =
+        |name: &str| std::env::args().skip_while(|a| a != name).nth(1).and_then(|v| v.parse::<u64>().ok());
     let plan = Plan {
         devices: arg("--devices").unwrap_or(if quick { 20_000 } else { 200_000 }) as usize,
         rate: arg("--rate").unwrap_or(if quick { 20_000 } else { 200_000 }),
@@ -119,8 +120,14 @@ fn main() -> std::io::Result<()> {
         }
     };
     let half = plan.devices / 2;
-    println!("| {half} offline fully visible in NATS KV, after the last deadline | | {} | |", visible(|f| f.nats));
-    println!("| {half} offline fully visible in MQTT, after the last deadline | | {} | |", visible(|f| f.mqtt));
+    println!(
+        "| {half} offline fully visible in NATS KV, after the last deadline | | {} | |",
+        visible(|f| f.nats)
+    );
+    println!(
+        "| {half} offline fully visible in MQTT, after the last deadline | | {} | |",
+        visible(|f| f.mqtt)
+    );
     println!(
         "| events lost by the sinks (most in a run) | | {} | |",
         sinks.iter().map(|f| f.lost).max().unwrap_or(0)
@@ -178,9 +185,12 @@ impl Servers {
             .stderr(err)
             .spawn()?;
         let (out, err) = quiet();
-        let mosquitto = command(mosquitto).args(["-p", &mqtt_port.to_string()]).stdout(out).stderr(err).spawn()?;
+        let mosquitto =
+            command(mosquitto).args(["-p", &mqtt_port.to_string()]).stdout(out).stderr(err).spawn()?;
         for port in [nats_port, mqtt_port] {
-            wait("a broker to listen", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+            wait("a broker to listen", Duration::from_secs(10), || {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
         }
         Ok(Servers { nats, mosquitto, nats_port, mqtt_port, _store: store })
     }
@@ -298,7 +308,10 @@ fn run(binary: &Path, servers: Option<&Servers>, plan: &Plan) -> std::io::Result
     let steady_ns = (process_cpu_ns(pid) - cpu) as f64 / sent as f64;
     let steady_drops = kernel_drops(port) - drops_before;
     let label = if servers.is_some() { "all sinks" } else { "no sinks" };
-    println!("  {label}, steady: ns per heartbeat by thread: {}; {steady_drops} kernel drops", split(&threads, pid, sent));
+    println!(
+        "  {label}, steady: ns per heartbeat by thread: {}; {steady_drops} kernel drops",
+        split(&threads, pid, sent)
+    );
     // 3. Mass expiry: the second half stops. Its last heartbeats went out
     // within the last second, so its last deadline is about TTL from now.
     fleet.active = plan.devices / 2;
@@ -365,8 +378,9 @@ impl Fleet {
                 self.next = (self.next + 1) % self.active;
                 self.seqs[i] += 1;
                 let id = device_id(i);
-                let len = wire::encode(&Message::Heartbeat(Heartbeat::new(&id, 1, self.seqs[i], 1000)), &mut buf)
-                    .expect("valid");
+                let len =
+                    wire::encode(&Message::Heartbeat(Heartbeat::new(&id, 1, self.seqs[i], 1000)), &mut buf)
+                        .expect("valid");
                 let _ = socket.send(&buf[..len]);
                 sent += 1;
             }

@@ -140,16 +140,14 @@ pub(super) fn start(
     for sink in sinks {
         let feed = Arc::new(Feed::new(sink.name(), sink_buffer));
         let driven = Arc::clone(&feed);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("presence-{}", feed.name))
-                .spawn(move || {
-                    // Below the loops and the publisher: a busy sink waits
-                    // for CPU, and its buffer absorbs the wait.
-                    super::run_in_background("a sink");
-                    driven.drive(sink)
-                })?,
-        );
+        threads.push(std::thread::Builder::new().name(format!("presence-{}", feed.name)).spawn(
+            move || {
+                // Below the loops and the publisher: a busy sink waits
+                // for CPU, and its buffer absorbs the wait.
+                super::run_in_background("a sink");
+                driven.drive(sink)
+            },
+        )?);
         feeds.push(feed);
     }
     let feeds = SinkFeeds(Arc::new(feeds));
