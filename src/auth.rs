@@ -76,6 +76,7 @@ pub fn verify(key: &Key, signed: &[u8], tag: &Tag) -> bool {
 /// query keeps the `sent_unix_ms` of its tag field if it has one (set it to
 /// the current time: the server refuses signed queries that are not recent),
 /// and is signed as sent at 0 otherwise.
+#[inline(always)]
 pub fn encode_signed(message: &Message<'_>, key: &Key, buf: &mut [u8]) -> Result<usize, wire::Error> {
     let mut message = *message;
     match &mut message {
@@ -89,8 +90,12 @@ pub fn encode_signed(message: &Message<'_>, key: &Key, buf: &mut [u8]) -> Result
     }
     let len = wire::encode(&message, buf)?;
     // The tag is the frame's last field, so it is its last TAG_LEN bytes.
-    let (signed, tag_bytes) = buf[..len].split_at_mut(len - TAG_LEN);
-    tag_bytes.copy_from_slice(&tag(key, signed));
+    // (Checked steps, not indexing: firmware links no panic messages.)
+    let frame = buf.get_mut(..len).ok_or(wire::Error::BufferTooSmall)?;
+    let (signed, tag_bytes) =
+        frame.split_at_mut_checked(len.saturating_sub(TAG_LEN)).ok_or(wire::Error::Malformed)?;
+    let tag_bytes: &mut Tag = tag_bytes.try_into().map_err(|_| wire::Error::Malformed)?;
+    *tag_bytes = tag(key, signed);
     Ok(len)
 }
 

@@ -460,6 +460,30 @@ proptest! {
         let _ = decode(&bytes);
     }
 
+    /// The device's ack decoder agrees with the general one on every ack,
+    /// and on every error it reports; frames of other kinds it leaves alone.
+    #[test]
+    fn decode_ack_agrees_with_decode(
+        kind in prop_oneof![Just(4u8), 0u8..8, Just(0x84)],
+        body in proptest::collection::vec(any::<u8>(), 0..24),
+        extra in proptest::option::of(any::<u8>()),
+    ) {
+        let mut bytes = vec![VERSION, kind];
+        if kind == 0x84 {
+            bytes.push(0); // the kind 4 as a non-minimal varint
+        }
+        bytes.extend(body);
+        bytes.extend(extra);
+        match (decode_ack(&bytes), decode(&bytes)) {
+            (Ok(Some(ack)), general) => prop_assert_eq!(general, Ok(Message::Ack(ack))),
+            (Ok(None), general) => prop_assert!(!matches!(general, Ok(Message::Ack(_)))),
+            (Err(e), general) => prop_assert_eq!(general, Err(e)),
+        }
+        if let Ok(Message::Ack(ack)) = decode(&bytes) {
+            prop_assert_eq!(decode_ack(&bytes), Ok(Some(ack)));
+        }
+    }
+
     #[test]
     fn arbitrary_bytes_after_a_valid_header_never_panic(
         kind in 0u8..8,

@@ -1,0 +1,102 @@
+//! What the C functions do, in safe Rust over slices: [`crate::abi`] only
+//! turns pointers into slices and results into C structs. Errors are the
+//! `PRESENCE_ERR_*` codes.
+
+use presence::auth::{self, Key};
+use presence::wire::{self, Ack, Heartbeat, Leave, Message, Query, QueryKind, QueryTag, Status};
+
+use crate::{
+    PRESENCE_ERR_BAD_ARGUMENT, PRESENCE_ERR_BAD_ID, PRESENCE_ERR_BUFFER_TOO_SMALL, PRESENCE_ERR_OVERSIZED,
+    PRESENCE_ERR_UNEXPECTED_KIND, code,
+};
+
+use crate::abi::{PRESENCE_QUERY_DEVICE, PRESENCE_QUERY_SUMMARY};
+
+/// The id as text, or `PRESENCE_ERR_BAD_ID` (the wire checks the rest).
+fn id(bytes: &[u8]) -> Result<&str, i32> {
+    core::str::from_utf8(bytes).map_err(|_| PRESENCE_ERR_BAD_ID)
+}
+
+/// Encodes `message` into `out`, signed with `key` if there is one. (Inlined
+/// into each caller, which then links only its own message's checks.)
+#[inline(always)]
+fn encode(message: &Message<'_>, key: Option<&Key>, out: &mut [u8]) -> Result<usize, i32> {
+    match key {
+        Some(key) => auth::encode_signed(message, key, out),
+        None => wire::encode(message, out),
+    }
+    .map_err(code)
+}
+
+/// A heartbeat frame in `out`; its length.
+#[allow(clippy::too_many_arguments)]
+pub fn heartbeat(
+    device: &[u8],
+    boot: u32,
+    seq: u32,
+    interval_ms: u32,
+    flags: u8,
+    payload: &[u8],
+    key: Option<&Key>,
+    out: &mut [u8],
+) -> Result<usize, i32> {
+    let hb = Heartbeat { device: id(device)?, boot, seq, interval_ms, flags, payload, tag: None };
+    encode(&Message::Heartbeat(hb), key, out)
+}
+
+/// A leave frame in `out`; its length.
+pub fn leave(device: &[u8], boot: u32, seq: u32, key: Option<&Key>, out: &mut [u8]) -> Result<usize, i32> {
+    encode(&Message::Leave(Leave { device: id(device)?, boot, seq, tag: None }), key, out)
+}
+
+/// The ack in `datagram`.
+/// (Only the ack's own decoder: firmware that decodes acks links nothing
+/// of the other messages' decoders.)
+pub fn ack(datagram: &[u8]) -> Result<Ack, i32> {
+    wire::decode_ack(datagram).map_err(code)?.ok_or(PRESENCE_ERR_UNEXPECTED_KIND)
+}
+
+/// A query padded to [`wire::MAX_DATAGRAM`] bytes (the server never
+/// replies with more bytes than it received), signed as sent at
+/// `sent_unix_ms` if `operator` is given; `device` only for a device query.
+pub fn query(
+    request: u32,
+    kind: u8,
+    device: &[u8],
+    operator: Option<(&Key, u64)>,
+    out: &mut [u8],
+) -> Result<usize, i32> {
+    let kind = match kind {
+        PRESENCE_QUERY_DEVICE => QueryKind::Device(id(device)?),
+        PRESENCE_QUERY_SUMMARY => QueryKind::Summary,
+        _ => return Err(PRESENCE_ERR_BAD_ARGUMENT),
+    };
+    let zeros = [0u8; wire::MAX_DATAGRAM];
+    let tag = operator.map(|(_, sent_unix_ms)| QueryTag { sent_unix_ms, tag: [0; auth::TAG_LEN] });
+    let key = operator.map(|(key, _)| key);
+    let with_padding = |padding: usize, out: &mut [u8]| {
+        let padding = zeros.get(..padding).unwrap_or(&[]);
+        encode(&Message::Query(Query { request, kind, padding, tag }), key, out)
+    };
+    if out.len() < wire::MAX_DATAGRAM {
+        return Err(PRESENCE_ERR_BUFFER_TOO_SMALL);
+    }
+    let bare = with_padding(0, out)?;
+    // The padding's length prefix is one byte up to 127 bytes, two after:
+    // one byte less padding then.
+    let mut padding = wire::MAX_DATAGRAM.saturating_sub(bare + 1);
+    loop {
+        match with_padding(padding, out) {
+            Err(PRESENCE_ERR_OVERSIZED) if padding > 0 => padding -= 1,
+            result => return result,
+        }
+    }
+}
+
+/// The status reply in `datagram`.
+pub fn status(datagram: &[u8]) -> Result<Status<'_>, i32> {
+    match wire::decode(datagram).map_err(code)? {
+        Message::Status(status) => Ok(status),
+        _ => Err(PRESENCE_ERR_UNEXPECTED_KIND),
+    }
+}
