@@ -89,14 +89,25 @@ pub fn encode_signed(message: &Message<'_>, key: &Key, buf: &mut [u8]) -> Result
         Message::Status(_) | Message::Ack(_) | Message::Error(_) => return Err(wire::Error::NotSignable),
     }
     let len = wire::encode(&message, buf)?;
-    // The tag is the frame's last field, so it is its last TAG_LEN bytes.
-    // (Checked steps, not indexing: firmware links no panic messages.)
+    sign_encoded(buf, len, key)?;
+    Ok(len)
+}
+
+/// Writes the tag of a frame that was encoded with a placeholder tag (a
+/// heartbeat, leave or query whose tag field is `Some`): the frame is the
+/// first `len` bytes of `buf`, and its tag is its last [`TAG_LEN`] bytes.
+/// [`encode_signed`] is this after `wire::encode`; a caller that builds
+/// the message with its tag field set can call it directly and save a copy
+/// of the message (firmware counts its stack in bytes).
+#[inline(always)]
+pub fn sign_encoded(buf: &mut [u8], len: usize, key: &Key) -> Result<(), wire::Error> {
+    // Checked steps, not indexing: firmware links no panic messages.
     let frame = buf.get_mut(..len).ok_or(wire::Error::BufferTooSmall)?;
     let (signed, tag_bytes) =
         frame.split_at_mut_checked(len.saturating_sub(TAG_LEN)).ok_or(wire::Error::Malformed)?;
     let tag_bytes: &mut Tag = tag_bytes.try_into().map_err(|_| wire::Error::Malformed)?;
     *tag_bytes = tag(key, signed);
-    Ok(len)
+    Ok(())
 }
 
 /// For a decoded `frame` whose message carries a tag: the bytes the tag

@@ -17,15 +17,22 @@ fn id(bytes: &[u8]) -> Result<&str, i32> {
     core::str::from_utf8(bytes).map_err(|_| PRESENCE_ERR_BAD_ID)
 }
 
-/// Encodes `message` into `out`, signed with `key` if there is one. (Inlined
-/// into each caller, which then links only its own message's checks.)
+/// Encodes `message` into `out` and, with `key`, signs it: the message
+/// was built with its tag field set (to zeros) exactly when `key` is given.
+/// (Inlined into each caller, which then links only its own message's
+/// checks.)
 #[inline(always)]
 fn encode(message: &Message<'_>, key: Option<&Key>, out: &mut [u8]) -> Result<usize, i32> {
-    match key {
-        Some(key) => auth::encode_signed(message, key, out),
-        None => wire::encode(message, out),
+    let len = wire::encode(message, out).map_err(code)?;
+    if let Some(key) = key {
+        auth::sign_encoded(out, len, key).map_err(code)?;
     }
-    .map_err(code)
+    Ok(len)
+}
+
+/// The tag field of a message to be signed with `key`, or none.
+fn placeholder(key: Option<&Key>) -> Option<[u8; auth::TAG_LEN]> {
+    key.map(|_| [0; auth::TAG_LEN])
 }
 
 /// A heartbeat frame in `out`; its length.
@@ -40,13 +47,13 @@ pub fn heartbeat(
     key: Option<&Key>,
     out: &mut [u8],
 ) -> Result<usize, i32> {
-    let hb = Heartbeat { device: id(device)?, boot, seq, interval_ms, flags, payload, tag: None };
+    let hb = Heartbeat { device: id(device)?, boot, seq, interval_ms, flags, payload, tag: placeholder(key) };
     encode(&Message::Heartbeat(hb), key, out)
 }
 
 /// A leave frame in `out`; its length.
 pub fn leave(device: &[u8], boot: u32, seq: u32, key: Option<&Key>, out: &mut [u8]) -> Result<usize, i32> {
-    encode(&Message::Leave(Leave { device: id(device)?, boot, seq, tag: None }), key, out)
+    encode(&Message::Leave(Leave { device: id(device)?, boot, seq, tag: placeholder(key) }), key, out)
 }
 
 /// The ack in `datagram`.
@@ -73,6 +80,7 @@ pub fn query(
     };
     let zeros = [0u8; wire::MAX_DATAGRAM];
     let tag = operator.map(|(_, sent_unix_ms)| QueryTag { sent_unix_ms, tag: [0; auth::TAG_LEN] });
+    // (The query's tag field carries its time: set here, not by `placeholder`.)
     let key = operator.map(|(key, _)| key);
     let with_padding = |padding: usize, out: &mut [u8]| {
         let padding = zeros.get(..padding).unwrap_or(&[]);

@@ -21,11 +21,12 @@ void reset_handler(void)
     for (uint32_t *dst = _bss_start; dst < _bss_end;) {
         *dst++ = 0;
     }
-    /* Paint up to a little below the current stack pointer (the reset
-     * handler's own frame is above it). */
+    /* Paint everything below the current stack pointer (the reset
+     * handler's own frame, a few words, is above it and counts as used).
+     * This loop keeps its variables in registers and calls nothing. */
     uint32_t *sp;
     __asm__ volatile("mov %0, sp" : "=r"(sp));
-    for (uint32_t *p = _stack_bottom; p < sp - 16; p++) {
+    for (uint32_t *p = _stack_bottom; p < sp; p++) {
         *p = STACK_PAINT;
     }
     main();
