@@ -412,6 +412,15 @@ fn device(info: &DeviceInfo<'_>) -> presence_device {
     }
 }
 
+/// The status reply in `len` bytes at `datagram`.
+///
+/// # Safety
+/// `datagram` must be readable for `len` bytes (NULL if 0).
+unsafe fn status_input<'a>(datagram: *const u8, len: usize) -> Result<wire::Status<'a>, i32> {
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { input(datagram, len, wire::MAX_DATAGRAM, PRESENCE_ERR_OVERSIZED) }.and_then(frames::status)
+}
+
 /// Decodes a status reply into `*status`. Returns `PRESENCE_OK`, or a
 /// negative `PRESENCE_ERR_*` and leaves `*status` alone. Pointers in it
 /// point into `datagram`.
@@ -429,9 +438,7 @@ pub unsafe extern "C" fn presence_decode_status(
         return PRESENCE_ERR_NULL;
     }
     // SAFETY: the caller guarantees `datagram` for `len` bytes.
-    let decoded =
-        unsafe { input(datagram, len, wire::MAX_DATAGRAM, PRESENCE_ERR_OVERSIZED) }.and_then(frames::status);
-    let decoded = match decoded {
+    let decoded = match unsafe { status_input(datagram, len) } {
         Ok(decoded) => decoded,
         Err(code) => return code,
     };
@@ -494,9 +501,7 @@ pub unsafe extern "C" fn presence_decode_page_entry(
         return PRESENCE_ERR_NULL;
     }
     // SAFETY: the caller guarantees `datagram` for `len` bytes.
-    let decoded =
-        unsafe { input(datagram, len, wire::MAX_DATAGRAM, PRESENCE_ERR_OVERSIZED) }.and_then(frames::status);
-    let entry = match decoded {
+    let entry = match unsafe { status_input(datagram, len) } {
         Ok(status) => match status.body {
             StatusBody::Page(page) => page.entries.iter().nth(index as usize),
             _ => None,

@@ -172,6 +172,17 @@ pub fn encode(message: &Message<'_>, buf: &mut [u8]) -> Result<usize, Error> {
 /// Decodes and validates one v1 frame. Strings and byte strings borrow from
 /// `datagram`. Never panics, whatever the input.
 pub fn decode(datagram: &[u8]) -> Result<Message<'_>, Error> {
+    let (_, body) = frame_kind(datagram)?;
+    if let Some(heartbeat) = decode_heartbeat_fast(body) {
+        return Ok(Message::Heartbeat(heartbeat));
+    }
+    decode_body(body)
+}
+
+/// A v1 frame's kind and its body (from the kind on), after the checks
+/// every decoder makes first: the size, the version, a kind this version
+/// knows.
+fn frame_kind(datagram: &[u8]) -> Result<(u32, &[u8]), Error> {
     if datagram.len() > MAX_DATAGRAM {
         return Err(Error::Oversized);
     }
@@ -184,13 +195,11 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, Error> {
     if body.is_empty() {
         return Err(Error::Truncated);
     }
-    if leading_varint(body)? >= u32::from(KIND_COUNT) {
+    let kind = leading_varint(body)?;
+    if kind >= u32::from(KIND_COUNT) {
         return Err(Error::UnknownKind);
     }
-    if let Some(heartbeat) = decode_heartbeat_fast(body) {
-        return Ok(Message::Heartbeat(heartbeat));
-    }
-    decode_body(body)
+    Ok((kind, body))
 }
 
 /// What a device needs of [`decode`]: the ack in `datagram`, `Ok(None)` for
@@ -198,20 +207,7 @@ pub fn decode(datagram: &[u8]) -> Result<Message<'_>, Error> {
 /// gives. Firmware that calls only this links no decoder for the other
 /// messages (several KiB on a Cortex-M).
 pub fn decode_ack(datagram: &[u8]) -> Result<Option<Ack>, Error> {
-    if datagram.len() > MAX_DATAGRAM {
-        return Err(Error::Oversized);
-    }
-    let (&version, body) = datagram.split_first().ok_or(Error::Truncated)?;
-    if version != VERSION {
-        return Err(Error::UnsupportedVersion(version));
-    }
-    if body.is_empty() {
-        return Err(Error::Truncated);
-    }
-    let kind = leading_varint(body)?;
-    if kind >= u32::from(KIND_COUNT) {
-        return Err(Error::UnknownKind);
-    }
+    let (kind, body) = frame_kind(datagram)?;
     if kind != ACK_KIND {
         return Ok(None);
     }
