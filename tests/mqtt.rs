@@ -123,3 +123,33 @@ fn a_forgotten_device_is_removed_from_the_broker_with_its_discovery_config() {
     });
     assert_eq!((&forgotten["device"], &forgotten["reason"]), (&"f-1".into(), &"silent".into()));
 }
+
+#[test]
+fn after_an_outage_longer_than_the_buffer_the_retained_states_converge() {
+    let mut broker = Mosquitto::start();
+    let server = Server::start(&["--mqtt", &broker.url(), "--sink-buffer", "2"]);
+    send(server.addr, &Message::Heartbeat(Heartbeat::new("m-0", 1, 1, 60_000)));
+    poll("m-0 on the broker", PROMPTLY, || broker.retained().contains_key(&state("m-0")).then_some(()));
+    // The broker goes away and comes back empty; meanwhile more
+    // transitions than the buffer holds.
+    let port = broker.port;
+    broker.kill();
+    send(server.addr, &Message::Leave(Leave { device: "m-0", boot: 1, seq: 2, tag: None }));
+    for i in 1..=8 {
+        send(server.addr, &Message::Heartbeat(Heartbeat::new(&format!("m-{i}"), 1, 1, 60_000)));
+    }
+    // (The events file has the same small buffer: ask the server instead.)
+    let mut client = presence::client::Client::new(server.addr, Duration::from_secs(2)).unwrap();
+    poll("9 devices known", PROMPTLY, || {
+        client.summary().ok().filter(|s| s.counts.known == 9 && s.counts.online == 8)
+    });
+    let broker = Mosquitto::start_on(port);
+    let retained = poll("every device's state", Duration::from_secs(30), || {
+        let retained = broker.retained();
+        (0..=8).all(|i| retained.contains_key(&state(&format!("m-{i}")))).then_some(retained)
+    });
+    assert_eq!(retained[&state("m-0")], "offline");
+    for i in 1..=8 {
+        assert_eq!(retained[&state(&format!("m-{i}"))], "online", "m-{i}");
+    }
+}

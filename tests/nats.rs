@@ -281,3 +281,55 @@ fn a_forgotten_device_leaves_the_bucket_and_comes_back_new() {
     );
     assert!(entries.contains_key("gone-1"));
 }
+
+#[test]
+fn after_an_outage_longer_than_the_buffer_the_bucket_converges_to_the_server() {
+    let nats = Nats::start();
+    // Room for 12 devices: the 13th makes the server forget the offline
+    // device silent the longest.
+    let server = Server::start(&["--nats", &nats.url(), "--sink-buffer", "3", "--max-devices", "12"]);
+    beat(server.addr, "gone-1", 1);
+    poll("gone-1 in the bucket", PROMPTLY, || read(&nats.url()).filter(|(_, entries)| entries.len() == 1));
+    beat(server.addr, "o-1", 1);
+    poll("both in the bucket", PROMPTLY, || read(&nats.url()).filter(|(_, entries)| entries.len() == 2));
+    let url = nats.url();
+    let mut nats = nats;
+    nats.kill();
+    // 17 transitions while NATS is down, for a buffer of 3: both leave,
+    // eleven devices come online (the last of them takes gone-1's room),
+    // and three of them leave, so that the buffer holds only those three.
+    leave(server.addr, "gone-1", 2);
+    leave(server.addr, "o-1", 2);
+    let mut client = presence::client::Client::new(server.addr, Duration::from_secs(2)).unwrap();
+    poll("both offline", PROMPTLY, || client.summary().ok().filter(|s| s.counts.online == 0));
+    for i in 0..11 {
+        beat(server.addr, &format!("x-{i}"), 1);
+    }
+    // (The events file has the same small buffer: ask the server instead.)
+    poll("gone-1 forgotten", PROMPTLY, || {
+        client.summary().ok().filter(|s| s.counts.known == 12 && s.counts.online == 11)
+    });
+    assert!(client.device("gone-1").unwrap().is_none());
+    for i in 0..3 {
+        leave(server.addr, &format!("x-{i}"), 2);
+    }
+    poll("three left", PROMPTLY, || client.summary().ok().filter(|s| s.counts.online == 8));
+    let nats = nats.start_again();
+    // The bucket ends up exactly as the server sees the fleet: o-1 and
+    // x-0..x-2 offline, the other eight online, gone-1's key deleted.
+    let (messages, entries) = poll("the bucket to converge", Duration::from_secs(30), || {
+        read(&url).filter(|(_, entries)| entries.len() == 12 && !entries.contains_key("gone-1"))
+    });
+    let states: BTreeMap<&str, serde_json::Value> =
+        entries.iter().map(|(k, v)| (k.as_str(), serde_json::from_str(v).unwrap())).collect();
+    assert_eq!((&states["o-1"]["event"], &states["o-1"]["version"]), (&"offline".into(), &2.into()));
+    for i in 0..11 {
+        let want = if i < 3 { "offline" } else { "online" };
+        assert_eq!(states[format!("x-{i}").as_str()]["event"], want, "x-{i}");
+    }
+    assert!(states.values().any(|s| s["resync"] == true), "written again from the server's view");
+    // The stream keeps its gap: a consumer sees from `seq` that it missed some.
+    let seqs: Vec<u64> = parsed(&messages).iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).any(|w| w[1] > w[0] + 1), "a gap in {seqs:?}");
+    drop(nats);
+}

@@ -10,6 +10,8 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use crate::sink::{Sink, Transition};
 
+use super::view::TableView;
+
 /// Transitions a sink takes from its feed at once, at most.
 const TAKE: usize = 4096;
 
@@ -37,11 +39,15 @@ pub(crate) struct Feed {
     overflowed: AtomicU64,
     /// What the sink itself reported lost, as of its last batch.
     sink_lost: AtomicU64,
+    /// Transitions the server's own queue dropped before any feed saw them
+    /// (shared by every feed).
+    upstream_lost: Arc<AtomicU64>,
 }
 
 impl Feed {
-    pub(crate) fn new(name: &'static str, capacity: usize) -> Self {
+    pub(crate) fn new(name: &'static str, capacity: usize, upstream_lost: Arc<AtomicU64>) -> Self {
         Feed {
+            upstream_lost,
             name,
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
@@ -84,11 +90,41 @@ impl Feed {
         self.overflowed.load(Ordering::Relaxed) + self.sink_lost.load(Ordering::Relaxed)
     }
 
+    /// Transitions that never reached this sink's buffer or were dropped from it.
+    fn missed(&self) -> u64 {
+        self.overflowed.load(Ordering::Relaxed) + self.upstream_lost.load(Ordering::Relaxed)
+    }
+
     /// The sink's thread: takes batches from the feed until it is closed and
-    /// empty, and returns the sink.
-    pub(crate) fn drive(self: Arc<Self>, mut sink: Box<dyn Sink>) -> Box<dyn Sink> {
+    /// empty, and returns the sink. After a batch, if transitions were
+    /// missed since the last look, it reads the server's view of every
+    /// device through `view` and gives it to [`Sink::resync`] (transitions
+    /// still queued are newer than what they would overwrite, or the same).
+    pub(crate) fn drive(self: Arc<Self>, mut sink: Box<dyn Sink>, view: Option<TableView>) -> Box<dyn Sink> {
         let mut batch = Vec::with_capacity(TAKE);
+        let mut missed = 0;
         loop {
+            let now_missed = self.missed();
+            if now_missed > missed
+                && let Some(view) = &view
+            {
+                match view.devices() {
+                    Ok(devices) => {
+                        tracing::info!(
+                            sink = self.name,
+                            missed = now_missed - missed,
+                            devices = devices.len(),
+                            "transitions were lost on the way to this destination: writing every device's state again"
+                        );
+                        sink.resync(&devices);
+                        missed = now_missed;
+                    }
+                    // Tried again after the next batch.
+                    Err(e) => {
+                        tracing::warn!(sink = self.name, error = %e, "cannot read the devices to resynchronise")
+                    }
+                }
+            }
             {
                 let mut queue = self.lock();
                 while queue.transitions.is_empty() && !queue.closed {

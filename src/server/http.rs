@@ -25,8 +25,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use super::metrics::Metrics;
-use crate::auth::Key;
-use crate::client::Client;
 use crate::wire::{self, ListFilter};
 
 /// Connections served at once, at most; more wait in the kernel's backlog.
@@ -55,10 +53,8 @@ impl Listener {
 /// What the JSON API needs: where the server listens, and its keys.
 #[derive(Debug, Clone)]
 pub(super) struct Api {
-    /// The server's UDP address, as its own host reaches it.
-    pub(super) server: SocketAddr,
-    /// Signs the API's queries when the server has a master key.
-    pub(super) operator: Option<Key>,
+    /// The server's own socket and operator key: the API asks it as a client.
+    pub(super) view: super::view::TableView,
 }
 
 /// Everything a request may need.
@@ -71,7 +67,7 @@ struct Context {
 
 /// Serves `metrics` and the API on `listener` from a thread of its own.
 pub(super) fn start(listener: TcpListener, metrics: Arc<Metrics>, api: Api) -> std::io::Result<Listener> {
-    let token = api.operator.as_ref().map(|key| crate::hex::encode(&crate::auth::http_token(key)));
+    let token = api.view.operator.as_ref().map(|key| crate::hex::encode(&crate::auth::http_token(key)));
     let context = Arc::new(Context { metrics, api, token });
     listener.set_nonblocking(true)?;
     let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -209,11 +205,7 @@ fn ask(
     query: &[(String, String)],
 ) -> Result<(StatusCode, serde_json::Value), (StatusCode, String)> {
     let unavailable = |e: crate::client::ClientError| (StatusCode::SERVICE_UNAVAILABLE, e.to_string());
-    let mut client = Client::new(api.server, QUERY_TIMEOUT)
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    if let Some(key) = api.operator {
-        client = client.with_operator_key(key);
-    }
+    let mut client = api.view.client(QUERY_TIMEOUT).map_err(unavailable)?;
     let param = |name: &str| query.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str());
     match path.trim_end_matches('/') {
         "/api/v1/summary" => {

@@ -41,6 +41,7 @@ mod run;
 mod shared;
 pub mod state;
 mod stop;
+mod view;
 mod wait;
 
 pub use bind::{Bound, bind, bind_group, steer_by_id};
@@ -203,7 +204,10 @@ pub fn run_with(
     });
     #[cfg(not(feature = "metrics"))]
     let observe = None;
-    let (outbox, publisher, feeds) = publish::start(sinks, options.event_seq, sink_buffer, observe)?;
+    let view =
+        view::TableView::new(sockets[0].local_addr()?, trackers.first().and_then(Tracker::operator_key));
+    let (outbox, publisher, feeds) =
+        publish::start(sinks, options.event_seq, sink_buffer, observe, Some(&view))?;
     let stats = Arc::new(state::SnapshotStats::default());
     // Each loop's share of the periodic snapshots, and the thread that writes them.
     let (mut turns, writer): (Vec<Option<state::Turn>>, _) = match &options.state {
@@ -227,14 +231,7 @@ pub fn run_with(
                 published,
             );
             // The API asks the server on its own socket, from this host.
-            let mut server = sockets[0].local_addr()?;
-            if server.ip().is_unspecified() {
-                server.set_ip(match server.ip() {
-                    std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                    std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                });
-            }
-            let api = http::Api { server, operator: trackers.first().and_then(Tracker::operator_key) };
+            let api = http::Api { view: view.clone() };
             Some(http::start(listener, Arc::new(metrics), api)?)
         }
         None => None,

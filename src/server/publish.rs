@@ -43,7 +43,7 @@ pub(super) struct Outbox {
 #[derive(Default)]
 struct Lost {
     /// Dropped because the queue was full.
-    queue_full: AtomicU64,
+    queue_full: Arc<AtomicU64>,
     /// The sinks' feeds, each counting what its sink lost.
     feeds: SinkFeeds,
 }
@@ -133,25 +133,28 @@ pub(super) fn start(
     last_seq: u64,
     sink_buffer: usize,
     observe: Option<Observe>,
+    view: Option<&super::view::TableView>,
 ) -> std::io::Result<(Outbox, Publisher, SinkFeeds)> {
     let (queue, received) = sync_channel(QUEUE);
+    let queue_full = Arc::new(AtomicU64::new(0));
     let mut feeds = Vec::with_capacity(sinks.len());
     let mut threads = Vec::with_capacity(sinks.len());
     for sink in sinks {
-        let feed = Arc::new(Feed::new(sink.name(), sink_buffer));
+        let feed = Arc::new(Feed::new(sink.name(), sink_buffer, Arc::clone(&queue_full)));
         let driven = Arc::clone(&feed);
+        let view = view.cloned();
         threads.push(std::thread::Builder::new().name(format!("presence-{}", feed.name)).spawn(
             move || {
                 // Below the loops and the publisher: a busy sink waits
                 // for CPU, and its buffer absorbs the wait.
                 super::run_in_background("a sink");
-                driven.drive(sink)
+                driven.drive(sink, view)
             },
         )?);
         feeds.push(feed);
     }
     let feeds = SinkFeeds(Arc::new(feeds));
-    let lost = Arc::new(Lost { queue_full: AtomicU64::new(0), feeds: feeds.clone() });
+    let lost = Arc::new(Lost { queue_full, feeds: feeds.clone() });
     let published = feeds.clone();
     let publisher = std::thread::Builder::new()
         .name("presence-publish".into())
@@ -273,7 +276,7 @@ mod tests {
         let other = Counting(Arc::clone(&other_got));
         let buffer = 8192;
         let (outbox, publisher, feeds) =
-            start(vec![Box::new(stalled), Box::new(other)], 0, buffer, None).unwrap();
+            start(vec![Box::new(stalled), Box::new(other)], 0, buffer, None, None).unwrap();
         // Rounds of 4000; the other sink gets each round while the first is stalled.
         let (rounds, round) = (5, 4000);
         let sent = rounds * round;
@@ -320,7 +323,8 @@ mod sequence_tests {
     #[test]
     fn transitions_are_numbered_one_by_one_in_queue_order_across_threads() {
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (outbox, publisher, _) = start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0, QUEUE, None).unwrap();
+        let (outbox, publisher, _) =
+            start(vec![Box::new(Seqs(Arc::clone(&seen)))], 0, QUEUE, None, None).unwrap();
         let senders: Vec<_> = (0..4)
             .map(|k| {
                 let outbox = outbox.clone();

@@ -79,6 +79,43 @@ pub trait Sink: Send {
     fn name(&self) -> &'static str {
         "sink"
     }
+
+    /// Transitions were lost on the way to this sink (its buffer or the
+    /// server's queue overflowed, during an outage longer than the buffer):
+    /// `devices` is every device the server holds now, read after every
+    /// transition this sink was given. A sink that keeps each device's
+    /// state (a KV bucket, retained topics) writes it again from here, and
+    /// removes the devices that are gone, so that it converges to the
+    /// server's view; transitions that follow come after this view. A
+    /// history (the events file, a stream) keeps its gap. The default does
+    /// nothing.
+    fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
+        let _ = devices;
+    }
+}
+
+/// A device's state as [`Sink::resync`] writes it where a sink keeps each
+/// device's latest transition (NATS KV, MQTT's retained event topic): the
+/// fields of the events file's JSON that the server's view has (no `seq`:
+/// it is no transition), with `"resync": true` and the time of the resync.
+pub fn resync_json(device: &crate::client::DeviceReport, now: std::time::SystemTime) -> Vec<u8> {
+    let mut value = serde_json::json!({
+        "time": humantime::format_rfc3339_millis(now).to_string(),
+        "device": device.device,
+        "event": if device.online { "online" } else { "offline" },
+        "version": device.numbers.version,
+        "address": device.address.to_string(),
+        "boot": device.numbers.boot,
+        "heartbeat_seq": device.numbers.seq,
+        "resync": true,
+    });
+    if let Some(reason) = device.offline_reason {
+        value["reason"] = reason.into();
+    }
+    if device.state != "online" && device.online {
+        value["state"] = device.state.into();
+    }
+    serde_json::to_vec(&value).unwrap_or_default()
 }
 
 /// A sink that calls a function with every transition (the benchmark

@@ -228,6 +228,13 @@ impl Sink for MqttSink {
         self.lost
     }
 
+    fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
+        match self.resync_devices(devices) {
+            Ok(()) => tracing::info!(devices = devices.len(), "MQTT: every device's state published again"),
+            Err(e) => tracing::warn!(error = %e, "MQTT: cannot publish the devices again"),
+        }
+    }
+
     fn publish(&mut self, batch: &[Transition]) {
         for transition in batch {
             let event = &transition.event;
@@ -276,6 +283,55 @@ impl Sink for MqttSink {
 }
 
 impl MqttSink {
+    /// [`Sink::resync`]: every device's retained state, event (its state as
+    /// [`super::resync_json`] gives it) and discovery config again, and the
+    /// topics of devices the server no longer holds cleared. The client
+    /// queues them and delivers them when the broker is there.
+    fn resync_devices(
+        &mut self,
+        devices: &[crate::client::DeviceReport],
+    ) -> Result<(), rumqttc::ClientError> {
+        let now = std::time::SystemTime::now();
+        let listed: std::collections::HashSet<&str> = devices.iter().map(|d| d.device.as_str()).collect();
+        let gone: Vec<String> = {
+            let known = self.known.lock().unwrap_or_else(PoisonError::into_inner);
+            known.states.keys().filter(|id| !listed.contains(id.as_str())).cloned().collect()
+        };
+        let root = &self.options.root;
+        for device in devices {
+            let id = &device.device;
+            self.known
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .states
+                .insert(id.clone(), device.online);
+            self.client.publish(
+                event_topic(root, id),
+                QoS::AtLeastOnce,
+                true,
+                super::resync_json(device, now),
+            )?;
+            self.client.publish(
+                state_topic(root, id),
+                QoS::AtLeastOnce,
+                true,
+                state_payload(device.online),
+            )?;
+            if let Some(prefix) = &self.options.discovery {
+                self.client.publish(
+                    config_topic(prefix, id),
+                    QoS::AtLeastOnce,
+                    true,
+                    discovery_config(root, id),
+                )?;
+            }
+        }
+        for id in gone {
+            self.forget(&id)?;
+        }
+        Ok(())
+    }
+
     /// Clears a forgotten device's retained topics (an empty retained
     /// message deletes one), and its discovery config, which removes the
     /// entity from Home Assistant.

@@ -13,7 +13,10 @@
 //!   back (its versions start again at 1) is not taken for a duplicate.
 //! - KV bucket (default `presence`): key `<name>`, value that device's
 //!   latest transition (same JSON); written on transitions only. A
-//!   `forgotten` device's key is deleted.
+//!   `forgotten` device's key is deleted. After transitions were lost (an
+//!   outage longer than the buffer), every device's state is written again
+//!   from the server's view (`"resync": true`, no `seq`) and the keys of
+//!   devices it no longer holds are deleted, so the bucket converges.
 //! - `<name>` is the device id made safe ([`super::names`]).
 //!
 //! The server may be down at start or go away: the tracker starts anyway,
@@ -104,6 +107,25 @@ const KV_OPERATION: &str = "KV-Operation";
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type PublishAck = async_nats::jetstream::context::PublishAckFuture;
 
+/// The subject a KV put or delete of `key` is published on (the KV
+/// protocol: the bucket's prefix, then the key).
+fn kv_subject(bucket: &kv::Store, key: &str) -> String {
+    format!("{}{key}", bucket.put_prefix.as_ref().unwrap_or(&bucket.prefix))
+}
+
+/// A KV put of `value`, or with `None` a delete (an empty message marked
+/// as one).
+fn kv_message(value: Option<bytes::Bytes>) -> jetstream::message::PublishMessage {
+    match value {
+        Some(value) => jetstream::message::PublishMessage::build().payload(value),
+        None => {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(KV_OPERATION, "DEL");
+            jetstream::message::PublishMessage::build().headers(headers)
+        }
+    }
+}
+
 /// The longest wait between two tries.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -168,6 +190,10 @@ impl NatsSink {
 }
 
 impl Sink for NatsSink {
+    fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
+        self.resync_devices(devices);
+    }
+
     fn name(&self) -> &'static str {
         "nats"
     }
@@ -221,6 +247,46 @@ impl Sink for NatsSink {
 }
 
 impl NatsSink {
+    /// [`Sink::resync`]: retried with backoff while NATS is unreachable, as
+    /// publishing is (at stop, for [`STOP_GRACE`] at most).
+    fn resync_devices(&mut self, devices: &[crate::client::DeviceReport]) {
+        let now = std::time::SystemTime::now();
+        let values: Vec<(String, bytes::Bytes)> = devices
+            .iter()
+            .map(|device| {
+                (names::encode(&device.device), bytes::Bytes::from(super::resync_json(device, now)))
+            })
+            .collect();
+        let runtime = tokio::runtime::Handle::clone(self.runtime.handle());
+        runtime.block_on(async {
+            let mut backoff = Duration::from_millis(100);
+            let mut stopping_since: Option<Instant> = None;
+            loop {
+                match self.resync_once(&values).await {
+                    Ok(removed) => {
+                        tracing::info!(
+                            devices = values.len(),
+                            removed,
+                            "NATS: the bucket holds the server's view again"
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "NATS: cannot write the devices again yet; retrying");
+                        if self.stop.is_requested() {
+                            let since = *stopping_since.get_or_insert_with(Instant::now);
+                            if since.elapsed() >= STOP_GRACE {
+                                return;
+                            }
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        });
+    }
+
     /// Makes sure the stream and the bucket exist.
     async fn ready(&mut self) -> Result<(), BoxError> {
         if !self.stream_ready {
@@ -305,16 +371,43 @@ impl NatsSink {
         let publish = jetstream::message::PublishMessage::build().payload(json.clone()).message_id(id);
         let stream_ack = self.jetstream.send_publish(subject, publish).await?;
         let (Some(key), Some(bucket)) = (key, &self.bucket) else { return Ok((stream_ack, None)) };
-        let subject = format!("{}{key}", bucket.put_prefix.as_ref().unwrap_or(&bucket.prefix));
-        let put = if matches!(event.kind, EventKind::Forgotten(_)) {
-            // A KV delete: an empty message marked as one.
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(KV_OPERATION, "DEL");
-            jetstream::message::PublishMessage::build().headers(headers)
-        } else {
-            jetstream::message::PublishMessage::build().payload(json)
-        };
-        let kv_ack = self.jetstream.send_publish(subject, put).await?;
+        let value = (!matches!(event.kind, EventKind::Forgotten(_))).then_some(json);
+        let kv_ack = self.jetstream.send_publish(kv_subject(bucket, &key), kv_message(value)).await?;
         Ok((stream_ack, Some(kv_ack)))
+    }
+
+    /// Makes the bucket hold exactly `values` (each device's key and state
+    /// JSON): puts every one, deletes the keys of devices not among them.
+    /// Returns how many it deleted.
+    async fn resync_once(&mut self, values: &[(String, bytes::Bytes)]) -> Result<usize, BoxError> {
+        use futures_util::StreamExt;
+        self.ready().await?;
+        let bucket = self.bucket.as_ref().ok_or("the bucket is not there")?;
+        let listed: std::collections::HashSet<&str> = values.iter().map(|(key, _)| key.as_str()).collect();
+        let mut stale = Vec::new();
+        let mut keys = bucket.keys().await?;
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if !listed.contains(key.as_str()) {
+                stale.push(key);
+            }
+        }
+        let mut writes = values
+            .iter()
+            .map(|(key, value)| (key.as_str(), Some(value.clone())))
+            .chain(stale.iter().map(|key| (key.as_str(), None)));
+        loop {
+            // A window at a time, as for transitions.
+            let mut acks = Vec::with_capacity(WINDOW);
+            for (key, value) in writes.by_ref().take(WINDOW) {
+                acks.push(self.jetstream.send_publish(kv_subject(bucket, key), kv_message(value)).await?);
+            }
+            if acks.is_empty() {
+                return Ok(stale.len());
+            }
+            for ack in acks {
+                ack.await?;
+            }
+        }
     }
 }
