@@ -21,6 +21,8 @@
 //! - `state` (pure): the `--state` file format, a snapshot of every held
 //!   device; the engine writes and restores it, the server does the file IO.
 //! - `limit` (pure): query rate limits and the memory of answered signed queries.
+//! - `fleet` (pure): the merge rules of several trackers' shared view
+//!   (CLUSTER.md); not wired to NATS yet.
 //! - `shard` (pure): which thread owns a device under `--threads N`, and
 //!   where a datagram that arrived on another thread's socket must go.
 //! - `server`: the loops that own the sockets and the clock. Each sleeps
@@ -54,6 +56,8 @@
 pub mod auth;
 #[cfg(feature = "client")]
 pub mod client;
+#[cfg(feature = "engine")]
+pub mod fleet;
 #[cfg(feature = "std")]
 pub mod hex;
 #[cfg(feature = "client")]
