@@ -106,6 +106,7 @@ impl Feed {
         loop {
             let now_missed = self.missed();
             if now_missed > missed
+                && sink.keeps_states()
                 && let Some(view) = &view
             {
                 match view.devices() {

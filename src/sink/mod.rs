@@ -92,6 +92,12 @@ pub trait Sink: Send {
     fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
         let _ = devices;
     }
+
+    /// Whether [`Sink::resync`] does anything: the server reads every
+    /// device for it, which a history (the events file) does not need.
+    fn keeps_states(&self) -> bool {
+        false
+    }
 }
 
 /// A device's state as [`Sink::resync`] writes it where a sink keeps each

@@ -228,6 +228,10 @@ impl Sink for MqttSink {
         self.lost
     }
 
+    fn keeps_states(&self) -> bool {
+        true
+    }
+
     fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
         match self.resync_devices(devices) {
             Ok(()) => tracing::info!(devices = devices.len(), "MQTT: every device's state published again"),

@@ -190,6 +190,10 @@ impl NatsSink {
 }
 
 impl Sink for NatsSink {
+    fn keeps_states(&self) -> bool {
+        true
+    }
+
     fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
         self.resync_devices(devices);
     }
