@@ -41,6 +41,10 @@
 //!
 //! Everything sends only to 127.0.0.1 and stops by itself.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::kernel_drops;
+
 use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -907,17 +911,6 @@ fn thread_cpu_ns(tid: i32) -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0)
-}
-
-/// The kernel's drop count for the UDP socket bound to `port` on 127.0.0.1.
-fn kernel_drops(port: u16) -> u64 {
-    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
-    let local = format!("0100007F:{port:04X}");
-    table
-        .lines()
-        .filter(|line| line.split_whitespace().nth(1) == Some(local.as_str()))
-        .filter_map(|line| line.split_whitespace().last().and_then(|d| d.parse::<u64>().ok()))
-        .sum()
 }
 
 /// Offers `plan.cpu_rate` heartbeats/s for `plan.cpu_seconds` to a bare loop

@@ -30,6 +30,10 @@
 //!
 //! Everything listens and sends on 127.0.0.1 only, and stops by itself.
 
+#[path = "common/mod.rs"]
+mod common;
+use common::kernel_drops;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -420,17 +424,6 @@ fn split(before: &std::collections::BTreeMap<String, u64>, pid: u32, heartbeats:
         .map(|(name, ns)| format!("{name} {:.0}", ns as f64 / heartbeats as f64))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// The kernel's drop count for the UDP socket bound to `port` on 127.0.0.1.
-fn kernel_drops(port: u16) -> u64 {
-    let table = std::fs::read_to_string("/proc/net/udp").unwrap_or_default();
-    let local = format!("0100007F:{port:04X}");
-    table
-        .lines()
-        .filter(|line| line.split_whitespace().nth(1) == Some(local.as_str()))
-        .filter_map(|line| line.split_whitespace().last().and_then(|d| d.parse::<u64>().ok()))
-        .sum()
 }
 
 /// `GET /metrics`, as Prometheus would.

@@ -110,6 +110,41 @@ pub fn sign_encoded(buf: &mut [u8], len: usize, key: &Key) -> Result<(), wire::E
     Ok(())
 }
 
+/// Encodes a query padded to [`wire::MAX_DATAGRAM`] bytes, so that no reply
+/// is ever too large for it (the server never replies with more bytes than
+/// it received). With `signer` = (operator key, the wall time now in Unix
+/// milliseconds), the query is signed as sent at that time; the server
+/// answers it once, and only within [`wire::QUERY_SKEW_MS`] of its clock.
+pub fn encode_query(
+    request: u32,
+    kind: wire::QueryKind<'_>,
+    signer: Option<(&Key, u64)>,
+    out: &mut [u8],
+) -> Result<usize, wire::Error> {
+    let zeros = [0u8; wire::MAX_DATAGRAM];
+    let encode = |padding: usize, out: &mut [u8]| {
+        let padding = &zeros[..padding];
+        match signer {
+            Some((key, sent_unix_ms)) => {
+                let tag = Some(wire::QueryTag { sent_unix_ms, tag: [0; TAG_LEN] });
+                encode_signed(&Message::Query(wire::Query { request, kind, padding, tag }), key, out)
+            }
+            None => wire::encode(&Message::Query(wire::Query { request, kind, padding, tag: None }), out),
+        }
+    };
+    let bare = encode(0, out)?;
+    // The padding's length prefix grows from 1 to 2 bytes past 127 bytes.
+    let mut padding = wire::MAX_DATAGRAM.saturating_sub(bare + 1);
+    loop {
+        match encode(padding, out) {
+            Ok(len) if len <= wire::MAX_DATAGRAM => return Ok(len),
+            Ok(len) => padding = padding.saturating_sub(len - wire::MAX_DATAGRAM),
+            Err(wire::Error::Oversized) => padding = padding.saturating_sub(1),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// For a decoded `frame` whose message carries a tag: the bytes the tag
 /// covers and the tag. `None` if the message has no tag.
 pub fn signed_part<'f>(frame: &'f [u8], message: &Message<'_>) -> Option<(&'f [u8], Tag)> {

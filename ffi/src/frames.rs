@@ -3,10 +3,10 @@
 //! `PRESENCE_ERR_*` codes.
 
 use presence::auth::{self, Key};
-use presence::wire::{self, Ack, Heartbeat, Leave, Message, Query, QueryKind, QueryTag, Status};
+use presence::wire::{self, Ack, Heartbeat, Leave, Message, QueryKind, Status};
 
 use crate::{
-    PRESENCE_ERR_BAD_ARGUMENT, PRESENCE_ERR_BAD_ID, PRESENCE_ERR_BUFFER_TOO_SMALL, PRESENCE_ERR_OVERSIZED,
+    PRESENCE_ERR_BAD_ARGUMENT, PRESENCE_ERR_BAD_ID, PRESENCE_ERR_BUFFER_TOO_SMALL,
     PRESENCE_ERR_UNEXPECTED_KIND, code,
 };
 
@@ -78,27 +78,10 @@ pub fn query(
         PRESENCE_QUERY_SUMMARY => QueryKind::Summary,
         _ => return Err(PRESENCE_ERR_BAD_ARGUMENT),
     };
-    let zeros = [0u8; wire::MAX_DATAGRAM];
-    let tag = operator.map(|(_, sent_unix_ms)| QueryTag { sent_unix_ms, tag: [0; auth::TAG_LEN] });
-    // (The query's tag field carries its time: set here, not by `placeholder`.)
-    let key = operator.map(|(key, _)| key);
-    let with_padding = |padding: usize, out: &mut [u8]| {
-        let padding = zeros.get(..padding).unwrap_or(&[]);
-        encode(&Message::Query(Query { request, kind, padding, tag }), key, out)
-    };
     if out.len() < wire::MAX_DATAGRAM {
         return Err(PRESENCE_ERR_BUFFER_TOO_SMALL);
     }
-    let bare = with_padding(0, out)?;
-    // The padding's length prefix is one byte up to 127 bytes, two after:
-    // one byte less padding then.
-    let mut padding = wire::MAX_DATAGRAM.saturating_sub(bare + 1);
-    loop {
-        match with_padding(padding, out) {
-            Err(PRESENCE_ERR_OVERSIZED) if padding > 0 => padding -= 1,
-            result => return result,
-        }
-    }
+    auth::encode_query(request, kind, operator, out).map_err(code)
 }
 
 /// The status reply in `datagram`.

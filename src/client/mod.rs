@@ -7,8 +7,7 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use crate::auth::{self, Key};
-use crate::wire::{self, Message, Query, QueryKind};
+use crate::wire;
 
 /// Why a request to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -98,40 +97,7 @@ pub fn unix_ms_now() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Encodes a query padded to [`wire::MAX_DATAGRAM`] bytes, so that no reply
-/// is ever too large for it (the server never replies with more bytes than
-/// it received). With `signer` = (operator key, the wall time now in Unix
-/// milliseconds), the query is signed as sent at that time; the server
-/// answers it once, and only within [`wire::QUERY_SKEW_MS`] of its clock.
-pub fn encode_query(
-    request: u32,
-    kind: QueryKind<'_>,
-    signer: Option<(&Key, u64)>,
-    out: &mut [u8],
-) -> Result<usize, wire::Error> {
-    let zeros = [0u8; wire::MAX_DATAGRAM];
-    let encode = |padding: usize, out: &mut [u8]| {
-        let padding = &zeros[..padding];
-        match signer {
-            Some((key, sent_unix_ms)) => {
-                let tag = Some(wire::QueryTag { sent_unix_ms, tag: [0; auth::TAG_LEN] });
-                auth::encode_signed(&Message::Query(Query { request, kind, padding, tag }), key, out)
-            }
-            None => wire::encode(&Message::Query(Query { request, kind, padding, tag: None }), out),
-        }
-    };
-    let bare = encode(0, out)?;
-    // The padding's length prefix grows from 1 to 2 bytes past 127 bytes.
-    let mut padding = wire::MAX_DATAGRAM.saturating_sub(bare + 1);
-    loop {
-        match encode(padding, out) {
-            Ok(len) if len <= wire::MAX_DATAGRAM => return Ok(len),
-            Ok(len) => padding = padding.saturating_sub(len - wire::MAX_DATAGRAM),
-            Err(wire::Error::Oversized) => padding = padding.saturating_sub(1),
-            Err(e) => return Err(e),
-        }
-    }
-}
+pub use crate::auth::encode_query;
 
 /// Receives one datagram on a connected socket, waiting until `deadline` at
 /// most; `None` once the deadline has passed.

@@ -50,6 +50,11 @@ impl PresenceTable {
         assert_eq!((online, known), (self.online, self.known), "counts disagree");
         assert_eq!((late, held), (self.late, self.held), "late and held counts disagree");
         assert_eq!(self.offline.len(), known - online, "offline index size");
+        assert_eq!(
+            self.oldest_offline,
+            self.offline.first().map(|&(last_seen, _)| last_seen),
+            "the cached oldest offline device"
+        );
         assert_eq!(self.online_slots.len(), online, "online bitmap size");
         assert_eq!(self.offline_slots.len(), known - online, "offline bitmap size");
         assert_eq!(self.held_slots.len(), known, "held bitmap size");

@@ -205,6 +205,10 @@ pub struct PresenceTable {
     expiry: BinaryHeap<Reverse<(u64, u32, u32)>>,
     /// Offline devices by (last seen, slot).
     offline: BTreeSet<(u64, u32)>,
+    /// The first key's last seen, kept beside the set: the engine asks for
+    /// it with every datagram (`--forget-after`), and a set's first key is a
+    /// walk down the tree.
+    oldest_offline: Option<u64>,
     /// Slots of the online devices, for listing in O(entries listed).
     online_slots: LevelSet,
     /// Slots of the offline devices, likewise.
@@ -249,6 +253,7 @@ impl PresenceTable {
             hasher: foldhash::fast::RandomState::default(),
             expiry: BinaryHeap::new(),
             offline: BTreeSet::new(),
+            oldest_offline: None,
             online_slots: LevelSet::default(),
             offline_slots: LevelSet::default(),
             held_slots: LevelSet::default(),
@@ -468,7 +473,7 @@ impl PresenceTable {
         if !was_online {
             let slot = &mut self.slots[i];
             slot.version = slot.version.saturating_add(1);
-            self.offline.remove(&(old_last_seen, i as u32));
+            self.offline_remove((old_last_seen, i as u32));
             self.offline_slots.remove(i);
             self.online_slots.insert(i);
             self.online += 1;
@@ -556,7 +561,7 @@ impl PresenceTable {
             self.file(i, due);
         } else {
             self.offline_slots.insert(i);
-            self.offline.insert((last_seen, i as u32));
+            self.offline_insert((last_seen, i as u32));
         }
         Ok(i)
     }
@@ -622,9 +627,20 @@ impl PresenceTable {
     }
 
     /// When the offline device silent the longest was last seen (the next
-    /// device [`PresenceTable::forget_silent`] forgets).
+    /// device [`PresenceTable::forget_silent`] forgets). O(1).
     pub fn oldest_offline_seen(&self) -> Option<Instant> {
-        self.offline.first().map(|&(last_seen, _)| self.instant(last_seen))
+        self.oldest_offline.map(|last_seen| self.instant(last_seen))
+    }
+
+    fn offline_insert(&mut self, key: (u64, u32)) {
+        self.offline.insert(key);
+        self.oldest_offline = Some(self.oldest_offline.map_or(key.0, |oldest| oldest.min(key.0)));
+    }
+
+    fn offline_remove(&mut self, key: (u64, u32)) {
+        if self.offline.remove(&key) && self.oldest_offline == Some(key.0) {
+            self.oldest_offline = self.offline.first().map(|&(last_seen, _)| last_seen);
+        }
     }
 
     /// The devices forgotten to make room for new ones since the last call,
@@ -651,7 +667,7 @@ impl PresenceTable {
             seq: entry.window().top(),
             last_seen: entry.last_seen(),
         };
-        self.offline.remove(&(self.slots[i].last_seen, i as u32));
+        self.offline_remove((self.slots[i].last_seen, i as u32));
         let hash = self.hasher.hash_one(Self::id_bytes(&self.slots[i], &self.long_ids));
         self.index.remove(hash, i as u32);
         self.offline_slots.remove(i);
@@ -714,7 +730,7 @@ impl PresenceTable {
         self.online -= 1;
         self.online_slots.remove(i);
         self.offline_slots.insert(i);
-        self.offline.insert((last_seen, i as u32));
+        self.offline_insert((last_seen, i as u32));
         self.drop_stale_top();
         Ok(Some(self.entry(i)))
     }
@@ -824,7 +840,7 @@ impl PresenceTable {
         self.online -= 1;
         self.online_slots.remove(i);
         self.offline_slots.insert(i);
-        self.offline.insert((last_seen, i as u32));
+        self.offline_insert((last_seen, i as u32));
     }
 
     /// Takes offline (reason: expired) every device still held, reporting
