@@ -8,7 +8,7 @@
 //! the caller writes the new value back with a compare-and-set on the key's
 //! revision and, on a conflict, reads it again and applies the same step,
 //! so every step here is idempotent. Nothing here reads a clock, talks to
-//! NATS, or knows about sockets; the wiring is not built yet (issue 14).
+//! NATS, or knows about sockets; `sink::cluster` does.
 
 use std::collections::BTreeMap;
 
@@ -91,7 +91,8 @@ impl Hearers {
     }
 
     /// Rule 2: `node` no longer hears the device (it expired there, or with
-    /// `left` it sent a leave at `upto`, which ends it everywhere). `live` says which
+    /// `left` it sent a leave at `upto`, which ends every hearing up to it,
+    /// on any tracker). `live` says which
     /// trackers are alive. A `node` whose entry rests on a newer heartbeat
     /// than `upto` heard it again since: a stale write, nothing changes.
     pub fn lost(
@@ -110,7 +111,9 @@ impl Hearers {
             None => {}
         }
         if left {
-            self.hearers.clear();
+            // Every hearing up to the goodbye ends with it; one that rests
+            // on a later heartbeat (the device came back, elsewhere) stays.
+            self.hearers.retain(|_, hearing| hearing.order() > upto);
             self.left_at = Some(self.left_at.map_or(upto, |at| at.max(upto)));
         }
         self.settle(left, live)

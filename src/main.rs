@@ -34,7 +34,9 @@ pub(crate) fn resolve(server: &str) -> Result<SocketAddr> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // The NATS client's connection news is noise next to our own logs
+        // (the sinks say when they cannot publish, and when they can again).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(io::stderr().is_terminal())

@@ -154,6 +154,9 @@ pub(crate) struct WatchArgs {
     /// Only these devices (default: all).
     #[arg(value_name = "DEVICE")]
     pub(crate) devices: Vec<String>,
+    /// Follow the fleet events of this cluster (trackers run with --cluster) instead.
+    #[arg(long, value_name = "NAME", value_parser = parse_cluster_name, env = "PRESENCE_CLUSTER")]
+    pub(crate) cluster: Option<String>,
     /// Replay the transitions of this last stretch first (e.g. 10m), then follow.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub(crate) since: Option<Duration>,
@@ -242,6 +245,18 @@ pub(crate) struct ServeArgs {
     pub(crate) nats_bucket: String,
     #[command(flatten)]
     pub(crate) nats_auth: NatsAuthArgs,
+    /// Join the fleet view NAME that several trackers share through --nats (see CLUSTER.md): a device is online while any of them hears it; fleet events go to the stream PRESENCE_<NAME>_FLEET instead of this tracker's own stream and bucket.
+    #[arg(long, value_name = "NAME", requires_all = ["nats", "node"], value_parser = parse_cluster_name, env = "PRESENCE_CLUSTER")]
+    pub(crate) cluster: Option<String>,
+    /// This tracker's id in --cluster: unique among the trackers, the same across its restarts (e.g. the host name).
+    #[arg(long, value_name = "ID", requires = "cluster", value_parser = parse_cluster_name, env = "PRESENCE_NODE")]
+    pub(crate) node: Option<String>,
+    /// Replicas of the cluster's buckets and stream (3 on a NATS cluster of 3 or more servers).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5), env = "PRESENCE_NATS_REPLICAS")]
+    pub(crate) nats_replicas: u8,
+    /// With --cluster: at SIGTERM/SIGINT, keep serving while devices move to the other trackers, and stop once none is online here (or the longest TTL held has passed); a second signal stops at once.
+    #[arg(long, requires = "cluster", env = "PRESENCE_DRAIN")]
+    pub(crate) drain: bool,
     /// Publish each device's state to this MQTT broker (mqtt://host:1883): retained topics ROOT/<id>/state and ROOT/<id>/event, and the tracker's own ROOT/status (its Last Will says offline).
     #[arg(long, value_name = "URL", env = "PRESENCE_MQTT")]
     pub(crate) mqtt: Option<String>,
@@ -302,6 +317,15 @@ pub(crate) struct ServeArgs {
     /// Time between state snapshots (with --state); a crash loses at most this much history.
     #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_state_every, requires = "state", env = "PRESENCE_STATE_EVERY")]
     pub(crate) state_every: Duration,
+}
+
+/// A cluster name or node id: it becomes part of NATS names.
+fn parse_cluster_name(s: &str) -> Result<String, String> {
+    if presence::sink::cluster::valid_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}' is not a valid name: use 1 to 64 letters, digits, '-' or '_'"))
+    }
 }
 
 fn parse_switch(s: &str) -> Result<bool, String> {
@@ -386,6 +410,17 @@ pub(crate) struct StatusArgs {
     /// The server's address.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7787", env = "PRESENCE_SERVER")]
     pub(crate) server: String,
+    /// Ask the fleet view of several trackers in NATS instead of one server (with --cluster).
+    #[arg(long, value_name = "URL", requires = "cluster", conflicts_with_all = ["server", "key_file"])]
+    pub(crate) nats: Option<String>,
+    /// The cluster whose fleet view to read (the trackers' --cluster).
+    #[arg(long, value_name = "NAME", requires = "nats", value_parser = parse_cluster_name, env = "PRESENCE_CLUSTER")]
+    pub(crate) cluster: Option<String>,
+    #[command(flatten)]
+    pub(crate) nats_auth: NatsAuthArgs,
+    /// The summary (what status shows without DEVICE or a listing flag).
+    #[arg(long, conflicts_with_all = ["device", "list", "offline", "all", "prefix", "count"])]
+    pub(crate) summary: bool,
     /// One device: exit 0 if it is online, 1 if offline or unknown.
     #[arg(value_name = "DEVICE", conflicts_with_all = ["list", "offline", "all", "prefix", "count"])]
     pub(crate) device: Option<String>,

@@ -3,6 +3,7 @@
 
 pub(crate) mod args;
 pub(crate) mod beat;
+pub(crate) mod fleet;
 pub(crate) mod keys;
 pub(crate) mod render;
 pub(crate) mod serve;

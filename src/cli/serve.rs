@@ -2,17 +2,91 @@
 
 use std::io::{self, BufWriter};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
 use presence::server::{self, Options, StateOptions, Stop, state};
+use presence::sink::cluster::{ClusterNames, ClusterOptions, ClusterSink};
 use presence::sink::{JsonLines, MqttSettings, MqttSink, NatsOptions, NatsSink, Sink};
 use presence::time::Clock;
 use presence::tracker::{AuthMode, Config, ConfigError, FlapDamping, Keys, Preservation, Totals, Tracker};
 
 use super::args::ServeArgs;
 use crate::on_signal;
+
+/// `--drain`: the first SIGTERM/SIGINT marks this node draining (its
+/// liveness key says so) and stops the server once no device is online
+/// here, or once the longest TTL it held at that moment has passed (by
+/// then every device it held has expired here or moved); a second signal
+/// stops it at once. The server is asked the way `status` asks it.
+fn drain_on_signal(stop: Stop, draining: Arc<AtomicBool>, local: std::net::SocketAddr) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
+    let mut server = local;
+    if server.ip().is_unspecified() {
+        server.set_ip(if server.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut signals = signals.forever();
+            if signals.next().is_none() {
+                return;
+            }
+            draining.store(true, Ordering::SeqCst);
+            let watcher_stop = stop.clone();
+            let watcher = std::thread::Builder::new().name("drain".into()).spawn(move || {
+                drain_until_empty(server, &watcher_stop);
+                watcher_stop.stop();
+            });
+            if watcher.is_err() {
+                stop.stop();
+                return;
+            }
+            if let Some(signal) = signals.next() {
+                tracing::info!(signal, "stopping now, without waiting for the drain");
+                stop.stop();
+            }
+        })
+        .context("cannot start the signal thread")?;
+    Ok(())
+}
+
+/// Waits until the server on `server` holds no device online, or until
+/// the longest TTL it held when the drain began has passed.
+fn drain_until_empty(server: std::net::SocketAddr, stop: &Stop) {
+    let started = std::time::Instant::now();
+    let Ok(mut client) = presence::client::Client::new(server, Duration::from_secs(1)) else { return };
+    let filter =
+        presence::wire::ListFilter { state: presence::wire::LIST_ONLINE, prefix: None, count_only: false };
+    let longest = client
+        .list(filter, |_| {})
+        .map(|devices| devices.iter().map(|d| d.numbers.expires_in_ms).max().unwrap_or(0))
+        .unwrap_or(0);
+    let limit = Duration::from_millis(longest) + Duration::from_secs(1);
+    tracing::info!(
+        longest = %humantime::format_duration(Duration::from_millis(longest)),
+        "draining: serving until the devices have moved to other trackers"
+    );
+    while !stop.is_requested() && started.elapsed() < limit {
+        match client.summary() {
+            Ok(summary) if summary.counts.online == 0 => {
+                tracing::info!("drained: no device is online here any more");
+                return;
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+    tracing::info!("drain time is up");
+}
 
 impl TryFrom<&ServeArgs> for Config {
     type Error = anyhow::Error;
@@ -95,7 +169,20 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
             JsonLines::to_file(path).with_context(|| format!("cannot open events file '{path}'"))?,
         )),
     }
-    if let Some(url) = &args.nats {
+    let draining = Arc::new(AtomicBool::new(false));
+    if let (Some(url), Some(cluster), Some(node)) = (&args.nats, &args.cluster, &args.node) {
+        let options = ClusterOptions {
+            nats: NatsOptions { url: url.clone(), auth: args.nats_auth.auth(), ..NatsOptions::default() },
+            names: ClusterNames { cluster: cluster.clone() },
+            node: node.clone(),
+            replicas: usize::from(args.nats_replicas),
+            addr: args.bind.to_string(),
+        };
+        let sink = ClusterSink::connect(options, stop.clone(), Arc::clone(&draining))
+            .context("cannot set up the NATS client (--nats)")?;
+        tracing::info!(cluster, node, "joining the fleet view");
+        sinks.push(Box::new(sink));
+    } else if let Some(url) = &args.nats {
         let auth = args.nats_auth.auth();
         let options = NatsOptions {
             url: url.clone(),
@@ -154,8 +241,12 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         flap_damping = config.flap_damping.is_some(),
         "listening"
     );
-    let signal_stop = stop.clone();
-    on_signal(move || signal_stop.stop())?;
+    if args.drain {
+        drain_on_signal(stop.clone(), Arc::clone(&draining), bound.local_addr)?;
+    } else {
+        let signal_stop = stop.clone();
+        on_signal(move || signal_stop.stop())?;
+    }
     // Engine time starts a year in: restored devices may have been seen
     // before this process started.
     let clock = Clock::with_history(HISTORY);

@@ -15,6 +15,9 @@ use super::render::{fmt_ms, write_device, write_list, write_summary};
 use crate::resolve;
 
 pub(crate) fn status(args: StatusArgs) -> Result<ExitCode> {
+    if let (Some(url), Some(cluster)) = (&args.nats, &args.cluster) {
+        return super::fleet::status(&args, url, cluster);
+    }
     let server = resolve(&args.server)?;
     let mut client = Client::new(server, args.timeout).context("cannot open a socket")?;
     if let Some(path) = &args.key_file {

@@ -21,17 +21,22 @@ pub(crate) fn watch(args: WatchArgs) -> Result<ExitCode> {
 async fn follow(args: WatchArgs) -> Result<ExitCode> {
     let client = connect_options("presence watch", &args.nats_auth.auth())
         .await?
-        .connect(args.nats.as_str())
+        .connect(presence::sink::servers(&args.nats))
         .await
         .with_context(|| format!("cannot connect to NATS at {}", args.nats))?;
     let jetstream = jetstream::new(client);
-    let stream = jetstream.get_stream(&args.nats_names.nats_stream).await.with_context(|| {
-        format!(
-            "no stream '{}' on {}: is a tracker running with --nats there?",
-            args.nats_names.nats_stream, args.nats
-        )
+    let (stream_name, prefix) = match &args.cluster {
+        Some(cluster) => {
+            let names = presence::sink::cluster::ClusterNames { cluster: cluster.clone() };
+            (names.stream(), names.subject(None).trim_end_matches(".>").to_string())
+        }
+        None => (args.nats_names.nats_stream.clone(), args.nats_names.nats_subject_prefix.clone()),
+    };
+    let stream = jetstream.get_stream(&stream_name).await.with_context(|| {
+        let flag = if args.cluster.is_some() { "--nats and --cluster" } else { "--nats" };
+        format!("no stream '{stream_name}' on {}: is a tracker running with {flag} there?", args.nats)
     })?;
-    let prefix = &args.nats_names.nats_subject_prefix;
+    let prefix = &prefix;
     let filter_subjects: Vec<String> = if args.devices.is_empty() {
         vec![format!("{prefix}.>")]
     } else {
@@ -75,5 +80,11 @@ fn render(line: &str) -> String {
         None => "(fleet)".to_string(),
     };
     let version = event["version"].as_u64().map(|v| format!("  v{v}")).unwrap_or_default();
-    format!("{}  {who}  {what}{version}  seq {}", text("time"), event["seq"])
+    // A tracker's own transitions carry its event seq; fleet events, the node that caused them.
+    let origin = match (event["seq"].as_u64(), event["node"].as_str()) {
+        (Some(seq), _) => format!("  seq {seq}"),
+        (None, Some(node)) => format!("  node {node}"),
+        (None, None) => String::new(),
+    };
+    format!("{}  {who}  {what}{version}{origin}", text("time"))
 }

@@ -15,6 +15,10 @@ use super::view::TableView;
 /// Transitions a sink takes from its feed at once, at most.
 const TAKE: usize = 4096;
 
+/// How often an idle sink is asked whether it wants a resync
+/// ([`Sink::wants_resync`]).
+const RESYNC_LOOK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What a feed holds.
 #[derive(Default)]
 struct Queue {
@@ -105,18 +109,20 @@ impl Feed {
         let mut missed = 0;
         loop {
             let now_missed = self.missed();
-            if now_missed > missed
+            if (now_missed > missed || sink.wants_resync())
                 && sink.keeps_states()
                 && let Some(view) = &view
             {
                 match view.devices() {
                     Ok(devices) => {
-                        tracing::info!(
-                            sink = self.name,
-                            missed = now_missed - missed,
-                            devices = devices.len(),
-                            "transitions were lost on the way to this destination: writing every device's state again"
-                        );
+                        if now_missed > missed {
+                            tracing::info!(
+                                sink = self.name,
+                                missed = now_missed - missed,
+                                devices = devices.len(),
+                                "transitions were lost on the way to this destination: writing every device's state again"
+                            );
+                        }
                         sink.resync(&devices);
                         missed = now_missed;
                     }
@@ -129,10 +135,21 @@ impl Feed {
             {
                 let mut queue = self.lock();
                 while queue.transitions.is_empty() && !queue.closed {
-                    queue = self.ready.wait(queue).unwrap_or_else(PoisonError::into_inner);
+                    let (woken, wait) =
+                        self.ready.wait_timeout(queue, RESYNC_LOOK).unwrap_or_else(PoisonError::into_inner);
+                    queue = woken;
+                    if wait.timed_out() && queue.transitions.is_empty() && sink.wants_resync() {
+                        // Asked for by the sink itself (the cluster sink,
+                        // back after an outage): done on its own, with no
+                        // transition to wait for.
+                        break;
+                    }
                 }
                 if queue.transitions.is_empty() {
-                    return sink;
+                    if queue.closed {
+                        return sink;
+                    }
+                    continue;
                 }
                 let take = queue.transitions.len().min(TAKE);
                 batch.extend(queue.transitions.drain(..take));

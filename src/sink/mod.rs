@@ -15,6 +15,8 @@ use std::time::SystemTime;
 
 use crate::tracker::Event;
 
+#[cfg(feature = "nats")]
+pub mod cluster;
 mod file;
 #[cfg(feature = "mqtt")]
 mod mqtt;
@@ -26,7 +28,7 @@ pub use file::{JsonLines, event_json};
 #[cfg(feature = "mqtt")]
 pub use mqtt::{MqttSettings, MqttSink, discovery_config, object_id};
 #[cfg(feature = "nats")]
-pub use nats::{NatsAuth, NatsOptions, NatsSink, connect_options};
+pub use nats::{NatsAuth, NatsOptions, NatsSink, connect_options, servers};
 
 /// One transition as it leaves the engine: the event, with the wall time at
 /// which it happened (the engine's monotonic time converted by the loop).
@@ -56,6 +58,7 @@ impl Transition {
             boot: 1,
             heartbeat_seq: 1,
             held_ms: None,
+            ttl_ms: None,
             online: None,
             fleet: None,
         };
@@ -91,6 +94,14 @@ pub trait Sink: Send {
     /// nothing.
     fn resync(&mut self, devices: &[crate::client::DeviceReport]) {
         let _ = devices;
+    }
+
+    /// Whether the sink asks for a [`Sink::resync`] itself now, though no
+    /// transition was lost: the cluster sink does at start and when it is
+    /// back after its node was taken for dead. Asked after every batch and,
+    /// when idle, twice a second. The default: never.
+    fn wants_resync(&self) -> bool {
+        false
     }
 
     /// Whether [`Sink::resync`] does anything: the server reads every

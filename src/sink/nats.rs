@@ -104,7 +104,7 @@ const WINDOW: usize = 256;
 /// The KV header that marks a delete (the KV protocol, NATS ADR-8).
 const KV_OPERATION: &str = "KV-Operation";
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type PublishAck = async_nats::jetstream::context::PublishAckFuture;
 
 /// The subject a KV put or delete of `key` is published on (the KV
@@ -146,6 +146,12 @@ pub struct NatsSink {
     warned: bool,
 }
 
+/// The servers of a `--nats` value: one URL, or several separated by
+/// commas (the servers of one NATS cluster; the client fails over).
+pub fn servers(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).filter(|server| !server.is_empty()).collect()
+}
+
 /// Connect options with `auth` (a credentials file is read now).
 pub async fn connect_options(name: &str, auth: &NatsAuth) -> std::io::Result<async_nats::ConnectOptions> {
     let connect = async_nats::ConnectOptions::new().name(name).connection_timeout(Duration::from_secs(5));
@@ -173,7 +179,7 @@ impl NatsSink {
             .build()?;
         let jetstream = runtime.block_on(async {
             let connect = connect_options("presence", &options.auth).await?.retry_on_initial_connect();
-            let client = connect.connect(options.url.as_str()).await.map_err(std::io::Error::other)?;
+            let client = connect.connect(servers(&options.url)).await.map_err(std::io::Error::other)?;
             Ok::<_, std::io::Error>(jetstream::new(client))
         })?;
         Ok(NatsSink {

@@ -77,6 +77,7 @@ impl Tracker {
                 boot: hb.boot,
                 heartbeat_seq: hb.seq,
                 held_ms: None,
+                ttl_ms: Some(millis_u32(ttl)),
                 online: None,
                 fleet: None,
             };
@@ -123,6 +124,7 @@ impl Tracker {
                 boot: leave.boot,
                 heartbeat_seq: leave.seq,
                 held_ms: None,
+                ttl_ms: None,
                 online: None,
                 fleet: None,
             });

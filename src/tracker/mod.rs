@@ -487,6 +487,7 @@ fn device_event(
         boot: entry.window().boot(),
         heartbeat_seq: entry.window().top(),
         held_ms: None,
+        ttl_ms: None,
         online: None,
         fleet: None,
     }
@@ -503,6 +504,7 @@ fn forgotten_event(device: Forgotten, at: Instant) -> Event {
         boot: device.boot,
         heartbeat_seq: device.seq,
         held_ms: None,
+        ttl_ms: None,
         online: None,
         fleet: None,
         device: device.id.into(),

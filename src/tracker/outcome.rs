@@ -120,6 +120,9 @@ pub struct Event {
     pub heartbeat_seq: u32,
     /// For an offline after being held: how long past its deadline it was held.
     pub held_ms: Option<u64>,
+    /// For an `online` (or back from suspect): the TTL this heartbeat gave
+    /// the device here, ms (how long until it expires without another).
+    pub ttl_ms: Option<u32>,
     /// For `flapping` and `stable`: whether the device is online now.
     pub online: Option<bool>,
     /// For `degraded` and `recovered`: the fleet; then `device` is empty,
@@ -140,6 +143,7 @@ impl Event {
             boot: 0,
             heartbeat_seq: 0,
             held_ms: None,
+            ttl_ms: None,
             online: None,
             fleet: Some(fleet),
         }
