@@ -155,7 +155,7 @@ pub(crate) struct WatchArgs {
     #[arg(value_name = "DEVICE")]
     pub(crate) devices: Vec<String>,
     /// Follow the fleet events of this cluster (trackers run with --cluster) instead.
-    #[arg(long, value_name = "NAME", value_parser = parse_cluster_name, env = "PRESENCE_CLUSTER")]
+    #[arg(long, value_name = "NAME", value_parser = parse_cluster_name)]
     pub(crate) cluster: Option<String>,
     /// Replay the transitions of this last stretch first (e.g. 10m), then follow.
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
@@ -414,7 +414,7 @@ pub(crate) struct StatusArgs {
     #[arg(long, value_name = "URL", requires = "cluster", conflicts_with_all = ["server", "key_file"])]
     pub(crate) nats: Option<String>,
     /// The cluster whose fleet view to read (the trackers' --cluster).
-    #[arg(long, value_name = "NAME", requires = "nats", value_parser = parse_cluster_name, env = "PRESENCE_CLUSTER")]
+    #[arg(long, value_name = "NAME", requires = "nats", value_parser = parse_cluster_name)]
     pub(crate) cluster: Option<String>,
     #[command(flatten)]
     pub(crate) nats_auth: NatsAuthArgs,
