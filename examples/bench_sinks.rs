@@ -32,12 +32,12 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::kernel_drops;
+use common::{find, free_port, kernel_drops, process_cpu_ns, threads_cpu_ns, wait};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -139,22 +139,6 @@ fn main() -> std::io::Result<()> {
     Ok(())
 }
 
-/// A program on PATH, in the tests' venv, or in /usr/sbin.
-fn find(name: &str) -> std::io::Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
-    dirs.push(PathBuf::from("target/test-servers/venv/bin"));
-    dirs.push(PathBuf::from("/usr/sbin"));
-    dirs.into_iter()
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .ok_or_else(|| std::io::Error::other(format!("{name} not found: tests/run installs it")))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A nats-server (JetStream) and a Mosquitto broker, killed on drop.
 struct Servers {
     nats: Child,
@@ -213,14 +197,6 @@ impl Drop for Servers {
 fn below_tracker() {
     if std::env::args().any(|a| a == "--nice-brokers") {
         let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 10);
-    }
-}
-
-fn wait(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -392,26 +368,6 @@ impl Fleet {
         }
         sent
     }
-}
-
-/// CPU time of every thread of process `pid` so far, in nanoseconds.
-fn process_cpu_ns(pid: u32) -> u64 {
-    threads_cpu_ns(pid).values().sum()
-}
-
-/// CPU time so far of the threads of process `pid`, by thread name.
-fn threads_cpu_ns(pid: u32) -> std::collections::BTreeMap<String, u64> {
-    let mut by_name = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return by_name };
-    for task in tasks.filter_map(Result::ok) {
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default().trim().to_string();
-        let ns = std::fs::read_to_string(task.path().join("schedstat"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
-            .unwrap_or(0);
-        *by_name.entry(name).or_insert(0) += ns;
-    }
-    by_name
 }
 
 /// The CPU each thread (by name) spent between two readings, per heartbeat.

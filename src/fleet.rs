@@ -308,4 +308,254 @@ mod tests {
             }
         }
     }
+
+    /// The whole protocol in simulated time (ms), for one device and three
+    /// trackers, as `sink::cluster` runs it: each tracker's own table
+    /// (online at a heartbeat, offline at its deadline), its writes reaching
+    /// the shared value after a delay (in order per tracker, interleaved
+    /// between trackers), liveness every 2 s with keys that live 6 s, the
+    /// others reading them every second, and the sweeper of rule 4. The
+    /// device moves between trackers at random, goes silent, and trackers
+    /// die (their queued writes land or not) and come back as new instances.
+    mod simulated {
+        use super::*;
+
+        const TTL: u64 = 3_000;
+        const BEAT: u64 = 1_000;
+        const LIVENESS_EVERY: u64 = 2_000;
+        const LIVENESS_TTL: u64 = 6_000;
+        const POLL: u64 = 1_000;
+        const MAX_DELAY: u64 = 500;
+        const STEP: u64 = 100;
+
+        #[derive(Debug, Clone)]
+        enum Write {
+            Heard(Hearing),
+            Lost((u32, u32)),
+        }
+
+        #[derive(Debug, Default, Clone)]
+        struct Tracker {
+            /// Process generation: the instance is `t<k>@<generation>`.
+            generation: u32,
+            alive: bool,
+            started: u64,
+            /// Local table: the deadline while the device is online here.
+            deadline: Option<u64>,
+            last_seq: u32,
+            /// Writes on their way: (lands at, write).
+            queue: Vec<(u64, Write)>,
+            last_liveness: u64,
+        }
+
+        impl Tracker {
+            fn instance(&self, k: usize) -> String {
+                format!("t{k}@{}", self.generation)
+            }
+        }
+
+        /// One segment of the device's life: beat to tracker `route` (or
+        /// to nobody) for `steps` heartbeats.
+        #[derive(Debug, Clone)]
+        struct Segment {
+            route: Option<usize>,
+            beats: u64,
+            /// Kill this tracker at the start of the segment (if it is not
+            /// the last one alive), and whether its queued writes land.
+            kill: Option<(usize, bool)>,
+            /// Start this dead tracker again.
+            revive: Option<usize>,
+        }
+
+        fn segment() -> impl Strategy<Value = Segment> {
+            (
+                prop_oneof![3 => (0..3usize).prop_map(Some), 1 => Just(None)],
+                1..12u64,
+                prop_oneof![4 => Just(None), 1 => (0..3usize, any::<bool>()).prop_map(Some)],
+                prop_oneof![3 => Just(None), 1 => (0..3usize).prop_map(Some)],
+            )
+                .prop_map(|(route, beats, kill, revive)| Segment { route, beats, kill, revive })
+        }
+
+        proptest! {
+            #[test]
+            fn the_fleet_view_is_never_early_never_late_and_never_blinks(
+                segments in proptest::collection::vec(segment(), 1..16),
+                seed in any::<u64>(),
+            ) {
+                let mut rng = seed | 1;
+                let mut delay = move || {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % (MAX_DELAY + 1)
+                };
+                let mut trackers: Vec<Tracker> =
+                    (0..3).map(|_| Tracker { alive: true, ..Tracker::default() }).collect();
+                let mut shared = Hearers::default();
+                // Global events: (time, event).
+                let mut events: Vec<(u64, Global)> = Vec::new();
+                // Instances known dead to the sweeper, with their last liveness.
+                let mut dead: BTreeMap<String, u64> = BTreeMap::new();
+                // Instances whose death the sweeper has seen (detection time).
+                let mut detected: BTreeMap<String, u64> = BTreeMap::new();
+                let mut due: Option<u64> = None;
+                // Last heartbeat received by any tracker (alive at that moment).
+                let mut last_heard: Option<u64> = None;
+                let mut received: Vec<u64> = Vec::new();
+                let mut seq = 0u32;
+                let mut t = 0u64;
+                // The schedule, then 30 s of silence.
+                let mut plan: Vec<(u64, Option<usize>)> = Vec::new();
+                let mut at = 0;
+                let mut kills = Vec::new();
+                let mut revives = Vec::new();
+                for s in &segments {
+                    if let Some(kill) = s.kill { kills.push((at, kill)); }
+                    if let Some(k) = s.revive { revives.push((at, k)); }
+                    for _ in 0..s.beats {
+                        plan.push((at, s.route));
+                        at += BEAT;
+                    }
+                }
+                let end = at + 30_000;
+                let mut next_beat = 0;
+                while t <= end {
+                    // Deaths and restarts.
+                    for &(when, (k, lands)) in &kills {
+                        if when == t && trackers[k].alive && trackers.iter().filter(|x| x.alive).count() > 1 {
+                            let tr = &mut trackers[k];
+                            tr.alive = false;
+                            tr.deadline = None;
+                            if !lands { tr.queue.clear(); }
+                            dead.insert(tr.instance(k), tr.last_liveness);
+                        }
+                    }
+                    for &(when, k) in &revives {
+                        if when == t && !trackers[k].alive {
+                            let tr = &mut trackers[k];
+                            tr.generation += 1;
+                            tr.alive = true;
+                            tr.started = t;
+                            tr.last_liveness = t;
+                        }
+                    }
+                    // The device's heartbeat.
+                    if next_beat < plan.len() && plan[next_beat].0 == t {
+                        seq += 1;
+                        if let Some(k) = plan[next_beat].1 && trackers[k].alive {
+                            let tr = &mut trackers[k];
+                            let lands = tr.queue.last().map_or(0, |w| w.0).max(t + delay());
+                            if tr.deadline.is_none() {
+                                let hearing = Hearing { boot: 1, seq, since_unix_ms: t, ttl_ms: TTL as u32 };
+                                tr.queue.push((lands, Write::Heard(hearing)));
+                            }
+                            tr.deadline = Some(t + TTL);
+                            tr.last_seq = seq;
+                            last_heard = Some(t);
+                            received.push(t);
+                        }
+                        next_beat += 1;
+                    }
+                    // Local expiries.
+                    for tr in trackers.iter_mut().filter(|tr| tr.alive) {
+                        if tr.deadline.is_some_and(|d| d <= t) {
+                            tr.deadline = None;
+                            let lands = tr.queue.last().map_or(0, |w| w.0).max(t + delay());
+                            tr.queue.push((lands, Write::Lost((1, tr.last_seq))));
+                        }
+                    }
+                    // Liveness.
+                    for tr in trackers.iter_mut().filter(|tr| tr.alive) {
+                        if t >= tr.last_liveness + LIVENESS_EVERY { tr.last_liveness = t; }
+                    }
+                    // Writes that land now (a dead tracker's in-flight ones too).
+                    for (k, tracker) in trackers.iter_mut().enumerate() {
+                        let instance = tracker.instance(k);
+                        let landed: Vec<Write> = {
+                            let q = &mut tracker.queue;
+                            let n = q.iter().take_while(|w| w.0 <= t).count();
+                            q.drain(..n).map(|w| w.1).collect()
+                        };
+                        for write in landed {
+                            let maybe = |h: &str| !detected.contains_key(h);
+                            let event = match write {
+                                Write::Heard(hearing) => shared.heard(&instance, hearing),
+                                Write::Lost(upto) => shared.lost(&instance, upto, false, maybe),
+                            };
+                            if let Some(e) = event { events.push((t, e)); }
+                        }
+                    }
+                    // The sweeper: keys expire LIVENESS_TTL after the last
+                    // write, seen at the next read.
+                    if t.is_multiple_of(POLL) {
+                        for (instance, last) in &dead {
+                            if !detected.contains_key(instance) && t >= last + LIVENESS_TTL {
+                                detected.insert(instance.clone(), t);
+                                let surely = |h: &str| {
+                                    (0..3).any(|k| trackers[k].alive && trackers[k].instance(k) == h)
+                                };
+                                let has_dead = shared.hearers.keys().any(|h| !surely(h));
+                                if has_dead {
+                                    let heard_alive = shared.hearers.keys().any(|h| surely(h));
+                                    let at = if heard_alive || !shared.online {
+                                        t
+                                    } else {
+                                        shared
+                                            .hearers
+                                            .keys()
+                                            .filter(|h| !surely(h))
+                                            .filter_map(|h| {
+                                                let since = dead.get(h).copied().unwrap_or(t);
+                                                shared.deadline_after_death(h, since, LIVENESS_EVERY)
+                                            })
+                                            .max()
+                                            .unwrap_or(t)
+                                    };
+                                    due = Some(due.map_or(at, |d: u64| d.min(at)));
+                                }
+                            }
+                        }
+                    }
+                    if due.is_some_and(|d| d <= t) {
+                        due = None;
+                        let surely = |h: &str| (0..3).any(|k| trackers[k].alive && trackers[k].instance(k) == h);
+                        if let Some(e) = shared.without_dead(surely) { events.push((t, e)); }
+                    }
+                    // Never blinks: while an alive tracker has heard the
+                    // device for longer than a write takes, it is online.
+                    let hearing_now = trackers.iter().any(|tr| {
+                        tr.alive && tr.deadline.is_some() && tr.queue.is_empty()
+                    });
+                    if hearing_now {
+                        prop_assert!(shared.online, "t={t}: a live tracker hears it but the view says offline: {shared:?}");
+                    }
+                    t += STEP;
+                }
+                // Alternating, +1 each.
+                for (i, (_, e)) in events.iter().enumerate() {
+                    prop_assert_eq!(matches!(e, Global::Online), i % 2 == 0, "{:?}", events);
+                }
+                prop_assert_eq!(shared.gversion as usize, events.len());
+                for (at, e) in &events {
+                    if matches!(e, Global::Offline { .. }) {
+                        // Never early: not before the TTL of the last
+                        // heartbeat a tracker had received (a write takes
+                        // up to MAX_DELAY to be seen).
+                        let seen = received.iter().filter(|r| **r + MAX_DELAY + STEP < *at).max();
+                        if let Some(last) = seen {
+                            prop_assert!(*at >= last + TTL, "offline at {at}, before {} + TTL: {events:?}", last);
+                        }
+                    }
+                }
+                // Never late: after the silence, offline, by the bound.
+                prop_assert!(!shared.online, "still online after 30 s of silence: {shared:?} {events:?}");
+                if let (Some(last), Some((at, Global::Offline { .. }))) = (last_heard, events.last()) {
+                    let bound = last + TTL + LIVENESS_EVERY + LIVENESS_TTL + POLL + MAX_DELAY + STEP;
+                    prop_assert!(*at <= bound, "offline at {at}, later than {bound}");
+                    prop_assert!(*at >= last + TTL, "offline at {at}, before the deadline {}", last + TTL);
+                }
+            }
+        }
+    }
 }

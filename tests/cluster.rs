@@ -216,6 +216,20 @@ fn view(nats: &str) -> Option<BTreeMap<String, (bool, Vec<String>)>> {
     )
 }
 
+/// How many trackers the fleet view shows live (`status --nats --json`).
+fn live_nodes(nats: &str) -> Option<usize> {
+    let out = common::cli(&["status", "--nats", nats, "--cluster", CLUSTER, "--json"]);
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    summary["nodes"].as_array().map(Vec::len)
+}
+
+/// Waits until `n` trackers are live in the fleet view.
+fn wait_live(nats: &str, n: usize) {
+    poll("the trackers to be live in the fleet view", Duration::from_secs(60), || {
+        live_nodes(nats).filter(|live| *live == n)
+    });
+}
+
 /// Every fleet event in the stream, in order, by device.
 fn fleet_events(nats: &str) -> Option<BTreeMap<String, Vec<serde_json::Value>>> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -273,6 +287,7 @@ fn three_trackers_act_as_one_fleet_through_moves_a_death_and_a_drain() {
     let mut c = tracker(&urls, "c", &[]);
     let trackers = [a.addr, b.addr, c.addr];
     let names = ["a", "b", "c"];
+    wait_live(&urls, 3);
     let devices = Devices::start();
     let ids: Vec<String> = (0..18).map(|i| format!("dev-{i:02}")).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -385,6 +400,7 @@ fn a_nats_server_death_loses_and_invents_no_fleet_event() {
     let urls = nats.urls();
     let a = tracker(&urls, "a", &[]);
     let b = tracker(&urls, "b", &[]);
+    wait_live(&urls, 2);
     let devices = Devices::start();
     let ids: Vec<String> = (0..8).map(|i| format!("n-{i}")).collect();
     for (i, id) in ids.iter().enumerate() {
@@ -429,6 +445,7 @@ fn a_tracker_cut_off_from_nats_rejoins_and_the_view_is_right_afterwards() {
     let rest = format!("{},{}", nats.nodes[0].url(), nats.nodes[1].url());
     let a = tracker(&rest, "a", &[]);
     let c = tracker(&c_url, "c", &[]);
+    wait_live(&urls, 2);
     let devices = Devices::start();
     for id in ["p-a", "p-stays", "p-stops"] {
         devices.route(id, Some(if id == "p-a" { a.addr } else { c.addr }));
@@ -458,9 +475,23 @@ fn a_tracker_cut_off_from_nats_rejoins_and_the_view_is_right_afterwards() {
     .into_iter()
     .map(|(id, state)| (id.to_string(), state))
     .collect();
-    poll("the view to be right after c is back", Duration::from_secs(60), || {
-        view(&urls).filter(|v| *v == want)
-    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = view(&urls);
+        if now.as_ref() == Some(&want) {
+            break;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = c.log.try_iter().collect();
+            let a_logs: Vec<String> = a.log.try_iter().collect();
+            let mut c = c;
+            panic!(
+                "the view after c is back: {now:?}, want {want:?}; c: {:?}; c's log: {logs:#?}; a's log: {a_logs:#?}",
+                c.child.try_wait()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let events = fleet_events(&urls).unwrap();
     assert_well_ordered(&events);
     assert_eq!(kinds(&events, "p-a"), ["online"]);

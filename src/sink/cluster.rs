@@ -175,7 +175,18 @@ impl Liveness {
     }
 
     /// Takes a new read of the bucket; returns whether an instance died.
-    fn update(&mut self, now: HashMap<String, NodeValue>) -> bool {
+    /// Unless `healthy` (this node's own liveness writes have succeeded for
+    /// a key's lifetime), a missing key proves nothing: NATS itself may be
+    /// failing over, and every node's writes with it. Then only the
+    /// instances present are noted; the comparison waits for a healthy read.
+    fn update(&mut self, now: HashMap<String, NodeValue>, healthy: bool) -> bool {
+        if !healthy {
+            for value in now.values() {
+                self.last_alive.insert(value.instance(), value.alive_unix_ms);
+                self.dead.remove(&value.instance());
+            }
+            return false;
+        }
         let mut died = false;
         for (node, old) in &self.nodes {
             let gone = now.get(node).is_none_or(|new| new.started_unix_ms != old.started_unix_ms);
@@ -204,6 +215,9 @@ struct Shared {
     /// The server's view is wanted (at start; after this node may have been
     /// taken for dead).
     resync: AtomicBool,
+    /// Since when this node's liveness writes have succeeded without a
+    /// failure (`None`: the last one failed, or none was made yet).
+    writing_since: Mutex<Option<Instant>>,
     /// `--drain`: the liveness key says `draining`.
     draining: Arc<AtomicBool>,
     /// Transitions given up on.
@@ -216,6 +230,17 @@ struct Shared {
 impl Shared {
     fn live(&self) -> std::sync::MutexGuard<'_, Liveness> {
         self.liveness.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn writing_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.writing_since.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether this node may judge others dead: its own liveness writes
+    /// have succeeded for at least a key's lifetime, so every live node has
+    /// had the time to write its key again after any NATS trouble.
+    fn healthy(&self) -> bool {
+        self.writing_since().is_some_and(|since| since.elapsed() >= LIVENESS_TTL)
     }
 }
 
@@ -269,6 +294,7 @@ impl ClusterSink {
             started_unix_ms,
             liveness: Mutex::new(Liveness::default()),
             resync: AtomicBool::new(true),
+            writing_since: Mutex::new(None),
             draining,
             lost: AtomicU64::new(0),
             published: AtomicU64::new(0),
@@ -547,7 +573,10 @@ impl Store {
     /// asks for the server's view, to add itself again.
     async fn keep_alive(self) {
         let shared = Arc::clone(&self.shared);
-        let mut last_ok: Option<Instant> = None;
+        // As if written at start: a node whose first write comes long
+        // after it started was not in the view meanwhile either.
+        let mut last_ok: Option<Instant> = Some(Instant::now());
+        let mut ever = false;
         let mut warned = false;
         loop {
             let value = NodeValue {
@@ -558,12 +587,29 @@ impl Store {
                 addr: shared.options.addr.clone(),
             };
             let write = async {
+                // The buckets and the stream exist from the start (a
+                // reader may come before the first device). Creating them
+                // on a new NATS cluster takes seconds: not under the
+                // write's own timeout, which would cancel it again and again.
+                self.devices().await?;
+                self.stream().await?;
                 let nodes = self.nodes().await?;
-                nodes.put(shared.options.node.as_str(), serde_json::to_vec(&value)?.into()).await?;
+                let value = serde_json::to_vec(&value)?.into();
+                tokio::time::timeout(LIVENESS_EVERY, nodes.put(shared.options.node.as_str(), value))
+                    .await
+                    .map_err(|_| "NATS did not answer within the liveness interval")??;
                 Ok::<_, BoxError>(())
             };
-            match tokio::time::timeout(LIVENESS_EVERY, write).await {
+            let written = tokio::time::timeout(LIVENESS_TTL * 5, write).await;
+            if !matches!(written, Ok(Ok(()))) {
+                *self.shared.writing_since() = None;
+            }
+            match written {
                 Ok(Ok(())) => {
+                    if !ever {
+                        tracing::info!("cluster: this node is live in the fleet view");
+                        ever = true;
+                    }
                     if last_ok.is_some_and(|at| at.elapsed() >= LIVENESS_TTL - LIVENESS_EVERY) {
                         tracing::warn!(
                             "cluster: back after an outage longer than this node's liveness; adding its devices again"
@@ -575,6 +621,7 @@ impl Store {
                         warned = false;
                     }
                     last_ok = Some(Instant::now());
+                    self.shared.writing_since().get_or_insert_with(Instant::now);
                 }
                 Ok(Err(e)) if !warned => {
                     tracing::warn!(error = %e, "cluster: cannot write this node's liveness; retrying");
@@ -586,11 +633,11 @@ impl Store {
                 }
                 _ => {}
             }
-            if last_ok.is_none() {
+            if ever {
+                tokio::time::sleep(LIVENESS_EVERY).await;
+            } else {
                 // Not written yet: try again soon.
                 tokio::time::sleep(Duration::from_millis(250)).await;
-            } else {
-                tokio::time::sleep(LIVENESS_EVERY).await;
             }
         }
     }
@@ -610,10 +657,12 @@ impl Store {
                     let me = self.shared.options.node.as_str();
                     let (died, now_sweeper) = {
                         let mut live = self.shared.live();
-                        let died = live.update(nodes);
+                        let died = live.update(nodes, self.shared.healthy());
                         let smallest = live.nodes.keys().min().map(String::as_str);
                         (died, smallest == Some(me))
                     };
+                    // Not healthy: no verdict yet, scan once it is.
+                    let now_sweeper = now_sweeper && self.shared.healthy();
                     if now_sweeper
                         && (died || !sweeper)
                         && let Err(e) = self.scan(&mut due).await
@@ -632,19 +681,42 @@ impl Store {
                 Err(e) => tracing::debug!(error = %e, "cluster: cannot read the nodes"),
             }
             let now = unix_ms(SystemTime::now());
+            let mut ripe = Vec::new();
             while let Some(first) = due.first()
                 && first.0 <= now
+                && sweeper
             {
                 let Some((at, key)) = due.pop_first() else { break };
-                let mut was_uncertain = uncertain.remove(&key);
-                if let Err(e) = self.settle_dead(&key, at, &mut was_uncertain).await {
-                    tracing::warn!(error = %e, "cluster: cannot settle a device of a dead node yet");
-                    if was_uncertain {
-                        uncertain.insert(key.clone());
+                let was_uncertain = uncertain.remove(&key);
+                ripe.push((at, key, was_uncertain));
+            }
+            // Different devices at once, as the node's own writes are.
+            let this = &self;
+            let failed: Vec<(u64, String, bool)> = futures_util::stream::iter(ripe)
+                .map(|(at, key, mut was_uncertain)| async move {
+                    match this.settle_dead(&key, at, &mut was_uncertain).await {
+                        Ok(()) => None,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cluster: cannot settle a device of a dead node yet");
+                            Some((at, key, was_uncertain))
+                        }
                     }
-                    due.insert((now + 1000, key));
-                    break;
+                })
+                .buffer_unordered(CONCURRENT)
+                .filter_map(|failed| async move { failed })
+                .collect()
+                .await;
+            if !failed.is_empty() {
+                tracing::warn!(
+                    devices = failed.len(),
+                    "cluster: cannot settle devices of a dead node yet; retrying"
+                );
+            }
+            for (_, key, was_uncertain) in failed {
+                if was_uncertain {
+                    uncertain.insert(key.clone());
                 }
+                due.insert((now + 1000, key));
             }
             let wait = due
                 .first()
@@ -665,14 +737,29 @@ impl Store {
         let devices = self.devices().await?;
         let now = unix_ms(SystemTime::now());
         let mut keys = devices.keys().await?;
-        let mut found = 0;
+        let mut all = Vec::new();
         while let Some(key) = keys.next().await {
-            let key = key?;
-            let Some(entry) = devices.entry(key.as_str()).await? else { continue };
-            if entry.operation != kv::Operation::Put {
-                continue;
-            }
-            let Ok(stored) = serde_json::from_slice::<Stored>(&entry.value) else { continue };
+            all.push(key?);
+        }
+        let bucket = &devices;
+        let entries: Vec<(String, Stored)> = futures_util::stream::iter(all)
+            .map(|key| async move {
+                let entry = bucket.entry(key.as_str()).await?;
+                Ok::<_, BoxError>(match entry {
+                    Some(entry) if entry.operation == kv::Operation::Put => {
+                        serde_json::from_slice::<Stored>(&entry.value).ok().map(|stored| (key, stored))
+                    }
+                    _ => None,
+                })
+            })
+            .buffer_unordered(CONCURRENT)
+            .filter_map(|read| async move { read.transpose() })
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+        let mut found = 0;
+        for (key, stored) in entries {
             let live = self.shared.live();
             let dead: Vec<(&String, &Hearing)> =
                 stored.hearers.hearers.iter().filter(|(hearer, _)| !live.surely_live(hearer)).collect();
