@@ -53,10 +53,12 @@ fn main() -> std::io::Result<()> {
     };
     let devices = arg("--devices").unwrap_or(if quick { 3_000 } else { 30_000 }) as usize;
     let steady = Duration::from_secs(arg("--steady").unwrap_or(if quick { 5 } else { 20 }));
-    let binary = Path::new("target/release/presence");
-    if !binary.is_file() {
-        return Err(std::io::Error::other("build it first: cargo build --release"));
-    }
+    // The binary of the same profile, beside this example's directory.
+    let binary = std::env::current_exe()?.parent().and_then(Path::parent).map(|dir| dir.join("presence"));
+    let binary = binary.filter(|b| b.exists()).ok_or_else(|| {
+        std::io::Error::other("target/<profile>/presence not found: run `cargo build --release` first")
+    })?;
+    let binary = binary.as_path();
     let nats_server = find("nats-server")?;
     println!("{devices} devices, 1 heartbeat/s each, TTL 3 s; steady state measured over {steady:?}");
     println!(
@@ -223,9 +225,18 @@ fn run(
             .args(["--node", &format!("t{t}"), "--query-rate", "100000", "--query-burst", "100000"])
             // A thousand devices stop at once on purpose: no self-preservation.
             .args(["--self-preservation", "off"])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                if std::env::var_os("BENCH_LOGS").is_some() { "info,async_nats=warn" } else { "warn" },
+            )
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match std::env::var_os("BENCH_LOGS") {
+                // BENCH_LOGS=DIR keeps each tracker's log there.
+                Some(dir) => Stdio::from(std::fs::File::create(
+                    Path::new(&dir).join(format!("tracker-{trackers}-{t}.log")),
+                )?),
+                None => Stdio::null(),
+            })
             .spawn()?;
         pids.push(child.id());
         children.0.push(child);

@@ -161,6 +161,24 @@ impl TryFrom<&ServeArgs> for Config {
 pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
     let config = Config::try_from(&args)?;
     let stop = Stop::new();
+    let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
+        .with_context(|| format!("cannot listen on {}", args.bind))?;
+    let steering = match server::steer_by_id(&group) {
+        Ok(()) => group.len() > 1,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot steer datagrams to their owner's thread; handing them over instead");
+            false
+        }
+    };
+    let bound = &group[0];
+    if bound.recv_buffer < args.recv_buffer {
+        tracing::warn!(
+            requested = args.recv_buffer,
+            granted = bound.recv_buffer,
+            "the kernel capped the receive buffer below --recv-buffer (at net.core.rmem_max); datagrams may be dropped in bursts. Raise the cap with: sysctl -w net.core.rmem_max={}",
+            args.recv_buffer
+        );
+    }
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     match args.events.as_deref() {
         None => {}
@@ -176,7 +194,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
             names: ClusterNames { cluster: cluster.clone() },
             node: node.clone(),
             replicas: usize::from(args.nats_replicas),
-            addr: args.bind.to_string(),
+            addr: bound.local_addr.to_string(),
         };
         let sink = ClusterSink::connect(options, stop.clone(), Arc::clone(&draining))
             .context("cannot set up the NATS client (--nats)")?;
@@ -206,24 +224,6 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
                 .map(|user| (user, args.mqtt_password.clone().unwrap_or_default())),
         };
         sinks.push(Box::new(MqttSink::connect(settings).context("cannot set up the MQTT client (--mqtt)")?));
-    }
-    let group = server::bind_group(args.bind, Some(args.recv_buffer), usize::from(args.threads))
-        .with_context(|| format!("cannot listen on {}", args.bind))?;
-    let steering = match server::steer_by_id(&group) {
-        Ok(()) => group.len() > 1,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot steer datagrams to their owner's thread; handing them over instead");
-            false
-        }
-    };
-    let bound = &group[0];
-    if bound.recv_buffer < args.recv_buffer {
-        tracing::warn!(
-            requested = args.recv_buffer,
-            granted = bound.recv_buffer,
-            "the kernel capped the receive buffer below --recv-buffer (at net.core.rmem_max); datagrams may be dropped in bursts. Raise the cap with: sysctl -w net.core.rmem_max={}",
-            args.recv_buffer
-        );
     }
     tracing::info!(
         addr = %bound.local_addr,

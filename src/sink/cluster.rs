@@ -663,6 +663,7 @@ impl Store {
                     };
                     // Not healthy: no verdict yet, scan once it is.
                     let now_sweeper = now_sweeper && self.shared.healthy();
+                    tracing::debug!(died, now_sweeper, sweeper, "cluster: nodes read");
                     if now_sweeper
                         && (died || !sweeper)
                         && let Err(e) = self.scan(&mut due).await
@@ -736,28 +737,7 @@ impl Store {
     async fn scan(&self, due: &mut BTreeSet<(u64, String)>) -> Result<(), BoxError> {
         let devices = self.devices().await?;
         let now = unix_ms(SystemTime::now());
-        let mut keys = devices.keys().await?;
-        let mut all = Vec::new();
-        while let Some(key) = keys.next().await {
-            all.push(key?);
-        }
-        let bucket = &devices;
-        let entries: Vec<(String, Stored)> = futures_util::stream::iter(all)
-            .map(|key| async move {
-                let entry = bucket.entry(key.as_str()).await?;
-                Ok::<_, BoxError>(match entry {
-                    Some(entry) if entry.operation == kv::Operation::Put => {
-                        serde_json::from_slice::<Stored>(&entry.value).ok().map(|stored| (key, stored))
-                    }
-                    _ => None,
-                })
-            })
-            .buffer_unordered(CONCURRENT)
-            .filter_map(|read| async move { read.transpose() })
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .collect::<Result<_, _>>()?;
+        let entries = snapshot(&self.jetstream, &devices).await?;
         let mut found = 0;
         for (key, stored) in entries {
             let live = self.shared.live();
@@ -958,6 +938,37 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Every device's key and value in the hearers bucket, read with one
+/// ordered consumer (the last value of each key, then it stops), not a
+/// request per key.
+pub async fn snapshot(
+    jetstream: &jetstream::Context,
+    bucket: &kv::Store,
+) -> Result<Vec<(String, Stored)>, BoxError> {
+    // An empty bucket sends nothing at all: ask first (fresh, as
+    // `Store::status` answers from what it read when it was opened).
+    let mut stream = jetstream.get_stream(format!("KV_{}", bucket.name)).await?;
+    if stream.info().await?.state.messages == 0 {
+        return Ok(Vec::new());
+    }
+    let mut watch = bucket.watch_with_history(">").await?;
+    let mut found = Vec::new();
+    loop {
+        let entry = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .map_err(|_| "the hearers bucket stopped answering")?
+            .ok_or("the hearers bucket's watch ended")??;
+        if entry.operation == kv::Operation::Put
+            && let Ok(stored) = serde_json::from_slice::<Stored>(&entry.value)
+        {
+            found.push((entry.key, stored));
+        }
+        if entry.delta == 0 {
+            return Ok(found);
+        }
+    }
+}
+
 /// Every node in the nodes bucket.
 pub async fn read_nodes(nodes: &kv::Store) -> Result<HashMap<String, NodeValue>, BoxError> {
     let mut keys = nodes.keys().await?;
@@ -999,35 +1010,21 @@ pub async fn read_view(
     let nodes_bucket = jetstream.get_key_value(names.nodes_bucket()).await?;
     let devices_bucket = jetstream.get_key_value(names.devices_bucket()).await?;
     let nodes = read_nodes(&nodes_bucket).await?;
-    let keys: Vec<String> = match device {
-        Some(device) => vec![names::encode(device)],
-        None => {
-            let mut keys = devices_bucket.keys().await?;
-            let mut all = Vec::new();
-            while let Some(key) = keys.next().await {
-                all.push(key?);
+    let mut devices: Vec<(String, Stored)> = match device {
+        Some(device) => match devices_bucket.entry(names::encode(device)).await? {
+            Some(entry) if entry.operation == kv::Operation::Put => {
+                serde_json::from_slice::<Stored>(&entry.value).ok().map(|stored| (device.to_string(), stored))
             }
-            all
+            _ => None,
         }
-    };
-    let bucket = &devices_bucket;
-    let mut devices: Vec<(String, Stored)> = futures_util::stream::iter(keys)
-        .map(|key| async move {
-            let entry = bucket.entry(key.as_str()).await?;
-            let stored = match entry {
-                Some(entry) if entry.operation == kv::Operation::Put => {
-                    serde_json::from_slice::<Stored>(&entry.value).ok()
-                }
-                _ => None,
-            };
-            Ok::<_, BoxError>(stored.and_then(|stored| Some((names::decode(&key)?, stored))))
-        })
-        .buffer_unordered(CONCURRENT)
-        .filter_map(|found| async move { found.transpose() })
-        .collect::<Vec<_>>()
-        .await
         .into_iter()
-        .collect::<Result<_, _>>()?;
+        .collect(),
+        None => snapshot(jetstream, &devices_bucket)
+            .await?
+            .into_iter()
+            .filter_map(|(key, stored)| Some((names::decode(&key)?, stored)))
+            .collect(),
+    };
     devices.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(FleetView { nodes, devices })
 }
