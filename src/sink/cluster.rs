@@ -504,49 +504,25 @@ pub fn fleet_event(
 
 impl Store {
     async fn devices(&self) -> Result<kv::Store, BoxError> {
-        let shared = &self.shared;
-        self.devices
-            .get_or_try_init(|| async {
-                let name = shared.options.names.devices_bucket();
-                Ok::<_, BoxError>(match self.jetstream.get_key_value(name.as_str()).await {
-                    Ok(bucket) => bucket,
-                    Err(_) => {
-                        let config = kv::Config {
-                            bucket: name,
-                            history: 1,
-                            num_replicas: shared.options.replicas,
-                            ..Default::default()
-                        };
-                        self.jetstream.create_key_value(config).await?
-                    }
-                })
-            })
-            .await
-            .cloned()
+        let config = kv::Config {
+            bucket: self.shared.options.names.devices_bucket(),
+            history: 1,
+            num_replicas: self.shared.options.replicas,
+            ..Default::default()
+        };
+        open_bucket(&self.jetstream, &self.devices, config).await
     }
 
     async fn nodes(&self) -> Result<kv::Store, BoxError> {
-        let shared = &self.shared;
-        self.nodes
-            .get_or_try_init(|| async {
-                let name = shared.options.names.nodes_bucket();
-                Ok::<_, BoxError>(match self.jetstream.get_key_value(name.as_str()).await {
-                    Ok(bucket) => bucket,
-                    Err(_) => {
-                        let config = kv::Config {
-                            bucket: name,
-                            history: 1,
-                            max_age: LIVENESS_TTL,
-                            num_replicas: shared.options.replicas,
-                            storage: jetstream::stream::StorageType::Memory,
-                            ..Default::default()
-                        };
-                        self.jetstream.create_key_value(config).await?
-                    }
-                })
-            })
-            .await
-            .cloned()
+        let config = kv::Config {
+            bucket: self.shared.options.names.nodes_bucket(),
+            history: 1,
+            max_age: LIVENESS_TTL,
+            num_replicas: self.shared.options.replicas,
+            storage: jetstream::stream::StorageType::Memory,
+            ..Default::default()
+        };
+        open_bucket(&self.jetstream, &self.nodes, config).await
     }
 
     async fn stream(&self) -> Result<(), BoxError> {
@@ -932,6 +908,23 @@ impl Store {
         self.shared.published.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The bucket of `config`: opened, or created if it is not there yet; once
+/// per process (`cell`).
+async fn open_bucket(
+    jetstream: &jetstream::Context,
+    cell: &tokio::sync::OnceCell<kv::Store>,
+    config: kv::Config,
+) -> Result<kv::Store, BoxError> {
+    cell.get_or_try_init(|| async {
+        Ok::<_, BoxError>(match jetstream.get_key_value(config.bucket.as_str()).await {
+            Ok(bucket) => bucket,
+            Err(_) => jetstream.create_key_value(config).await?,
+        })
+    })
+    .await
+    .cloned()
 }
 
 fn millis(d: Duration) -> u64 {
