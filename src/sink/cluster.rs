@@ -327,7 +327,9 @@ impl Sink for ClusterSink {
     }
 
     fn wants_resync(&self) -> bool {
-        self.shared.resync.load(Ordering::SeqCst)
+        // Only while NATS answers this node's liveness writes: the server's
+        // view is read for it, and is useless while it cannot be written.
+        self.shared.resync.load(Ordering::SeqCst) && self.shared.writing_since().is_some()
     }
 
     fn publish(&mut self, batch: &[Transition]) {
@@ -389,14 +391,37 @@ impl Sink for ClusterSink {
             .collect();
         let store = self.store.clone();
         let count = steps.len();
+        // A resync rests on the view read just now: if NATS goes away
+        // meanwhile, the rest is not applied later from a stale view (a
+        // device that went offline here meanwhile would come back online
+        // for a moment); the resync starts again from a fresh view.
+        let aborted = AtomicBool::new(false);
+        let aborted = &aborted;
         self.runtime.block_on(async move {
             futures_util::stream::iter(steps)
                 .for_each_concurrent(CONCURRENT, |(device, step)| {
                     let store = store.clone();
-                    async move { store.apply(&device, &step).await }
+                    async move {
+                        if aborted.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let mut uncertain = false;
+                        if store.attempt(&device, &step, &mut uncertain).await.is_err() {
+                            aborted.store(true, Ordering::SeqCst);
+                            if uncertain {
+                                // It may have been written: finish it.
+                                store.apply_from(&device, &step, true).await;
+                            }
+                        }
+                    }
                 })
                 .await;
         });
+        if aborted.load(Ordering::SeqCst) {
+            tracing::warn!("cluster: NATS went away during the resync; it starts again once NATS is back");
+            self.shared.resync.store(true, Ordering::SeqCst);
+            return;
+        }
         tracing::info!(devices = count, "cluster: this node's devices are in the fleet view again");
     }
 }
@@ -770,28 +795,16 @@ impl Store {
     /// Applies one step of this node, retrying until it is written (at
     /// stop, for [`STOP_GRACE`] at most; then it counts as lost).
     async fn apply(&self, device: &str, step: &Step) {
+        self.apply_from(device, step, false).await;
+    }
+
+    /// [`Store::apply`], after a first try that left the write `uncertain`.
+    async fn apply_from(&self, device: &str, step: &Step, mut uncertain: bool) {
         let mut backoff = Duration::from_millis(100);
         let mut stopping_since: Option<Instant> = None;
         let mut warned = false;
-        let mut uncertain = false;
         loop {
-            let shared = Arc::clone(&self.shared);
-            let me = shared.me.clone();
-            let node = shared.options.node.clone();
-            let result = self
-                .cas(device, &mut uncertain, |hearers| {
-                    let live = shared.live();
-                    let maybe = |hearer: &str| live.maybe_live(hearer);
-                    match step {
-                        Step::Heard { hearing, address, wall } => hearers.heard(&me, *hearing).map(|g| {
-                            (g, node.clone(), *wall, Some(address.clone()), Some((hearing.boot, hearing.seq)))
-                        }),
-                        Step::Lost { upto, left, address, wall } => hearers
-                            .lost(&me, *upto, *left, maybe)
-                            .map(|g| (g, node.clone(), *wall, Some(address.clone()), Some(*upto))),
-                    }
-                })
-                .await;
+            let result = self.attempt(device, step, &mut uncertain).await;
             match result {
                 Ok(()) => {
                     if warned {
@@ -816,6 +829,26 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// One try of a step of this node (see [`Store::cas`]).
+    async fn attempt(&self, device: &str, step: &Step, uncertain: &mut bool) -> Result<(), BoxError> {
+        let shared = Arc::clone(&self.shared);
+        let me = shared.me.clone();
+        let node = shared.options.node.clone();
+        self.cas(device, uncertain, |hearers| {
+            let live = shared.live();
+            let maybe = |hearer: &str| live.maybe_live(hearer);
+            match step {
+                Step::Heard { hearing, address, wall } => hearers.heard(&me, *hearing).map(|g| {
+                    (g, node.clone(), *wall, Some(address.clone()), Some((hearing.boot, hearing.seq)))
+                }),
+                Step::Lost { upto, left, address, wall } => hearers
+                    .lost(&me, *upto, *left, maybe)
+                    .map(|g| (g, node.clone(), *wall, Some(address.clone()), Some(*upto))),
+            }
+        })
+        .await
     }
 
     /// One compare-and-set round on `device`'s value: read it, let `change`
