@@ -124,6 +124,10 @@ fn serve(
                 }
             };
             let now = shared.clock.now();
+            // This shard's datagrams of the batch, handled together so their
+            // table lookups overlap (`Tracker::handle_batch`).
+            let mut local = [(&[][..], UNSPECIFIED); BATCH];
+            let mut count = 0;
             for i in 0..received {
                 let (datagram, from) = batch.datagram(i);
                 let Some(from) = from else { continue };
@@ -136,10 +140,17 @@ fn serve(
                         answer.handle(tracker, now, from, datagram, &shared.peer_totals(me));
                     }
                     Route::Shard(_) | Route::Local => {
-                        answer.handle(tracker, now, from, datagram, &Totals::NONE);
+                        local[count] = (datagram, from);
+                        count += 1;
                     }
                 }
             }
+            let local = &local[..count];
+            let Answer { socket, reply, warnings } = &mut answer;
+            tracker.handle_batch(now, local, reply, |i, handled, reply| {
+                let (datagram, from) = local[i];
+                finish(socket, warnings, handled, reply, from, datagram);
+            });
             if batch.kernel_drops > kernel_drops {
                 kernel_drops = batch.kernel_drops;
                 tracker.note_kernel_drops(now, kernel_drops);
@@ -190,20 +201,36 @@ impl Answer<'_> {
         datagram: &[u8],
         peers: &Totals,
     ) {
-        let reply = &mut self.reply;
-        match tracker.handle_with_peers(now, from, datagram, reply, peers) {
-            Handled::Done => {}
-            Handled::Reply(n) => send_reply(self.socket, &reply[..n], from),
-            Handled::Dropped { reason, reply: answer } => {
-                log_drop(reason, from, datagram.len());
-                self.warnings.sample(reason, from, datagram);
-                if let Some(n) = answer {
-                    send_reply(self.socket, &reply[..n], from);
-                }
+        let handled = tracker.handle_with_peers(now, from, datagram, &mut self.reply, peers);
+        finish(self.socket, &mut self.warnings, handled, &self.reply, from, datagram);
+    }
+}
+
+/// Sends the reply the engine wrote, if any, and notes a drop.
+fn finish(
+    socket: &UdpSocket,
+    warnings: &mut DropWarnings,
+    handled: Handled,
+    reply: &[u8],
+    from: SocketAddr,
+    datagram: &[u8],
+) {
+    match handled {
+        Handled::Done => {}
+        Handled::Reply(n) => send_reply(socket, &reply[..n], from),
+        Handled::Dropped { reason, reply: answer } => {
+            log_drop(reason, from, datagram.len());
+            warnings.sample(reason, from, datagram);
+            if let Some(n) = answer {
+                send_reply(socket, &reply[..n], from);
             }
         }
     }
 }
+
+/// A placeholder for the unused entries of a batch.
+const UNSPECIFIED: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, 0));
 
 /// Batches received per wake-up before the loop checks its timer again.
 const BATCHES_PER_WAKE: usize = 4;

@@ -67,6 +67,33 @@ impl SlotIndex {
         }
     }
 
+    /// Prefetches the bucket `hash`'s probe starts at (see [`crate::hint`]).
+    #[inline]
+    pub(super) fn prefetch(&self, hash: u64) {
+        if let Some(b) = self.buckets.get(tag_of(hash) as usize & self.mask()) {
+            crate::hint::prefetch(b);
+        }
+    }
+
+    /// The slot of the first bucket, from `hash`'s home, whose tag is
+    /// `hash`'s: the slot a lookup will most likely confirm, read without
+    /// touching any slot (for prefetching it). Probes at most one line.
+    #[inline]
+    pub(super) fn likely(&self, hash: u64) -> Option<u32> {
+        let (tag, mask) = (tag_of(hash), self.mask());
+        let home = tag as usize & mask;
+        for step in 0..8 {
+            let b = *self.buckets.get((home + step) & mask)?;
+            if b == EMPTY {
+                return None;
+            }
+            if bucket_tag(b) == tag {
+                return Some(slot_of(b));
+            }
+        }
+        None
+    }
+
     /// Adds `slot` under `hash`; the caller knows it is not there yet.
     /// `slot` must be below `u32::MAX`.
     pub(super) fn insert(&mut self, hash: u64, slot: u32) {
@@ -92,6 +119,8 @@ impl SlotIndex {
     fn grow(&mut self) {
         let size = (self.buckets.len() * 2).max(16);
         let old = std::mem::replace(&mut self.buckets, vec![EMPTY; size]);
+        // Before the first write, so its pages are huge from the start.
+        crate::hint::huge_pages(&self.buckets);
         for b in old.into_iter().filter(|&b| b != EMPTY) {
             self.place(b);
         }

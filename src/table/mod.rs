@@ -321,9 +321,40 @@ impl PresenceTable {
         std::str::from_utf8(Self::id_bytes(slot, long_ids)).unwrap_or_default()
     }
 
+    /// The hash `device` is filed under, for [`PresenceTable::prefetch_index`]
+    /// and [`PresenceTable::prefetch_slot`].
+    #[inline]
+    pub fn hash(&self, device: &[u8]) -> u64 {
+        self.hasher.hash_one(device)
+    }
+
+    /// A hint, changing nothing: starts loading the index line a lookup of
+    /// the id hashed to `hash` ([`PresenceTable::hash`]) reads first. With
+    /// [`PresenceTable::prefetch_slot`] it lets a batch of lookups overlap
+    /// their cache misses: prefetch the index lines of the whole batch, then
+    /// their slots, then handle each (`Tracker::handle_batch`).
+    #[inline]
+    pub fn prefetch_index(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
+    /// A hint, changing nothing: reads the index line of `hash` (best after
+    /// [`PresenceTable::prefetch_index`]) and starts loading the slot it
+    /// most likely points at.
+    #[inline]
+    pub fn prefetch_slot(&self, hash: u64) {
+        if let Some(slot) = self.index.likely(hash).and_then(|i| self.slots.get(i as usize)) {
+            crate::hint::prefetch(slot);
+        }
+    }
+
     /// The slot of `device`. Ids are hashed and compared as bytes everywhere.
     fn find(&self, device: &[u8]) -> Option<usize> {
-        let hash = self.hasher.hash_one(device);
+        self.find_hashed(device, self.hasher.hash_one(device))
+    }
+
+    /// [`PresenceTable::find`] with the id's hash worked out.
+    fn find_hashed(&self, device: &[u8], hash: u64) -> Option<usize> {
         let (slots, long_ids) = (&self.slots, &self.long_ids);
         self.index.find(hash, |i| Self::id_bytes(&slots[i as usize], long_ids) == device).map(|i| i as usize)
     }
@@ -431,10 +462,24 @@ impl PresenceTable {
         beat: Beat<'_>,
     ) -> Result<Arrival, Refusal> {
         let device: &[u8] = device.as_ref();
+        self.arrive_hashed(now, device, self.hash(device), beat)
+    }
+
+    /// [`PresenceTable::arrive`] for a device whose [`PresenceTable::hash`]
+    /// the caller has already worked out (for its prefetch); `hash` must be
+    /// this table's hash of `device`.
+    pub(crate) fn arrive_hashed(
+        &mut self,
+        now: Instant,
+        device: &[u8],
+        hash: u64,
+        beat: Beat<'_>,
+    ) -> Result<Arrival, Refusal> {
+        debug_assert_eq!(hash, self.hash(device));
         let now_us = self.micros(now);
         let ttl_ms = whole_millis(beat.ttl);
         let interval_ms = whole_millis(beat.interval);
-        let Some(i) = self.find(device) else {
+        let Some(i) = self.find_hashed(device, hash) else {
             let device = std::str::from_utf8(device).map_err(|_| Refusal::BadId)?;
             return self.admit(now_us, device, beat, ttl_ms, interval_ms).map(|()| Arrival::Online);
         };
@@ -545,7 +590,12 @@ impl PresenceTable {
                 i as usize
             }
             None => {
+                let capacity = self.slots.capacity();
                 self.slots.push(slot);
+                if self.slots.capacity() != capacity {
+                    // Moved: the new allocation gets the advice too.
+                    crate::hint::huge_pages(&self.slots);
+                }
                 for set in [&mut self.online_slots, &mut self.offline_slots, &mut self.held_slots] {
                     set.grow(self.slots.len());
                 }

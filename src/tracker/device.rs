@@ -39,6 +39,22 @@ impl Tracker {
         request_len: usize,
         reply: &mut [u8],
     ) -> Result<Handled, DropReason> {
+        let hash = self.table.hash(hb.device);
+        self.heartbeat_hashed(now, from, hb, hash, tag, request_len, reply)
+    }
+
+    /// [`Tracker::heartbeat`] with the table's hash of the id worked out.
+    #[allow(clippy::too_many_arguments, reason = "the hot path's parts, each used once")]
+    pub(super) fn heartbeat_hashed(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        hb: RawHeartbeat<'_>,
+        hash: u64,
+        tag: Option<(&[u8], Tag)>,
+        request_len: usize,
+        reply: &mut [u8],
+    ) -> Result<Handled, DropReason> {
         let signed = self.authenticate_device(hb.device, tag)?;
         let interval = Duration::from_millis(hb.interval_ms.into());
         // A fleet mostly declares one interval: remember the last TTL worked out.
@@ -52,7 +68,7 @@ impl Tracker {
         };
         let beat =
             Beat { addr: from, boot: hb.boot, seq: hb.seq, interval, ttl, payload: hb.payload, signed };
-        let arrival = self.table.arrive(now, hb.device, beat).map_err(refusal)?;
+        let arrival = self.table.arrive_hashed(now, hb.device, hash, beat).map_err(refusal)?;
         self.counters.bump(Count::Heartbeats);
         if self.table.has_forgotten() {
             // Rare: the table was full and made room.
@@ -63,8 +79,10 @@ impl Tracker {
             Arrival::Online => Some(EventKind::Online),
             Arrival::Back { .. } => self.config.suspect_events.then_some(EventKind::Back),
         };
-        // A device that came online or back is held, so its id is UTF-8.
-        if let Some((kind, device)) = kind.zip(std::str::from_utf8(hb.device).ok()) {
+        // A device that came online or back is held, so its id is UTF-8
+        // (checked only then: most heartbeats change nothing).
+        if let Some((kind, device)) = kind.and_then(|kind| Some((kind, std::str::from_utf8(hb.device).ok()?)))
+        {
             // Rare (a transition): one more lookup for the version.
             let version = self.table.get(device).map_or(1, |entry| entry.version());
             let event = Event {

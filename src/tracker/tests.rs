@@ -448,3 +448,82 @@ fn events_carry_versions_that_rise_by_one_per_device() {
     let entry = sim.tracker.table().get("a").unwrap();
     assert_eq!((entry.version(), entry.flaps()), (4, 2));
 }
+
+mod batch {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One datagram of a batch: a heartbeat (maybe acked, maybe with an
+    /// old seq), a leave, a malformed frame or a status query.
+    fn datagram() -> impl Strategy<Value = (Vec<u8>, u8)> {
+        (0..6u8, 0..12usize, 0..6u32, any::<u8>(), 0..4u8).prop_map(|(kind, device, seq, noise, port)| {
+            let id = format!("dev-{device}");
+            let mut buf = [0u8; MAX_DATAGRAM];
+            let message = match kind {
+                0..=2 => Message::Heartbeat(Heartbeat {
+                    device: &id,
+                    boot: 1,
+                    seq,
+                    interval_ms: 1000 * (1 + u32::from(noise % 3)),
+                    flags: if kind == 1 { wire::FLAG_ACK } else { 0 },
+                    payload: if kind == 2 { b"p" } else { b"" },
+                    tag: None,
+                }),
+                3 => Message::Leave(wire::Leave { device: &id, boot: 1, seq, tag: None }),
+                4 => {
+                    let kind = wire::QueryKind::Device(&id);
+                    let len = crate::client::encode_query(u32::from(noise), kind, None, &mut buf).unwrap();
+                    return (buf[..len].to_vec(), port);
+                }
+                _ => return (vec![1, noise, 3], port),
+            };
+            let len = wire::encode(&message, &mut buf).unwrap();
+            (buf[..len].to_vec(), port)
+        })
+    }
+
+    proptest! {
+        /// `handle_batch` does exactly what `handle` does datagram by
+        /// datagram: the same results and replies, events and counts.
+        #[test]
+        fn a_batch_is_handled_as_its_datagrams_one_by_one(
+            rounds in proptest::collection::vec((proptest::collection::vec(datagram(), 0..150), 0..3000u64), 1..6),
+        ) {
+            let mut one = Sim::new(Config::default());
+            let mut many = Sim::new(Config::default());
+            let mut at = 0;
+            for (datagrams, later) in rounds {
+                at += later;
+                one.at(at);
+                many.at(at);
+                let with_sources: Vec<(&[u8], SocketAddr)> = datagrams
+                    .iter()
+                    .map(|(d, port)| (&d[..], SocketAddr::from(([10, 0, 0, 7], 4000 + u16::from(*port)))))
+                    .collect();
+                let mut expected = Vec::new();
+                for (datagram, from) in &with_sources {
+                    let handled = one.tracker.handle(one.now, *from, datagram, &mut one.reply);
+                    let reply = handled.reply_len().map(|n| one.reply[..n].to_vec());
+                    expected.push((handled, reply));
+                }
+                let mut got = Vec::new();
+                let now = many.now;
+                many.tracker.handle_batch(now, &with_sources, &mut many.reply, |i, handled, reply| {
+                    got.push((i, handled, handled.reply_len().map(|n| reply[..n].to_vec())));
+                });
+                prop_assert_eq!(got.len(), expected.len());
+                for ((i, handled, reply), (i_expected, (handled_expected, reply_expected))) in
+                    got.into_iter().zip(expected.into_iter().enumerate())
+                {
+                    prop_assert_eq!(i, i_expected);
+                    prop_assert_eq!(handled, handled_expected);
+                    prop_assert_eq!(reply, reply_expected);
+                }
+                let events = |sim: &mut Sim| std::iter::from_fn(|| sim.tracker.poll_event()).collect::<Vec<_>>();
+                prop_assert_eq!(events(&mut many), events(&mut one));
+                prop_assert_eq!(many.tracker.counters(), one.tracker.counters());
+                prop_assert_eq!(many.tracker.poll_timeout(), one.tracker.poll_timeout());
+            }
+        }
+    }
+}

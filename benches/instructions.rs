@@ -1,0 +1,213 @@
+//! The CI guard against a heavier hot path: instruction counts (Callgrind,
+//! through gungraun) of the engine, compared against committed limits.
+//!
+//! Run: `cargo bench --bench instructions` (needs valgrind and the
+//! `gungraun-runner` binary of the same version as the `gungraun` crate;
+//! `.ci/instructions` installs it and runs this). Instruction counts do not
+//! depend on the machine's load, so the limits below hold on any x86-64
+//! Linux machine with the same compiler; wall-clock figures stay in
+//! `examples/bench.rs`.
+//!
+//! Each benchmark runs [`BEATS`] heartbeats (or [`PAGES`] list pages)
+//! through [`Tracker::handle_batch`], the server's path, in batches of 64
+//! as `recvmmsg` hands them over; the setup (a table of 10 k or 1 M devices
+//! online) is not counted. The limits are per heartbeat (per page), the
+//! count measured when they were set plus a margin of about 10 %: a change
+//! that makes the hot path heavier by more than that fails CI. When a
+//! change makes it lighter, lower the limit in the same commit.
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use gungraun::{
+    Callgrind, EventKind, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
+};
+use presence::auth;
+use presence::client::encode_query;
+use presence::time::Instant;
+use presence::tracker::{AuthMode, Config, Keys, Tracker};
+use presence::wire::{self, Heartbeat, ListFilter, Message, QueryKind};
+
+/// Heartbeats per heartbeat benchmark.
+const BEATS: u64 = 2048;
+/// Pages per list benchmark.
+const PAGES: u64 = 64;
+
+/// Limits: instructions per heartbeat or page (measured + about 10 %).
+mod limit {
+    /// Heartbeat, 10 k devices online, unsigned.
+    pub const BEAT_10K: u64 = 1_000;
+    /// Heartbeat, 1 M devices online, unsigned.
+    pub const BEAT_1M: u64 = 1_000;
+    /// Heartbeat, 1 M devices online, signed (`--auth required`).
+    pub const BEAT_1M_SIGNED: u64 = 3_000;
+    /// First `List` page of a 1200-byte query, 10 k devices online (a full page).
+    pub const PAGE_10K: u64 = 50_000;
+    /// The same page with 1 M devices held of which 10 are online.
+    pub const PAGE_1M_SPARSE: u64 = 10_000;
+}
+
+const MASTER: auth::Key = [0x5a; 32];
+
+fn t0() -> Instant {
+    Instant::from_micros(1 << 40)
+}
+
+/// 16-byte ids, as the end-to-end benchmark uses.
+fn device_id(i: usize) -> String {
+    format!("dev-{i:012}")
+}
+
+/// Each device sends from one of 64 source ports, as in the end-to-end benchmark.
+fn source(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 40_000 + (i % 64) as u16))
+}
+
+fn frame(device: &str, seq: u32, signed: bool) -> Vec<u8> {
+    let hb = Message::Heartbeat(Heartbeat {
+        device,
+        boot: 1,
+        seq,
+        interval_ms: 10_000,
+        flags: 0,
+        payload: &[],
+        tag: None,
+    });
+    let mut buf = [0u8; wire::MAX_DATAGRAM];
+    let len = if signed {
+        auth::encode_signed(&hb, &auth::device_key(&MASTER, device), &mut buf)
+    } else {
+        wire::encode(&hb, &mut buf)
+    }
+    .expect("valid frame");
+    buf[..len].to_vec()
+}
+
+fn config(auth: AuthMode) -> Config {
+    Config {
+        auth,
+        keys: Some(Keys::from_master(&MASTER)),
+        max_devices: 2_000_000,
+        query_rate: 1_000_000,
+        query_burst: 1_000_000,
+        preservation: None,
+        ..Config::default()
+    }
+}
+
+/// A tracker with `n` devices online, fed through `handle` (not counted).
+fn populated(config: Config, n: usize) -> Tracker {
+    let signed = config.auth != AuthMode::Off;
+    let mut tracker = Tracker::new(config, t0(), SystemTime::UNIX_EPOCH).expect("valid config");
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    for i in 0..n {
+        tracker.handle(t0(), source(i), &frame(&device_id(i), 1, signed), &mut reply);
+        while tracker.poll_event().is_some() {}
+    }
+    tracker
+}
+
+/// What a heartbeat benchmark runs: the tracker, and its datagrams with their sources.
+struct Beats {
+    tracker: Tracker,
+    datagrams: Vec<(Vec<u8>, SocketAddr)>,
+}
+
+/// `n` devices online, and [`BEATS`] heartbeats (seq 2) from devices in a
+/// fixed pseudo-random order.
+fn beats(n: usize, auth: AuthMode) -> Beats {
+    let tracker = populated(config(auth), n);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let datagrams = (0..BEATS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let i = (x % n as u64) as usize;
+            (frame(&device_id(i), 2, auth != AuthMode::Off), source(i))
+        })
+        .collect();
+    Beats { tracker, datagrams }
+}
+
+fn beats_10k() -> Beats {
+    beats(10_000, AuthMode::Off)
+}
+
+fn beats_1m() -> Beats {
+    beats(1_000_000, AuthMode::Off)
+}
+
+fn beats_1m_signed() -> Beats {
+    beats(1_000_000, AuthMode::Required)
+}
+
+fn limit(per: u64, count: u64) -> LibraryBenchmarkConfig {
+    let mut config = LibraryBenchmarkConfig::default();
+    config.tool(Callgrind::default().hard_limits([(EventKind::Ir, per * count)]));
+    config
+}
+
+#[library_benchmark]
+#[bench::devices_10k(setup = beats_10k, config = limit(limit::BEAT_10K, BEATS))]
+#[bench::devices_1m(setup = beats_1m, config = limit(limit::BEAT_1M, BEATS))]
+#[bench::devices_1m_signed(setup = beats_1m_signed, config = limit(limit::BEAT_1M_SIGNED, BEATS))]
+fn heartbeat(mut beats: Beats) -> Beats {
+    let now = t0() + Duration::from_secs(1);
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    let mut handled = 0;
+    let datagrams: Vec<(&[u8], SocketAddr)> =
+        beats.datagrams.iter().map(|(d, from)| (&d[..], *from)).collect();
+    beats.tracker.handle_batch(now, &datagrams, &mut reply, |_, _, _| handled += 1);
+    assert_eq!(black_box(handled), BEATS);
+    beats
+}
+
+/// What a list benchmark runs: the tracker and the query.
+struct Pages {
+    tracker: Tracker,
+    query: Vec<u8>,
+}
+
+/// `held` devices held, of which the last `online` are online.
+fn pages(held: usize, online: usize) -> Pages {
+    let mut tracker = populated(config(AuthMode::Off), held - online);
+    let later = t0() + Duration::from_secs(7200);
+    tracker.handle_timeout(later);
+    while tracker.poll_event().is_some() {}
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    for i in held - online..held {
+        tracker.handle(later, source(i), &frame(&device_id(i), 1, false), &mut reply);
+    }
+    while tracker.poll_event().is_some() {}
+    assert_eq!(tracker.table().online_count(), online);
+    let mut query = [0u8; wire::MAX_DATAGRAM];
+    let kind = QueryKind::List { after: None, limit: 0, filter: ListFilter::ONLINE };
+    let len = encode_query(1, kind, None, &mut query).expect("valid query");
+    Pages { tracker, query: query[..len].to_vec() }
+}
+
+fn pages_10k() -> Pages {
+    pages(10_000, 10_000)
+}
+
+fn pages_1m_sparse() -> Pages {
+    pages(1_000_000, 10)
+}
+
+#[library_benchmark]
+#[bench::online_10k(setup = pages_10k, config = limit(limit::PAGE_10K, PAGES))]
+#[bench::sparse_1m(setup = pages_1m_sparse, config = limit(limit::PAGE_1M_SPARSE, PAGES))]
+fn list_page(mut pages: Pages) -> Pages {
+    let now = t0() + Duration::from_secs(7200);
+    let from = source(0);
+    let mut reply = vec![0u8; wire::MAX_DATAGRAM];
+    for _ in 0..PAGES {
+        black_box(pages.tracker.handle(now, from, black_box(&pages.query), &mut reply));
+    }
+    pages
+}
+
+library_benchmark_group!(name = engine, benchmarks = [heartbeat, list_page]);
+main!(library_benchmark_groups = engine);
