@@ -8,8 +8,8 @@
 //! `MADV_HUGEPAGE` only changes how the kernel backs pages already mapped.
 //! On targets without them the functions do nothing. Under Miri the
 //! prefetch runs (Miri treats it as a no-op) and `madvise` is skipped (Miri
-//! cannot make system calls); `cargo +nightly miri test --lib --features
-//! engine hint` runs this module's tests there (`.ci/run` does).
+//! cannot make system calls); `cargo +nightly miri test --lib hint::`
+//! runs this module's tests there (`.ci/run` does).
 
 #![allow(unsafe_code)]
 

@@ -482,7 +482,16 @@ impl Tracker {
     /// sweep): done before every datagram.
     #[inline]
     fn expire_due(&mut self, now: Instant) {
-        if self.poll_timeout().is_some_and(|due| due <= now) {
+        // `poll_timeout() <= now`, one source after the other.
+        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
+        if due(self.table.next_deadline())
+            || due(self.preserver.next_tick())
+            || due(self.flaps.next_due())
+            || self
+                .config
+                .forget_after
+                .is_some_and(|after| due(self.table.oldest_offline_seen().map(|seen| seen + after)))
+        {
             self.handle_timeout(now);
         }
     }
