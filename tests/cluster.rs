@@ -394,6 +394,42 @@ fn three_trackers_act_as_one_fleet_through_moves_a_death_and_a_drain() {
     drop(a);
 }
 
+/// `--drain` asks its own server the way `status` does, signed with the
+/// operator key: under `--query-allow none` it still sees its devices. (It
+/// used to ask unsigned, be refused, take the longest TTL as zero and stop
+/// after a second with its devices still there.)
+#[test]
+fn a_drain_under_query_allow_none_waits_for_its_devices() {
+    let nats = NatsCluster::start();
+    let urls = nats.urls();
+    let dir = tempfile::tempdir().unwrap();
+    let (key_file, _) = common::keygen(dir.path());
+    let mut a =
+        tracker(&urls, "a", &["--drain", "--key-file", &key_file, "--auth", "off", "--query-allow", "none"]);
+    wait_live(&urls, 1);
+    let devices = Devices::start();
+    devices.route("drain-0", Some(a.addr));
+    poll("the device online in the fleet view", Duration::from_secs(60), || {
+        view(&urls).filter(|v| v.get("drain-0").is_some_and(|(online, _)| *online))
+    });
+    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    assert_eq!(unsafe { libc::kill(a.child.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let draining = a.wait_log("draining: serving until the devices have moved to other trackers", PROMPTLY);
+    assert_ne!(draining["fields"]["longest"], "0s", "the drain could not see its devices: {draining}");
+    // While the device still beats here, the tracker keeps serving (the
+    // drain lasts at most the longest TTL held when it began, 3 s, plus 1 s).
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        assert!(a.child.try_wait().unwrap().is_none(), "stopped while a device was online here");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    devices.route("drain-0", None);
+    let exit = poll("the tracker to exit after the drain", TTL + Duration::from_secs(15), || {
+        a.child.try_wait().unwrap()
+    });
+    assert!(exit.success());
+}
+
 #[test]
 fn a_nats_server_death_loses_and_invents_no_fleet_event() {
     let mut nats = NatsCluster::start();

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use presence::keyfile::KeyFile;
+use presence::server::view::TableView;
 use presence::server::{self, Options, StateOptions, Stop, state};
 use presence::sink::cluster::{ClusterNames, ClusterOptions, ClusterSink};
 use presence::sink::{JsonLines, MqttSettings, MqttSink, NatsOptions, NatsSink, Sink};
@@ -21,19 +22,13 @@ use crate::on_signal;
 /// liveness key says so) and stops the server once no device is online
 /// here, or once the longest TTL it held at that moment has passed (by
 /// then every device it held has expired here or moved); a second signal
-/// stops it at once. The server is asked the way `status` asks it.
-fn drain_on_signal(stop: Stop, draining: Arc<AtomicBool>, local: std::net::SocketAddr) -> Result<()> {
+/// stops it at once. The server is asked the way `status` asks it (signed
+/// with the operator key when it has one, so `--query-allow none` does not
+/// refuse it).
+fn drain_on_signal(stop: Stop, draining: Arc<AtomicBool>, server: TableView) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals =
         signal_hook::iterator::Signals::new([SIGINT, SIGTERM]).context("cannot install signal handlers")?;
-    let mut server = local;
-    if server.ip().is_unspecified() {
-        server.set_ip(if server.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -62,9 +57,9 @@ fn drain_on_signal(stop: Stop, draining: Arc<AtomicBool>, local: std::net::Socke
 
 /// Waits until the server on `server` holds no device online, or until
 /// the longest TTL it held when the drain began has passed.
-fn drain_until_empty(server: std::net::SocketAddr, stop: &Stop) {
+fn drain_until_empty(server: TableView, stop: &Stop) {
     let started = std::time::Instant::now();
-    let Ok(mut client) = presence::client::Client::new(server, Duration::from_secs(1)) else { return };
+    let Ok(mut client) = server.client(Duration::from_secs(1)) else { return };
     let filter =
         presence::wire::ListFilter { state: presence::wire::LIST_ONLINE, prefix: None, count_only: false };
     let longest = client
@@ -242,7 +237,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<ExitCode> {
         "listening"
     );
     if args.drain {
-        drain_on_signal(stop.clone(), Arc::clone(&draining), bound.local_addr)?;
+        let server = TableView::new(bound.local_addr, config.keys.as_ref().map(Keys::operator));
+        drain_on_signal(stop.clone(), Arc::clone(&draining), server)?;
     } else {
         let signal_stop = stop.clone();
         on_signal(move || signal_stop.stop())?;

@@ -41,7 +41,7 @@ mod run;
 mod shared;
 pub mod state;
 mod stop;
-mod view;
+pub mod view;
 mod wait;
 
 pub use bind::{Bound, bind, bind_group, steer_by_id};

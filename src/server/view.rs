@@ -2,7 +2,7 @@
 //! status queries to the server's own socket (signed with the operator key
 //! if the server has one), page by page. The sinks' resynchronisation after
 //! lost transitions uses it ([`crate::sink::Sink::resync`]); the HTTP API
-//! asks the same way.
+//! asks the same way, and so does `serve --drain`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -16,17 +16,17 @@ const PAGE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where and how to ask the server.
 #[derive(Debug, Clone)]
-pub(crate) struct TableView {
+pub struct TableView {
     /// The server's own socket, as this host reaches it.
-    pub(crate) server: SocketAddr,
+    pub server: SocketAddr,
     /// Signs the queries, when the server has a key.
-    pub(crate) operator: Option<Key>,
+    pub operator: Option<Key>,
 }
 
 impl TableView {
     /// The server on `local` (its first socket), reached from this host: an
     /// unspecified address becomes loopback.
-    pub(crate) fn new(mut local: SocketAddr, operator: Option<Key>) -> Self {
+    pub fn new(mut local: SocketAddr, operator: Option<Key>) -> Self {
         if local.ip().is_unspecified() {
             local.set_ip(match local.ip() {
                 std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -37,7 +37,7 @@ impl TableView {
     }
 
     /// A client for the server.
-    pub(crate) fn client(&self, timeout: Duration) -> Result<Client, ClientError> {
+    pub fn client(&self, timeout: Duration) -> Result<Client, ClientError> {
         let client = Client::new(self.server, timeout)?;
         Ok(match self.operator {
             Some(key) => client.with_operator_key(key),
@@ -46,7 +46,7 @@ impl TableView {
     }
 
     /// Every device the server holds, online or not.
-    pub(crate) fn devices(&self) -> Result<Vec<DeviceReport>, ClientError> {
+    pub fn devices(&self) -> Result<Vec<DeviceReport>, ClientError> {
         let filter = ListFilter { state: LIST_ALL, prefix: None, count_only: false };
         self.client(PAGE_TIMEOUT)?.list(filter, |_| {})
     }

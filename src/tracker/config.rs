@@ -58,6 +58,11 @@ impl Keys {
     pub fn from_master(master: &Key) -> Self {
         Keys { device_subkey: auth::device_subkey(master), operator: auth::operator_key(master) }
     }
+
+    /// The operator key, which signs status queries (derived from the master).
+    pub fn operator(&self) -> Key {
+        self.operator
+    }
 }
 
 impl fmt::Debug for Keys {
