@@ -16,18 +16,22 @@
 //! that makes the hot path heavier by more than that fails CI. When a
 //! change makes it lighter, lower the limit in the same commit.
 
+#[path = "../examples/common/mod.rs"]
+mod common;
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use common::MASTER;
 use gungraun::{
     Callgrind, EventKind, LibraryBenchmarkConfig, library_benchmark, library_benchmark_group, main,
 };
 use presence::auth;
 use presence::client::encode_query;
 use presence::time::Instant;
-use presence::tracker::{AuthMode, Config, Keys, Tracker};
-use presence::wire::{self, Heartbeat, ListFilter, Message, QueryKind};
+use presence::tracker::{AuthMode, Config, Tracker};
+use presence::wire::{self, ListFilter, QueryKind};
 
 /// Heartbeats per heartbeat benchmark.
 const BEATS: u64 = 2048;
@@ -52,8 +56,6 @@ mod limit {
     pub const PAGE_100K_SPARSE: u64 = 30_000;
 }
 
-const MASTER: auth::Key = [0x5a; 32];
-
 fn t0() -> Instant {
     Instant::from_micros(1 << 40)
 }
@@ -68,36 +70,15 @@ fn source(i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 40_000 + (i % 64) as u16))
 }
 
+/// A heartbeat of `device`, signed with its key under [`MASTER`] or not.
 fn frame(device: &str, seq: u32, signed: bool) -> Vec<u8> {
-    let hb = Message::Heartbeat(Heartbeat {
-        device,
-        boot: 1,
-        seq,
-        interval_ms: 10_000,
-        flags: 0,
-        payload: &[],
-        tag: None,
-    });
-    let mut buf = [0u8; wire::MAX_DATAGRAM];
-    let len = if signed {
-        auth::encode_signed(&hb, &auth::device_key(&MASTER, device), &mut buf)
-    } else {
-        wire::encode(&hb, &mut buf)
-    }
-    .expect("valid frame");
-    buf[..len].to_vec()
+    common::frame(device, seq, &[], signed.then(|| auth::device_key(&MASTER, device)).as_ref())
 }
 
+/// The benchmarks' rules, without self-preservation (the sparse page's
+/// setup expires all but 10 devices at once).
 fn config(auth: AuthMode) -> Config {
-    Config {
-        auth,
-        keys: Some(Keys::from_master(&MASTER)),
-        max_devices: 2_000_000,
-        query_rate: 1_000_000,
-        query_burst: 1_000_000,
-        preservation: None,
-        ..Config::default()
-    }
+    Config { preservation: None, ..common::config(auth) }
 }
 
 /// A tracker with `n` devices online, fed through `handle` (not counted,

@@ -43,7 +43,7 @@
 
 #[path = "common/mod.rs"]
 mod common;
-use common::kernel_drops;
+use common::{MASTER, config, frame, kernel_drops};
 
 use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
@@ -57,10 +57,8 @@ use presence::client::encode_query;
 use presence::server::{self, Stop};
 use presence::shard;
 use presence::sink::{Observer, Sink};
-use presence::tracker::{AuthMode, Config, EventKind, Keys, Tracker};
+use presence::tracker::{AuthMode, Config, EventKind, Tracker};
 use presence::wire::{self, Heartbeat, Message, QueryKind, Status, StatusBody};
-
-const MASTER: auth::Key = [0x5a; 32];
 
 /// The one mapping from the real clock to engine time for every tracker and
 /// server loop of this process.
@@ -521,25 +519,6 @@ fn random_devices(n: usize, count: usize) -> Vec<usize> {
         .collect()
 }
 
-fn frame(device: &str, seq: u32, payload: &[u8], key: Option<&auth::Key>) -> Vec<u8> {
-    let hb = Message::Heartbeat(Heartbeat {
-        device,
-        boot: 1,
-        seq,
-        interval_ms: 10_000,
-        flags: 0,
-        payload,
-        tag: None,
-    });
-    let mut buf = [0u8; wire::MAX_DATAGRAM];
-    let len = match key {
-        Some(key) => auth::encode_signed(&hb, key, &mut buf),
-        None => wire::encode(&hb, &mut buf),
-    }
-    .expect("valid frame");
-    buf[..len].to_vec()
-}
-
 /// Source ports the drain datagrams come from. Each device sends from one
 /// of them (as a real device keeps its address), so an SO_REUSEPORT group
 /// gets a share of the devices on each socket, as it would in the field.
@@ -617,17 +596,6 @@ fn drain_bare(socket: &UdpSocket, mmsg: bool) -> std::io::Result<usize> {
     }
     std::hint::black_box(bytes);
     Ok(received)
-}
-
-fn config(auth: AuthMode) -> Config {
-    Config {
-        auth,
-        keys: Some(Keys::from_master(&MASTER)),
-        max_devices: 2_000_000,
-        query_rate: 1_000_000,
-        query_burst: 1_000_000,
-        ..Config::default()
-    }
 }
 
 /// A tracker with `n` devices online (seq 1), fed in-process.

@@ -5,6 +5,45 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use presence::tracker::{AuthMode, Config, Keys};
+use presence::wire::{self, Heartbeat, Message};
+
+/// The master key of the benchmarks' signed devices.
+pub const MASTER: presence::auth::Key = [0x5a; 32];
+
+/// A heartbeat of `device` (boot 1, interval 10 s), signed with `key` if given.
+pub fn frame(device: &str, seq: u32, payload: &[u8], key: Option<&presence::auth::Key>) -> Vec<u8> {
+    let hb = Message::Heartbeat(Heartbeat {
+        device,
+        boot: 1,
+        seq,
+        interval_ms: 10_000,
+        flags: 0,
+        payload,
+        tag: None,
+    });
+    let mut buf = [0u8; wire::MAX_DATAGRAM];
+    let len = match key {
+        Some(key) => presence::auth::encode_signed(&hb, key, &mut buf),
+        None => wire::encode(&hb, &mut buf),
+    }
+    .expect("valid frame");
+    buf[..len].to_vec()
+}
+
+/// The engine's rules for the benchmarks: `auth`, the benchmarks' keys, room
+/// for 2 M devices and no practical query limit.
+pub fn config(auth: AuthMode) -> Config {
+    Config {
+        auth,
+        keys: Some(Keys::from_master(&MASTER)),
+        max_devices: 2_000_000,
+        query_rate: 1_000_000,
+        query_burst: 1_000_000,
+        ..Config::default()
+    }
+}
+
 /// The kernel's drop count for the UDP socket bound to `port` on 127.0.0.1
 /// (the last column of /proc/net/udp).
 pub fn kernel_drops(port: u16) -> u64 {

@@ -664,7 +664,10 @@ impl Store {
                     };
                     // Not healthy: no verdict yet, scan once it is.
                     let now_sweeper = now_sweeper && self.shared.healthy();
-                    tracing::debug!(died, now_sweeper, sweeper, "cluster: nodes read");
+                    // Every second: logged only when something changed.
+                    if died || now_sweeper != sweeper {
+                        tracing::debug!(died, now_sweeper, sweeper, "cluster: nodes read");
+                    }
                     if now_sweeper
                         && (died || !sweeper)
                         && let Err(e) = self.scan(&mut due).await
