@@ -1,7 +1,8 @@
 //! What the sinks cost: the real `presence` binary under a fixed heartbeat
 //! rate, once with no sinks and once with all of them on real local servers
 //! (the events file, NATS JetStream, MQTT with Home Assistant discovery,
-//! and `/metrics` scraped every second), alternating, the median of 3 each.
+//! and `/metrics` scraped every second) and `--state` snapshots every
+//! second, alternating, the median of 3 each.
 //!
 //! ```text
 //! cargo build --release && cargo run --release --example bench_sinks
@@ -237,7 +238,10 @@ fn run(binary: &Path, servers: Option<&Servers>, plan: &Plan) -> std::io::Result
                 .args(["--nats", &format!("nats://127.0.0.1:{}", servers.nats_port)])
                 .args(["--mqtt", &format!("mqtt://127.0.0.1:{}", servers.mqtt_port)])
                 .args(["--mqtt-discovery", "homeassistant"])
-                .args(["--metrics", &format!("127.0.0.1:{metrics_port}")]);
+                .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+                // And snapshots of the table every second (10 × the default).
+                .args(["--state-every", "1s", "--state"])
+                .arg(dir.path().join("presence.state"));
             Some(Watchers::start(servers, plan.devices)?)
         }
         None => None,
