@@ -79,10 +79,10 @@ fn advise(start: *const u8, len: usize) -> bool {
     let at = start.wrapping_add(begin - start as usize).cast_mut().cast::<core::ffi::c_void>();
     // SAFETY: [begin, end) lies inside the allocation of `items` (its
     // capacity), live while `items` is borrowed, so the range is mapped and
-    // ours. MADV_HUGEPAGE changes only
-    // how the kernel backs those pages (it may merge them into a huge page);
-    // their contents and the mapping's permissions stay as they are, so no
-    // reference to them, shared or not, can observe a difference.
+    // ours. MADV_HUGEPAGE changes only how the kernel backs those pages (it
+    // may merge them into a huge page); their contents and the mapping's
+    // permissions stay as they are, so no reference to them, shared or not,
+    // can observe a difference.
     unsafe { rustix::mm::madvise(at, end - begin, rustix::mm::Advice::LinuxHugepage) }.is_ok()
 }
 

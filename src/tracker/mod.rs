@@ -200,12 +200,16 @@ impl Tracker {
     /// longest-silent offline device is to be forgotten; `None` if nothing
     /// is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers().into_iter().flatten().min()
+    }
+
+    /// Every time the engine must wake at, if any: what
+    /// [`Tracker::poll_timeout`] takes the earliest of.
+    #[inline]
+    fn timers(&self) -> [Option<Instant>; 4] {
         let forget =
             self.config.forget_after.and_then(|after| Some(self.table.oldest_offline_seen()? + after));
         [self.table.next_deadline(), self.preserver.next_tick(), self.flaps.next_due(), forget]
-            .into_iter()
-            .flatten()
-            .min()
     }
 
     /// Handles everything due at `now`: devices that turn late or expire
@@ -417,12 +421,12 @@ impl Tracker {
                     *decoded = Some((hb, hash));
                 }
             }
-            for (_, hash) in heartbeats.iter().flatten() {
+            for (_, hash) in heartbeats[..datagrams.len()].iter().flatten() {
                 self.table.prefetch_slot(*hash);
             }
             // Stage 3: apply each, in order, as `handle` does.
-            for (i, ((datagram, from), decoded)) in datagrams.iter().zip(heartbeats).enumerate() {
-                let handled = match decoded {
+            for (i, ((datagram, from), decoded)) in datagrams.iter().zip(&heartbeats).enumerate() {
+                let handled = match *decoded {
                     Some((hb, hash)) => {
                         self.expire_due(now);
                         self.usual_heartbeat(now, *from, datagram, hb, hash, reply)
@@ -482,16 +486,8 @@ impl Tracker {
     /// sweep): done before every datagram.
     #[inline]
     fn expire_due(&mut self, now: Instant) {
-        // `poll_timeout() <= now`, one source after the other.
-        let due = |at: Option<Instant>| at.is_some_and(|at| at <= now);
-        if due(self.table.next_deadline())
-            || due(self.preserver.next_tick())
-            || due(self.flaps.next_due())
-            || self
-                .config
-                .forget_after
-                .is_some_and(|after| due(self.table.oldest_offline_seen().map(|seen| seen + after)))
-        {
+        // `poll_timeout() <= now`, without working out the minimum.
+        if self.timers().into_iter().any(|at| at.is_some_and(|at| at <= now)) {
             self.handle_timeout(now);
         }
     }
